@@ -1,0 +1,56 @@
+"""Pure metering logic: per-second counts and rates, shed state machine, pacing, health.
+
+No Kafka, Faust, I/O or clock reads here: time is always passed in as float seconds.
+"""
+
+from __future__ import annotations
+
+from .bucket import Pacer, TokenBucket
+from .health import HEALTH_FLOOR, health_factor, tighten_heaviest
+from .rates import DEFAULT_SIZE, SecondCounts, merge_counts, tally
+from .shed import (
+    MANUAL,
+    MIN_ADMIT_FRACTION,
+    MODES,
+    STATES,
+    Quota,
+    ShedState,
+    admit_event,
+    admit_fraction,
+    admit_many,
+    admit_threshold,
+    effective_quota,
+    mix64,
+    retry_after_seconds,
+    set_manual,
+    step,
+    with_mode,
+)
+
+__all__ = [
+    "DEFAULT_SIZE",
+    "HEALTH_FLOOR",
+    "MANUAL",
+    "MIN_ADMIT_FRACTION",
+    "MODES",
+    "STATES",
+    "Pacer",
+    "Quota",
+    "SecondCounts",
+    "ShedState",
+    "TokenBucket",
+    "admit_event",
+    "admit_fraction",
+    "admit_many",
+    "admit_threshold",
+    "effective_quota",
+    "health_factor",
+    "merge_counts",
+    "mix64",
+    "retry_after_seconds",
+    "set_manual",
+    "step",
+    "tally",
+    "tighten_heaviest",
+    "with_mode",
+]

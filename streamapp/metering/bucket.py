@@ -1,0 +1,138 @@
+"""Token bucket (HTTP admission of a shed project's share) and the overflow drain pacer.
+
+Pure logic: ``now`` is always passed in (float seconds, any monotonic clock);
+a ``now`` earlier than the last one seen is treated as "no time passed".
+"""
+
+from __future__ import annotations
+
+import math
+
+_EPS = 1e-9  # absorbs float error so 3 refilled tokens are not seen as 2.9999999
+
+
+class TokenBucket:
+    """Continuous-refill token bucket: ``rate`` tokens/s, at most ``capacity`` stored.
+
+    Starts full (``tokens`` overrides). The first call only sets the time origin.
+    """
+
+    __slots__ = ("capacity", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, capacity: float, tokens: float | None = None) -> None:
+        if not rate >= 0:
+            raise ValueError(f"rate must be >= 0, got {rate}")
+        if not capacity > 0:
+            raise ValueError(f"capacity must be > 0, got {capacity}")
+        self.rate = float(rate)
+        self.capacity = float(capacity)
+        self.tokens = self.capacity if tokens is None else min(float(tokens), self.capacity)
+        self.last: float | None = None
+
+    def _level(self, now: float) -> float:
+        """Tokens available at ``now`` without changing the bucket."""
+        if self.last is None or now <= self.last:
+            return self.tokens
+        return min(self.capacity, self.tokens + (now - self.last) * self.rate)
+
+    def _refill(self, now: float) -> None:
+        self.tokens = self._level(now)
+        if self.last is None or now > self.last:
+            self.last = now
+
+    def take(self, now: float, n: int = 1) -> int:
+        """Admit up to ``n`` events now; returns how many were admitted (0..n)."""
+        self._refill(now)  # also on n <= 0, so take(now, 0) sets the time origin
+        if n <= 0:
+            return 0
+        k = min(n, int(self.tokens + _EPS))
+        if k > 0:
+            self.tokens = max(0.0, self.tokens - k)
+        return k
+
+    def wait_time(self, now: float, n: int = 1) -> float:
+        """Seconds until ``n`` tokens are available (0.0 if they are now).
+
+        ``n`` above ``capacity`` is clamped to it (the most one call can ever
+        get); ``inf`` when the rate is 0 and the tokens are short.
+        """
+        need = min(float(n), self.capacity) - self._level(now)
+        if need <= _EPS:
+            return 0.0
+        if self.rate <= 0:
+            return math.inf
+        return need / self.rate
+
+    def set_rate(self, now: float, rate: float, capacity: float | None = None) -> None:
+        """Change the refill rate (and capacity) at ``now``; tokens up to ``now`` accrue at the old rate."""
+        if not rate >= 0:
+            raise ValueError(f"rate must be >= 0, got {rate}")
+        self._refill(now)
+        self.rate = float(rate)
+        if capacity is not None:
+            if not capacity > 0:
+                raise ValueError(f"capacity must be > 0, got {capacity}")
+            self.capacity = float(capacity)
+            self.tokens = min(self.tokens, self.capacity)
+
+    def __repr__(self) -> str:
+        return f"TokenBucket(rate={self.rate}, capacity={self.capacity}, tokens={self.tokens:.3f})"
+
+
+class Pacer:
+    """Paces the overflow drain so it yields to real-time traffic but never starves.
+
+    ``allowance`` is ``max_rate`` when the real-time backlog age is 0 and falls
+    linearly to ``floor_fraction * max_rate`` as the age reaches
+    ``health_threshold`` (and stays there beyond it); never 0.
+    """
+
+    __slots__ = ("_next", "floor_fraction", "max_rate")
+
+    def __init__(self, max_rate: float, floor_fraction: float = 0.05) -> None:
+        if not max_rate > 0:
+            raise ValueError(f"max_rate must be > 0, got {max_rate}")
+        if not 0 < floor_fraction <= 1:
+            raise ValueError(f"floor_fraction must be in (0, 1], got {floor_fraction}")
+        self.max_rate = float(max_rate)
+        self.floor_fraction = float(floor_fraction)
+        self._next: float | None = None  # earliest start of the next delivery
+
+    def allowance(self, now: float, backlog_age_seconds: float, health_threshold: float) -> float:
+        """Drain rate in events/s for the current backlog age.
+
+        A NaN age (sink health unknown) is treated as at the threshold: drain
+        at the floor rather than flood a sink of unknown state. A threshold <= 0
+        disables scaling. ``now`` is accepted for a uniform call shape; the
+        allowance depends only on the backlog age.
+        """
+        del now  # stateless in time on purpose
+        if not health_threshold > 0:
+            return self.max_rate
+        if math.isnan(backlog_age_seconds):
+            pressure = 1.0
+        else:
+            pressure = min(1.0, max(0.0, backlog_age_seconds) / health_threshold)
+        return self.max_rate * (1.0 - (1.0 - self.floor_fraction) * pressure)
+
+    def delay_for(
+        self,
+        n_events: int,
+        now: float,
+        backlog_age_seconds: float,
+        health_threshold: float,
+    ) -> float:
+        """Seconds to sleep before delivering ``n_events``, and reserve their time slot.
+
+        The first batch after an idle spell goes at once; each batch then pushes
+        the next one back by ``n_events / allowance``. Idle time earns no credit,
+        so the drain never bursts above the allowance.
+        """
+        rate = self.allowance(now, backlog_age_seconds, health_threshold)
+        start = now if self._next is None or self._next < now else self._next
+        self._next = start + max(0, n_events) / rate
+        return start - now
+
+    def reset(self) -> None:
+        """Forget reservations (e.g. after a rebalance)."""
+        self._next = None

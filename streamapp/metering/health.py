@@ -1,0 +1,71 @@
+"""Sink-health factor and targeted quota tightening. Pure logic."""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+HEALTH_FLOOR = 0.25  # quotas are never tightened below a quarter of normal
+
+
+def _signal(value: float, threshold: float) -> float:
+    if not threshold > 0 or math.isnan(value) or value <= threshold:
+        return 1.0
+    return threshold / value
+
+
+def health_factor(
+    backlog_age_s: float,
+    produce_latency_ms: float,
+    *,
+    backlog_threshold_s: float,
+    latency_threshold_ms: float,
+    floor: float = HEALTH_FLOOR,
+) -> float:
+    """Quota multiplier in (0, 1] from sink backlog age and Kafka produce latency.
+
+    Rule: each signal gives ``1.0`` while ``value <= threshold`` and
+    ``threshold / value`` above it; the factor is the worse (smaller) of the
+    two, but at least ``floor`` (default 0.25)::
+
+        factor = max(floor, min(f(backlog), f(latency)))
+
+    So a backlog twice the threshold halves the quotas. A NaN value (metric
+    not available yet) or a threshold <= 0 disables that signal: quotas are
+    not tightened on missing data.
+    """
+    f = min(
+        _signal(backlog_age_s, backlog_threshold_s),
+        _signal(produce_latency_ms, latency_threshold_ms),
+    )
+    return max(floor, f)
+
+
+def tighten_heaviest(
+    rates: dict[str, float],
+    quotas: dict[str, float],
+    factor: float,
+    top_n: int,
+    *,
+    default: float | None = None,
+) -> dict[str, float]:
+    """Effective limits: ``quotas`` with only the ``top_n`` heaviest projects scaled by ``factor``.
+
+    "Heaviest" is by absolute rate (the load they put on the sink); only
+    projects with rate > 0 qualify; ties break by project id so the result is
+    deterministic. Projects in ``rates`` without a quota get ``default`` when it
+    is given and are ignored otherwise. ``factor >= 1`` or ``top_n <= 0``
+    leaves every limit as it is. The input dicts are not modified.
+    """
+    out = dict(quotas)
+    if default is not None:
+        for p in rates:
+            out.setdefault(p, default)
+    if top_n <= 0 or not factor < 1:
+        return out
+    if not factor > 0:
+        raise ValueError(f"factor must be > 0, got {factor}")
+    candidates = [p for p in out if rates.get(p, 0.0) > 0]
+    for p in heapq.nsmallest(top_n, candidates, key=lambda p: (-rates[p], p)):
+        out[p] = out[p] * factor
+    return out

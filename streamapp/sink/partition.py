@@ -1,0 +1,539 @@
+"""Event-time tumbling windows of one source partition, as a deterministic state machine.
+
+No I/O here: the sink agent feeds records in log order and carries out what comes
+out (objects to upload, excess to divert, invalid records to dead-letter). Every
+decision is a function of the log from the last checkpoint, which is what makes
+objects exactly-once: after a crash the sink restores the checkpoint stored with
+the committed offset, replays, and produces the same keys with the same bytes.
+
+Why each piece of the checkpoint is needed:
+
+* ``position``: everything before it is durable in S3, so replayed events before
+  it are skipped (a batch record can straddle the commit point).
+* ``watermark``: late/on-time and window closing must be decided as before.
+* ``routes``: the shed markers in force (they come from the log, see ``marker``).
+* ``windows[S].skip_below``: windows flushed after the commit point; their events
+  in the replay range are already in S3 and must not be written again.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from streamapp.contract import (
+    MAX_FUTURE_SKEW_SECONDS,
+    InvalidRecord,
+    enrich_event,
+    parse_record,
+    position,
+)
+from streamapp.metering.shed import admit_event
+from streamapp.sink.layout import KIND_LATE, KIND_MANIFEST_PART, KIND_ON_TIME, gzip_lines, manifest_part_key, object_key
+
+Target = tuple[str, str]  # (bucket, prefix) of an exported project
+_NEG_INF = float("-inf")
+# Windows closed in one watermark jump that still get an (empty) manifest part.
+MAX_EMPTY_PARTS_PER_ADVANCE = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """How a shed project's events are routed; set by shed markers in the log."""
+
+    mode: str  # "divert" | "drop" | "shadow"
+    fraction: float  # share admitted to the real-time path
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    watermark: float
+    routes: Mapping[str, Route]
+
+
+@dataclass(slots=True)
+class Buffer:
+    project_id: str
+    collection: str
+    start: int
+    kind: str
+    target: Target
+    first_pos: int
+    snapshot: Snapshot
+    lines: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+    last_pos: int = 0
+
+
+@dataclass(slots=True)
+class PendingObject:
+    """An object to upload; its events are not durable until ``done``."""
+
+    id: int
+    bucket: str
+    key: str
+    body_lines: list[bytes] | None  # gzip JSON lines
+    body_json: bytes | None  # manifest parts
+    events: int
+    nbytes: int
+    project_id: str
+    collection: str
+    start: int
+    kind: str
+    first_pos: int
+    last_pos: int
+    hold: tuple[int, Snapshot]
+    flush_at: int
+
+    def body(self) -> bytes:
+        if self.body_lines is not None:
+            return gzip_lines(self.body_lines)
+        assert self.body_json is not None
+        return self.body_json
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "key": self.key,
+            "events": self.events,
+            "bytes": self.nbytes,
+            "project_id": self.project_id,
+            "collection": self.collection,
+            "kind": self.kind,
+            "first_position": self.first_pos,
+            "last_position": self.last_pos,
+        }
+
+
+@dataclass(slots=True)
+class DivertedBatch:
+    """Excess events of one project sent to the overflow lane (must be acked to commit)."""
+
+    id: int
+    project_id: str
+    collection: str
+    events: list[bytes]
+    positions: list[int]
+    hold: tuple[int, Snapshot]
+
+
+@dataclass(slots=True)
+class InvalidItem:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+
+@dataclass(slots=True)
+class _Flushes:
+    """Flushes of one (project, collection, window) after the commit point."""
+
+    pending: list[list[int]] = field(default_factory=list)  # [flush position, objects not durable]
+    durable_through: int = 0  # its events before this position are all in S3
+
+
+@dataclass(slots=True)
+class _WindowMeta:
+    """One window start: its on-time objects, for the manifest part."""
+
+    part_emitted: bool = False
+    part_durable: bool = False
+    objects: dict[int, dict[str, Any]] = field(default_factory=dict)  # object id -> descriptor
+    durable: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class RouteCounts:
+    admitted: int = 0
+    diverted: int = 0
+    dropped: int = 0
+    shadow_excess: int = 0
+
+
+class PartitionWindows:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        *,
+        window_seconds: int,
+        lateness: int,
+        max_object_bytes: int,
+        max_event_bytes: int,
+        max_record_bytes: int,
+        target: Callable[[str], Target | None],
+        manifest_target: Target,
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.size = window_seconds
+        self.lateness = lateness
+        self.max_object_bytes = max_object_bytes
+        self.max_event_bytes = max_event_bytes
+        self.max_record_bytes = max_record_bytes
+        self.target = target
+        self.manifest_target = manifest_target
+        self.watermark = _NEG_INF
+        self.routes: Mapping[str, Route] = {}
+        self.skip_pos = 0
+        self.next_pos = 0
+        self.open: dict[tuple[str, str, int], Buffer] = {}
+        self.late: dict[tuple[str, str, int], Buffer] = {}
+        self.flushes: dict[tuple[str, str, int], _Flushes] = {}
+        self.skip: dict[int, dict[tuple[str, str], int]] = {}  # start -> (project, collection) -> position
+        self.windows: dict[int, _WindowMeta] = {}
+        self.inflight: dict[int, PendingObject | DivertedBatch] = {}
+        self._ids = itertools.count(1)
+        self._next_close = float("inf")  # watermark at which the oldest open window closes
+        self._last_closed_start: int | None = None
+        # Outputs, drained by the agent after each batch.
+        self.outbox: list[PendingObject] = []
+        self.diverted: list[DivertedBatch] = []
+        self.invalid: list[InvalidItem] = []
+        self.counts: dict[str, RouteCounts] = {}
+        self.events_in = 0
+        self.last_event_time = _NEG_INF
+        if checkpoint:
+            self._restore(checkpoint)
+
+    # ----------------------------------------------------------------- input
+    def process(self, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None) -> None:
+        """One events-topic record (not a control record), in log order."""
+        base = position(offset)
+        self.next_pos = position(offset + 1)
+        if self.next_pos <= self.skip_pos:
+            return
+        try:
+            record = parse_record(value, self.max_record_bytes)
+        except InvalidRecord as exc:
+            if base >= self.skip_pos:
+                self.invalid.append(InvalidItem(offset, key, value, exc.reason))
+            return
+        project, collection = record.project_id, record.collection
+        target = self.target(project)
+        route = self.routes.get(project)
+        counts = self.counts.get(project)
+        if counts is None:
+            counts = self.counts[project] = RouteCounts()
+        watermark = self.watermark
+        size = self.size
+        late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
+        time_cap = timestamp_ms / 1000.0 + MAX_FUTURE_SKEW_SECONDS
+        max_time = _NEG_INF
+        diverted_events: list[bytes] | None = None
+        diverted_positions: list[int] = []
+        skip = self.skip
+        pc = (project, collection)
+        dumps = orjson.dumps
+        newline = orjson.OPT_APPEND_NEWLINE
+        for index, event in enumerate(record.events):
+            pos = base | index
+            if pos < self.skip_pos:
+                continue
+            if type(event) is not dict:
+                self.invalid.append(InvalidItem(offset, key, dumps(event), f"event {index} is not an object"))
+                continue
+            if target is None and route is None:
+                counts.admitted += 1
+                continue  # not exported: nothing to write
+            event_time = enrich_event(
+                event, partition=self.partition, offset=offset, index=index, record_ms=timestamp_ms
+            )
+            line = dumps(event, option=newline)
+            if len(line) > self.max_event_bytes:
+                self.invalid.append(
+                    InvalidItem(offset, key, line, f"event {index} of {len(line)} bytes is over {self.max_event_bytes}")
+                )
+                continue
+            capped = event_time if event_time < time_cap else time_cap
+            if capped > max_time:
+                max_time = capped
+            start = int(event_time // size) * size
+            if skip:
+                skip_below = skip.get(start)
+                if skip_below is not None and pos < skip_below.get(pc, 0):
+                    continue  # already in S3 before the crash/restart
+            if route is not None and not admit_event(pos, route.fraction):
+                if route.mode == "divert":
+                    counts.diverted += 1
+                    if diverted_events is None:
+                        diverted_events = []
+                    diverted_events.append(line)
+                    diverted_positions.append(pos)
+                    continue
+                if route.mode == "drop":
+                    counts.dropped += 1
+                    continue
+                counts.shadow_excess += 1  # shadow: decide and count, change nothing
+            counts.admitted += 1
+            if target is None:
+                continue
+            late = start <= late_edge
+            buffers = self.late if late else self.open
+            buf = buffers.get((project, collection, start))
+            if buf is None:
+                buf = buffers[(project, collection, start)] = Buffer(
+                    project, collection, start, KIND_LATE if late else KIND_ON_TIME, target, pos, self._snapshot()
+                )
+                if not late and start + size + self.lateness < self._next_close:
+                    self._next_close = start + size + self.lateness
+            buf.lines.append(line)
+            buf.nbytes += len(line)
+            buf.last_pos = pos
+            if buf.nbytes >= self.max_object_bytes:
+                # Size rotation: cut here; the window's next event starts a new object.
+                del buffers[(project, collection, start)]
+                self._emit(buf, pos + 1)
+        self.events_in += len(record.events)
+        if diverted_events:
+            hold = (diverted_positions[0], self._snapshot())
+            batch = DivertedBatch(next(self._ids), project, collection, diverted_events, diverted_positions, hold)
+            self.inflight[batch.id] = batch
+            self.diverted.append(batch)
+        if max_time > watermark:
+            self.last_event_time = max_time
+            self._advance(max_time, position(offset + 1))
+
+    def tick(self, offset: int, watermark: float) -> None:
+        """A watermark tick written into this partition when it was idle and caught up."""
+        self.next_pos = position(offset + 1)
+        if self.next_pos <= self.skip_pos:
+            return
+        self._advance(watermark, self.next_pos, flush_late=True)
+
+    def marker(self, offset: int, project_id: str, route: Route | None) -> None:
+        """A shed marker: from here on, route ``project_id``'s events by ``route``."""
+        self.next_pos = position(offset + 1)
+        if self.next_pos <= self.skip_pos:
+            return
+        routes = dict(self.routes)
+        if route is None:
+            routes.pop(project_id, None)
+        else:
+            routes[project_id] = route
+        self.routes = routes  # copy on write: snapshots keep the old mapping
+
+    # ------------------------------------------------------------ windowing
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(self.watermark, self.routes)
+
+    def _advance(self, watermark: float, at: int, flush_late: bool = False) -> None:
+        if watermark > self.watermark:
+            previous = self.watermark
+            self.watermark = watermark
+            if watermark >= self._next_close or self._passes_boundary(previous, watermark):
+                self._close_windows(at)
+                return
+        if flush_late:
+            self._flush_late(at)
+
+    def _passes_boundary(self, previous: float, watermark: float) -> bool:
+        """Windows with no data here still need manifest parts when the watermark passes them."""
+        span = self.size + self.lateness
+        if previous == _NEG_INF:
+            return False
+        return int((watermark - span) // self.size) != int((previous - span) // self.size)
+
+    def _close_windows(self, at: int) -> None:
+        edge = self.watermark - self.size - self.lateness
+        closing = [k for k in self.open if k[2] <= edge]
+        starts: set[int] = set()
+        for k in closing:
+            buf = self.open.pop(k)
+            starts.add(buf.start)
+            self._emit(buf, at)
+        # Manifest parts: every window the watermark passed, with or without data here.
+        last_edge_start = int(edge // self.size) * self.size
+        first = self._last_closed_start + self.size if self._last_closed_start is not None else last_edge_start
+        first = max(first, last_edge_start - (MAX_EMPTY_PARTS_PER_ADVANCE - 1) * self.size)
+        starts.update(range(first, last_edge_start + 1, self.size))
+        if starts:
+            self._last_closed_start = max(max(starts), self._last_closed_start or max(starts))
+        for start in sorted(starts):
+            self._write_part(start, at)
+        self._next_close = min((k[2] + self.size + self.lateness for k in self.open), default=float("inf"))
+        self._flush_late(at)
+
+    def _flush_late(self, at: int) -> None:
+        if not self.late:
+            return
+        for buf in self.late.values():
+            self._emit(buf, at)
+        self.late = {}
+
+    def _emit(self, buf: Buffer, at: int) -> None:
+        if not buf.lines:
+            return
+        bucket, prefix = buf.target
+        key = object_key(prefix, buf.project_id, buf.collection, buf.start, buf.kind, self.partition, buf.first_pos)
+        obj = PendingObject(
+            id=next(self._ids),
+            bucket=bucket,
+            key=key,
+            body_lines=buf.lines,
+            body_json=None,
+            events=len(buf.lines),
+            nbytes=buf.nbytes,
+            project_id=buf.project_id,
+            collection=buf.collection,
+            start=buf.start,
+            kind=buf.kind,
+            first_pos=buf.first_pos,
+            last_pos=buf.last_pos,
+            hold=(buf.first_pos, buf.snapshot),
+            flush_at=at,
+        )
+        if buf.kind == KIND_ON_TIME:
+            self.windows.setdefault(buf.start, _WindowMeta()).objects[obj.id] = obj.describe()
+        flushes = self.flushes.setdefault((buf.project_id, buf.collection, buf.start), _Flushes())
+        if flushes.pending and flushes.pending[-1][0] == at:
+            flushes.pending[-1][1] += 1
+        else:
+            flushes.pending.append([at, 1])
+        self.inflight[obj.id] = obj
+        self.outbox.append(obj)
+
+    def _write_part(self, start: int, at: int) -> None:
+        meta = self.windows.setdefault(start, _WindowMeta())
+        if meta.part_emitted:
+            return  # written (or pending) already, also across a restart
+        meta.part_emitted = True
+        bucket, prefix = self.manifest_target
+        objects = sorted(meta.objects.values(), key=lambda o: o["key"])
+        body = orjson.dumps(
+            {
+                "window_start": start,
+                "topic": self.topic,
+                "partition": self.partition,
+                "objects": objects,
+                "events": sum(o["events"] for o in objects),
+                "bytes": sum(o["bytes"] for o in objects),
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+        obj = PendingObject(
+            id=next(self._ids),
+            bucket=bucket,
+            key=manifest_part_key(prefix, start, self.topic, self.partition),
+            body_lines=None,
+            body_json=body,
+            events=0,
+            nbytes=len(body),
+            project_id="",
+            collection="",
+            start=start,
+            kind=KIND_MANIFEST_PART,
+            first_pos=at,
+            last_pos=at,
+            hold=(at, self._snapshot()),
+            flush_at=at,
+        )
+        self.inflight[obj.id] = obj
+        self.outbox.append(obj)
+
+    # ---------------------------------------------------------- durability
+    def done(self, item_id: int) -> None:
+        """An upload or overflow produce is durable."""
+        item = self.inflight.pop(item_id, None)
+        if not isinstance(item, PendingObject):
+            return
+        if item.kind == KIND_MANIFEST_PART:
+            meta = self.windows.get(item.start)
+            if meta is not None:
+                meta.part_durable = True
+                meta.objects.clear()
+            return
+        if item.kind == KIND_ON_TIME and item.start in self.windows:
+            self.windows[item.start].durable.add(item.id)
+        wkey = (item.project_id, item.collection, item.start)
+        flushes = self.flushes.get(wkey)
+        if flushes is None:
+            return
+        for flush in flushes.pending:
+            if flush[0] == item.flush_at:
+                flush[1] -= 1
+                break
+        advanced = False
+        while flushes.pending and flushes.pending[0][1] == 0:
+            flushes.durable_through = max(flushes.durable_through, flushes.pending.pop(0)[0])
+            advanced = True
+        if advanced:
+            self.skip.setdefault(item.start, {})[(item.project_id, item.collection)] = flushes.durable_through
+
+    def commit_point(self) -> tuple[int, dict[str, Any]]:
+        """(offset to commit, checkpoint to store with it): all before is durable."""
+        hold_pos, snapshot = self.next_pos, self._snapshot()
+        for item in itertools.chain(self.open.values(), self.late.values()):
+            if item.first_pos < hold_pos:
+                hold_pos, snapshot = item.first_pos, item.snapshot
+        for pending in self.inflight.values():
+            if pending.hold[0] < hold_pos:
+                hold_pos, snapshot = pending.hold
+        hold_pos = max(hold_pos, self.skip_pos)
+        skip = []
+        for wkey, flushes in list(self.flushes.items()):
+            if not flushes.pending and flushes.durable_through <= hold_pos:
+                del self.flushes[wkey]  # wholly before the commit point: nothing to remember
+                by_pc = self.skip.get(wkey[2])
+                if by_pc is not None:
+                    by_pc.pop(wkey[:2], None)
+                    if not by_pc:
+                        del self.skip[wkey[2]]
+                continue
+            if flushes.durable_through > hold_pos:
+                skip.append([*wkey, flushes.durable_through])
+        windows: dict[str, Any] = {}
+        for start, meta in list(self.windows.items()):
+            if meta.part_durable:
+                del self.windows[start]
+                continue
+            # Only objects already durable: the others are written again by the replay.
+            windows[str(start)] = [o for oid, o in meta.objects.items() if oid in meta.durable]
+        checkpoint = {
+            "position": hold_pos,
+            "watermark": snapshot.watermark if snapshot.watermark != _NEG_INF else None,
+            "routes": {p: [r.mode, r.fraction] for p, r in snapshot.routes.items()},
+            "skip": skip,
+            "windows": windows,
+        }
+        return hold_pos >> 20, checkpoint
+
+    def _restore(self, checkpoint: Mapping[str, Any]) -> None:
+        self.skip_pos = int(checkpoint.get("position", 0))
+        self.next_pos = self.skip_pos
+        wm = checkpoint.get("watermark")
+        self.watermark = float(wm) if wm is not None else _NEG_INF
+        self.routes = {p: Route(m, float(f)) for p, (m, f) in checkpoint.get("routes", {}).items()}
+        for project, collection, start, durable_through in checkpoint.get("skip", []):
+            self.flushes[(project, collection, start)] = _Flushes(durable_through=durable_through)
+            self.skip.setdefault(start, {})[(project, collection)] = durable_through
+        edge = self.watermark - self.size - self.lateness
+        if self.watermark != _NEG_INF:
+            self._last_closed_start = int(edge // self.size) * self.size
+        for start_text, objects in checkpoint.get("windows", {}).items():
+            start = int(start_text)
+            meta = self.windows[start] = _WindowMeta()
+            for n, descriptor in enumerate(objects):
+                meta.objects[-n - 1] = descriptor
+                meta.durable.add(-n - 1)
+            if start <= edge:
+                # Closed before the commit point but its part was not durable: write it again.
+                self._write_part(start, self.skip_pos)
+
+    # ------------------------------------------------------------- views
+    def backlog(self) -> dict[str, Any]:
+        oldest = min((b.start for b in itertools.chain(self.open.values(), self.late.values())), default=None)
+        return {
+            "open_windows": len(self.open),
+            "late_buffers": len(self.late),
+            "inflight": len(self.inflight),
+            "buffered_bytes": sum(b.nbytes for b in self.open.values()) + sum(b.nbytes for b in self.late.values()),
+            "watermark": self.watermark if self.watermark != _NEG_INF else None,
+            "oldest_open_window": oldest,
+        }
