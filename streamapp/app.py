@@ -1,0 +1,73 @@
+"""The Faust app: ``faust -A streamapp.app worker`` and ``streamapp worker`` run this.
+
+``create_app(settings)`` builds a fully wired app (topics, agents, web views); the
+module-level ``app`` is built from ``STREAMAPP_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import faust
+
+import streamapp.transport  # noqa: F401 - registers the streamapp:// broker scheme
+from streamapp.runtime import Runtime
+from streamapp.settings import Settings
+from streamapp.topics import declare_topics
+
+
+def create_app(settings: Settings | None = None) -> faust.App:
+    settings = settings or Settings.from_env()
+    app = faust.App(
+        settings.app_id,
+        broker=settings.broker_url,
+        store=settings.store,
+        datadir=settings.data_dir,
+        # Faust reads its own settings from the environment too; a private prefix keeps a stray
+        # WEB_PORT or BROKER from silently changing the app.
+        env_prefix="STREAMAPP_FAUST_",
+        web_enabled=True,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_tables_enabled=False,  # raw table dumps are not for operators' eyes: see /rates/ and /shed/
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replicas,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        broker_max_poll_records=5000,
+        consumer_max_fetch_size=8 * 1024 * 1024,
+        stream_buffer_maxsize=20000,
+        producer_linger=0.005,
+        producer_max_request_size=max(2 * 1024 * 1024, settings.max_record_bytes * 2),
+        broker_rebalance_timeout=float(settings_rebalance_timeout()),
+        broker_session_timeout=float(settings_session_timeout()),
+        broker_heartbeat_interval=1.0,
+        logging_config=None,
+        loghandlers=[],
+    )
+    topics = declare_topics(app, settings)
+    runtime = Runtime(app, settings, topics)
+    app.streamapp = runtime  # type: ignore[attr-defined]
+
+    from streamapp.agents import register_agents
+    from streamapp.web import register_web
+
+    register_agents(app, runtime)
+    register_web(app, runtime)
+    return app
+
+
+def settings_rebalance_timeout() -> int:
+    """Tansu (the embedded broker) makes the first join wait for this; keep it short in dev and tests."""
+    import os
+
+    return int(os.environ.get("STREAMAPP_FAUST_REBALANCE_TIMEOUT", "5"))
+
+
+def settings_session_timeout() -> int:
+    import os
+
+    return int(os.environ.get("STREAMAPP_FAUST_SESSION_TIMEOUT", "10"))
+
+
+app = create_app()

@@ -1,0 +1,1 @@
+"""Operator commands of the ``streamapp`` console script (quota, shed, project, status)."""

@@ -1,0 +1,56 @@
+"""Everything one worker holds besides the Faust app: settings, topics, S3, control plane, sink."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import faust
+
+from streamapp.control import ControlPlane
+from streamapp.metrics import Metrics
+from streamapp.settings import Settings
+from streamapp.sink.partition import Target
+from streamapp.sink.s3 import S3Writer
+from streamapp.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
+        from streamapp.sink.service import S3Sink
+
+        self.app = app
+        self.settings = settings
+        self.topics = topics
+        self.metrics = Metrics()
+        self.s3 = S3Writer(settings)
+        self.control = ControlPlane(settings)
+        self.sink = S3Sink(self)
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def export_target(self, project_id: str) -> Target | None:
+        """(bucket, prefix) where a project's events go, or None when it does not stream to S3."""
+        project = self.control.view.projects.get(project_id)
+        if project is None:
+            if not self.settings.s3_streaming_default:
+                return None
+            return (self.settings.s3_bucket, self.settings.s3_prefix)
+        if not project.s3_streaming:
+            return None
+        prefix = project.prefix if project.prefix is not None else self.settings.s3_prefix
+        return (project.bucket or self.settings.s3_bucket, prefix)
+
+    def spawn(self, awaitable: Awaitable[Any]) -> None:
+        """Run in the background, keeping a reference and logging failures."""
+        future = asyncio.ensure_future(awaitable)
+        self._background.add(future)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("background task failed: %r", future.exception())

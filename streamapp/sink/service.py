@@ -1,0 +1,352 @@
+"""The S3 sink: carries out what the per-partition window state machines decide.
+
+For each batch from the events topic it feeds records to ``PartitionWindows``,
+uploads the objects that come out (in parallel, bounded), diverts excess to the
+overflow topic, dead-letters invalid records, and commits a partition's offset
+only after everything before it is durable and the checkpoint for that offset
+is in S3. Consumption stalls (and Kafka fetching pauses) while too many bytes
+are waiting for S3, so memory stays bounded whatever the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from faust.types import TP, EventT
+
+from streamapp.contract import SHED_KEY, TICK_KEY, invalid_record_value, position
+from streamapp.sink.layout import (
+    KIND_MANIFEST_PART,
+    checkpoint_key,
+    manifest_key,
+    manifest_parts_prefix,
+)
+from streamapp.sink.partition import PartitionWindows, PendingObject, Route, Target
+from streamapp.sink.s3 import S3Writer
+
+if TYPE_CHECKING:
+    from streamapp.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionStatus:
+    """What the views show per partition."""
+
+    committed_offset: int = 0
+    read_offset: int = 0
+    last_message_at: float = field(default_factory=time.monotonic)
+    oldest_unflushed_event_at: float | None = None
+    last_flush_at: float = 0.0
+
+
+class S3Sink:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.s3: S3Writer = runtime.s3
+        self.topic = self.settings.events_topic
+        self.partitions: dict[int, PartitionWindows] = {}
+        self.status: dict[int, PartitionStatus] = {}
+        self._opening: dict[int, asyncio.Future[PartitionWindows]] = {}
+        self._uploads: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.settings.s3_upload_concurrency * 2)
+        self.pending_bytes = 0
+        self.max_pending_bytes = max(64 * 1024 * 1024, self.settings.max_object_bytes * 2)
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._commit_wanted = asyncio.Event()
+        self._manifest_checks: set[int] = set()
+        self.events_in = 0
+        self.invalid_out = 0
+        self.objects_written = 0
+
+    # ----------------------------------------------------------- partitions
+    def manifest_target(self) -> Target:
+        return (self.settings.s3_bucket, self.settings.s3_prefix)
+
+    def target(self, project_id: str) -> Target | None:
+        return self.runtime.export_target(project_id)
+
+    async def partition(self, tp: TP) -> PartitionWindows:
+        windows = self.partitions.get(tp.partition)
+        if windows is not None:
+            return windows
+        opening = self._opening.get(tp.partition)
+        if opening is None:
+            opening = self._opening[tp.partition] = asyncio.ensure_future(self._open(tp))
+        try:
+            return await opening
+        finally:
+            self._opening.pop(tp.partition, None)
+
+    async def _open(self, tp: TP) -> PartitionWindows:
+        """Restore a partition from the checkpoint stored with its committed offset."""
+        consumer = self.runtime.app.consumer
+        committed = (await consumer.committed_offsets([tp])).get(tp)  # type: ignore[attr-defined]
+        checkpoint: dict[str, Any] | None = None
+        if committed:
+            bucket, prefix = self.manifest_target()
+            body = await self.s3.get(
+                bucket, checkpoint_key(prefix, self.settings.app_id, self.topic, tp.partition, committed)
+            )
+            if body is None:
+                log.error("no checkpoint for %s at committed offset %s: starting there without one", tp, committed)
+                checkpoint = {"position": position(committed)}
+            else:
+                checkpoint = orjson.loads(body)
+        windows = PartitionWindows(
+            self.topic,
+            tp.partition,
+            window_seconds=self.settings.window_seconds,
+            lateness=self.settings.allowed_lateness_seconds,
+            max_object_bytes=self.settings.max_object_bytes,
+            max_event_bytes=self.settings.max_event_bytes,
+            max_record_bytes=self.settings.max_record_bytes,
+            target=self.target,
+            manifest_target=self.manifest_target(),
+            checkpoint=checkpoint,
+        )
+        self.partitions[tp.partition] = windows
+        self.status[tp.partition] = PartitionStatus(committed_offset=committed or 0, read_offset=committed or 0)
+        log.info("sink partition %s opened at offset %s", tp.partition, committed)
+        return windows
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        """Forget revoked partitions: their new owner replays from the committed offset."""
+        for tp in tps:
+            if tp.topic == self.topic:
+                self.partitions.pop(tp.partition, None)
+                self.status.pop(tp.partition, None)
+
+    # ---------------------------------------------------------------- input
+    async def handle(self, events: list[EventT]) -> None:
+        touched: dict[int, PartitionWindows] = {}
+        now = time.monotonic()
+        for event in events:
+            message = event.message
+            windows = touched.get(message.partition)
+            if windows is None:
+                windows = touched[message.partition] = await self.partition(message.tp)
+            key = message.key
+            if key is not None and key[:1] == b"\x00":
+                self._control(windows, message.offset, key, message.value)
+            else:
+                windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
+        for partition, windows in touched.items():
+            status = self.status.get(partition)
+            if status is not None:
+                status.last_message_at = now
+                status.read_offset = windows.next_pos >> 20
+            self.events_in += 0
+            self._dispatch(partition, windows)
+        self.events_in = sum(w.events_in for w in self.partitions.values())
+        while self.pending_bytes > self.max_pending_bytes:
+            # Backpressure: stop taking events until S3 catches up (Faust pauses fetching).
+            self._drained.clear()
+            await self._drained.wait()
+
+    def _control(self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None) -> None:
+        try:
+            body = orjson.loads(value or b"{}")
+        except orjson.JSONDecodeError:
+            body = {}
+        if key == TICK_KEY and isinstance(body.get("watermark"), int | float):
+            windows.tick(offset, float(body["watermark"]))
+        elif key == SHED_KEY and isinstance(body.get("project_id"), str):
+            mode = body.get("mode")
+            route = Route(mode, float(body.get("fraction", 1.0))) if mode in ("divert", "drop", "shadow") else None
+            windows.marker(offset, body["project_id"], route)
+        else:
+            windows.next_pos = position(offset + 1)  # unknown control record: skip it
+
+    def _dispatch(self, partition: int, windows: PartitionWindows) -> None:
+        producer = self.runtime.app.producer
+        topics = self.runtime.topics
+        if windows.invalid:
+            for item in windows.invalid:
+                value = invalid_record_value(
+                    item.reason,
+                    topic=self.topic,
+                    partition=partition,
+                    offset=item.offset,
+                    key=item.key,
+                    value=item.value,
+                )
+                self.runtime.spawn(producer.send(topics.invalid.get_topic_name(), item.key, value, None, None, None))
+            self.invalid_out += len(windows.invalid)
+            windows.invalid.clear()
+        for batch in windows.diverted:
+            value = orjson.dumps(
+                {
+                    "project_id": batch.project_id,
+                    "collection": batch.collection,
+                    "source_partition": partition,
+                    "positions": batch.positions,
+                }
+            )
+            # Events are already-encoded JSON lines: splice them in rather than decode again.
+            events = b"[" + b",".join(line.rstrip(b"\n") for line in batch.events) + b"]"
+            value = value[:-1] + b',"events":' + events + b"}"
+            self._track(self._divert(windows, partition, batch.id, batch.project_id, value))
+        windows.diverted.clear()
+        for obj in windows.outbox:
+            self.pending_bytes += obj.nbytes
+            self._track(self._upload(windows, partition, obj))
+        windows.outbox.clear()
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._uploads.add(task)
+        task.add_done_callback(self._uploads.discard)
+
+    async def _divert(
+        self, windows: PartitionWindows, partition: int, item_id: int, project: str, value: bytes
+    ) -> None:
+        producer = self.runtime.app.producer
+        topic = self.runtime.topics.overflow.get_topic_name()
+        while True:
+            try:
+                fut = await producer.send(topic, project.encode(), value, partition, None, None)
+                await fut
+                break
+            except Exception as exc:  # noqa: BLE001 - Kafka hiccup: retry, never lose the excess
+                log.warning("overflow produce failed (%r); retrying", exc)
+                await asyncio.sleep(0.5)
+        windows.done(item_id)
+        self._commit_wanted.set()
+
+    async def _upload(self, windows: PartitionWindows, partition: int, obj: PendingObject) -> None:
+        async with self._slots:
+            content_type = "application/json" if obj.kind == KIND_MANIFEST_PART else "application/gzip"
+            size = await self.s3.put(obj.bucket, obj.key, obj.body, content_type)
+        windows.done(obj.id)
+        self.pending_bytes -= obj.nbytes
+        if self.pending_bytes <= self.max_pending_bytes:
+            self._drained.set()
+        status = self.status.get(partition)
+        if status is not None:
+            status.last_flush_at = time.time()
+        self._commit_wanted.set()
+        if obj.kind == KIND_MANIFEST_PART:
+            self._manifest_checks.add(obj.start)
+            return
+        self.objects_written += 1
+        self.runtime.metrics.object_written(obj, size)
+        notice = orjson.dumps({**obj.describe(), "window_start": obj.start, "gzip_bytes": size, "partition": partition})
+        self.runtime.spawn(
+            self.runtime.app.producer.send(
+                self.runtime.topics.objects.get_topic_name(), obj.key.encode(), notice, None, None, None
+            )
+        )
+
+    # --------------------------------------------------------------- commits
+    async def commit_loop(self) -> None:
+        """Commit each partition's durable prefix, its checkpoint first."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._commit_wanted.wait(), timeout=1.0)
+            self._commit_wanted.clear()
+            await self.commit_once()
+            await self._compose_manifests()
+
+    async def commit_once(self) -> None:
+        consumer = self.runtime.app.consumer
+        bucket, prefix = self.manifest_target()
+        offsets: dict[TP, int] = {}
+        for partition, windows in list(self.partitions.items()):
+            offset, checkpoint = windows.commit_point()
+            status = self.status.get(partition)
+            if status is None or offset <= status.committed_offset:
+                continue
+            key = checkpoint_key(prefix, self.settings.app_id, self.topic, partition, offset)
+            body = orjson.dumps(checkpoint)
+            await self.s3.put(bucket, key, lambda body=body: body, "application/json")
+            offsets[TP(self.topic, partition)] = offset
+        if not offsets:
+            return
+        await self.runtime.app.producer.flush()  # dead letters and notices before the offsets move
+        if await consumer.commit_offsets(offsets):  # type: ignore[attr-defined]
+            for tp, offset in offsets.items():
+                status = self.status.get(tp.partition)
+                if status is not None:
+                    status.committed_offset = offset
+
+    async def _compose_manifests(self) -> None:
+        """A window is complete when every partition wrote its part: then write the manifest."""
+        bucket, prefix = self.manifest_target()
+        for start in sorted(self._manifest_checks):
+            keys = await self.s3.list_keys(bucket, manifest_parts_prefix(prefix, start))
+            if len(keys) < self.settings.topic_partitions:
+                continue
+            self._manifest_checks.discard(start)
+            parts = []
+            for key in sorted(keys):
+                body = await self.s3.get(bucket, key)
+                if body is not None:
+                    parts.append(orjson.loads(body))
+            objects = sorted((o for p in parts for o in p["objects"]), key=lambda o: o["key"])
+            manifest = {
+                "window_start": start,
+                "complete": True,
+                "partitions": len(parts),
+                "objects": objects,
+                "events": sum(o["events"] for o in objects),
+                "bytes": sum(o["bytes"] for o in objects),
+            }
+            body = orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
+            await self.s3.put(bucket, manifest_key(prefix, start), lambda body=body: body, "application/json")
+
+    # ----------------------------------------------------------------- ticks
+    async def tick_idle_partitions(self) -> None:
+        """Move the watermark of quiet, caught-up partitions forward, through the log itself.
+
+        The tick is a record in the partition, so a replay sees it at the same place and
+        closes the same windows: idle flushing without losing determinism.
+        """
+        consumer = self.runtime.app.consumer
+        now = time.monotonic()
+        for partition, windows in list(self.partitions.items()):
+            status = self.status.get(partition)
+            if status is None or now - status.last_message_at < self.settings.idle_flush_seconds:
+                continue
+            if not (windows.open or windows.late or windows.watermark > float("-inf")):
+                continue
+            tp = TP(self.topic, partition)
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater > (windows.next_pos >> 20):
+                continue  # not caught up: real events will move the watermark
+            status.last_message_at = now
+            value = orjson.dumps({"watermark": time.time()})
+            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, None)
+
+    # ----------------------------------------------------------------- views
+    def backlog(self) -> dict[str, Any]:
+        consumer = self.runtime.app.consumer
+        partitions = {}
+        now = time.time()
+        for partition, windows in sorted(self.partitions.items()):
+            status = self.status.get(partition) or PartitionStatus()
+            highwater = consumer.highwater(TP(self.topic, partition)) or 0
+            info = windows.backlog()
+            oldest = info.get("oldest_open_window")
+            unflushed_age = max(0.0, now - oldest) if oldest is not None else 0.0
+            partitions[str(partition)] = {
+                **info,
+                "committed_offset": status.committed_offset,
+                "read_offset": status.read_offset,
+                "highwater": highwater,
+                "offsets_behind": max(0, highwater - status.committed_offset),
+                "read_lag": max(0, highwater - status.read_offset),
+                "oldest_unflushed_age_seconds": round(unflushed_age, 3),
+                "last_flush_at": status.last_flush_at,
+            }
+        return partitions

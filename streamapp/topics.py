@@ -1,0 +1,39 @@
+"""Every topic of the app, declared once with its serialization.
+
+All values are raw bytes: the hot paths decode with orjson in batches instead of
+building a model object per event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faust
+from faust.types import TopicT
+
+from streamapp.settings import Settings
+
+
+@dataclass(frozen=True)
+class Topics:
+    events: TopicT  # the event contract; its offsets are committed by the S3 sink
+    invalid: TopicT  # dead letters: {"reason", "topic", "partition", "offset", "key", "value"}
+    overflow: TopicT  # a shed project's excess, same partitioning as events; committed by the drain
+    objects: TopicT  # one record per S3 object written ("object written" notifications)
+    control: TopicT  # projects, quotas, shed overrides and shed states; tailed by every worker
+
+
+def declare_topics(app: faust.App, settings: Settings) -> Topics:
+    partitions = settings.topic_partitions
+
+    def raw(name: str, **kwargs: object) -> TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", **kwargs)
+
+    return Topics(
+        # acks=False: Faust never commits these; their owners commit once events are durable in S3.
+        events=raw(settings.events_topic, partitions=partitions, acks=False),
+        invalid=raw(settings.topic_name("invalid"), partitions=partitions),
+        overflow=raw(settings.topic_name("overflow"), partitions=partitions, acks=False),
+        objects=raw(settings.topic_name("s3-objects"), partitions=partitions),
+        control=raw(settings.topic_name("control"), partitions=1),
+    )
