@@ -1,0 +1,154 @@
+"""Shared fixtures: one embedded broker and S3 server per session, per-test names, worker factories."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.devstack import s3_client as make_s3_client
+
+# Key under which each phase's report is kept on the test item, so teardown can tell a failed test.
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+def _test_failed(request: pytest.FixtureRequest) -> bool:
+    reports = request.node.stash.get(_REPORTS, {})
+    return any(r.failed for r in reports.values())
+
+
+@pytest.fixture(scope="session")
+def devstack_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("devstack-logs")
+
+
+@pytest.fixture(scope="session")
+def broker(devstack_logs: Path) -> Iterator[BrokerProcess]:
+    proc = BrokerProcess(log_dir=devstack_logs)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(devstack_logs: Path) -> Iterator[S3Process]:
+    proc = S3Process(log_dir=devstack_logs)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3: S3Process) -> Any:
+    return make_s3_client(s3.endpoint_url)
+
+
+@pytest.fixture
+def unique_name() -> str:
+    """Short, lowercase, starts with a letter: valid as app id, topic prefix and bucket name part."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def bucket(s3: S3Process, unique_name: str) -> str:
+    name = f"{unique_name}-bucket"
+    s3.create_bucket(name)
+    return name
+
+
+class WorkerEnv(Protocol):
+    def __call__(self, **overrides: object) -> dict[str, str]: ...
+
+
+class StartWorker(Protocol):
+    def __call__(
+        self,
+        env: Mapping[str, object] | None = None,
+        *,
+        wait_ready: bool = True,
+        ready_timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> WorkerProcess: ...
+
+
+@pytest.fixture
+def worker_env(
+    broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: str, tmp_path: Path
+) -> WorkerEnv:
+    """``worker_env(**overrides)``: STREAMAPP_* variables for one worker of this test's app.
+
+    Every call gets its own web port and data dir (so several workers of one app can run side by
+    side) but the same app id and events topic (so they share the consumer group). Overrides are
+    Settings field names (``window_seconds=5``) or full variable names.
+    """
+    calls = 0
+
+    def make(**overrides: object) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        env = settings_env(
+            kafka_bootstrap=broker.bootstrap,
+            s3_endpoint_url=s3.endpoint_url,
+            s3_bucket=bucket,
+            app_id=unique_name,
+            events_topic=f"{unique_name}-events",
+            web_host="127.0.0.1",
+            web_port=free_port(),
+            data_dir=tmp_path / f"worker-data-{calls}",
+        )
+        env.update(settings_env(overrides))
+        return env
+
+    return make
+
+
+@pytest.fixture
+def start_worker(
+    request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path: Path
+) -> Iterator[StartWorker]:
+    """``start_worker(env=None, *, wait_ready=True, ready_timeout=60, **WorkerProcess kwargs)``.
+
+    Starts a worker (env defaults to ``worker_env()``) and, by default, waits for /healthz. All
+    workers are stopped at test end; if the test failed, their log tails are printed.
+    """
+    workers: list[WorkerProcess] = []
+
+    def start(
+        env: Mapping[str, object] | None = None,
+        *,
+        wait_ready: bool = True,
+        ready_timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> WorkerProcess:
+        proc = WorkerProcess(worker_env() if env is None else env, tmp_path / "logs", **kwargs)
+        workers.append(proc)
+        proc.start()
+        if wait_ready:
+            proc.wait_ready(ready_timeout)
+        return proc
+
+    yield start
+
+    failed = _test_failed(request)
+    for proc in workers:
+        try:
+            proc.stop()
+        finally:
+            if failed:
+                print(f"\n===== {proc.name} (exit {proc.returncode}) log tail: {proc.log_path} =====")
+                print(proc.log_tail(80))
