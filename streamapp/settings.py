@@ -42,6 +42,7 @@ class Settings:
     s3_streaming_default: bool = _doc("Export projects that have no settings of their own", default=True)
     s3_upload_concurrency: int = _doc("Parallel S3 uploads per worker", default=8)
     s3_retry_max_seconds: float = _doc("Cap of the exponential backoff between S3 retries", default=10.0)
+    s3_timeout_seconds: float = _doc("Connect/read timeout of one S3 request before it is retried", default=30.0)
     # --- windows ---
     window_seconds: int = _doc("S3 tumbling window length in seconds (Keen: 300)", default=300)
     allowed_lateness_seconds: int = _doc("Event-time lateness before a window closes", default=60)

@@ -46,8 +46,8 @@ def make_client(settings: Settings, max_pool: int) -> Any:
         config=Config(
             retries={"max_attempts": 1},  # we retry ourselves, forever
             max_pool_connections=max_pool,
-            connect_timeout=5,
-            read_timeout=30,
+            connect_timeout=min(5.0, settings.s3_timeout_seconds),
+            read_timeout=settings.s3_timeout_seconds,
             s3={"addressing_style": "path"},
         ),
     )

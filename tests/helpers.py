@@ -1,0 +1,51 @@
+"""Helpers shared by integration tests: read what the sink wrote, wait for a condition."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+
+def list_keys(s3_client: Any, bucket: str, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return keys
+
+
+def read_objects(s3_client: Any, bucket: str, prefix: str = "") -> dict[str, list[dict[str, Any]]]:
+    """Every gzip JSON-lines object under ``prefix``: key -> decoded events."""
+    objects = {}
+    for key in list_keys(s3_client, bucket, prefix):
+        if key.endswith(".json.gz"):
+            body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            objects[key] = [orjson.loads(line) for line in gzip.decompress(body).splitlines()]
+    return objects
+
+
+def event_counts(objects: dict[str, list[dict[str, Any]]], field: str = "n") -> Counter[tuple[str, Any]]:
+    """How often each (project, event[field]) appears across objects (key layout gives the project)."""
+    seen: Counter[tuple[str, Any]] = Counter()
+    for key, events in objects.items():
+        project = key.split("/")[1]
+        for event in events:
+            seen[(project, event.get(field))] += 1
+    return seen
+
+
+def wait_until(check: Callable[[], T], timeout: float, interval: float = 0.5, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last: T = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        time.sleep(interval)
+        last = check()
+    return last
