@@ -46,7 +46,8 @@ async def preproduce(bootstrap: str, topic: str, records: int, per_record: int) 
         bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, max_request_size=4 << 20, acks=1
     )
     await producer.start()
-    start = time.time() - BACKLOG_SECONDS
+    # The backlog ends 10 minutes ago: once it is consumed every window is complete.
+    start = time.time() - BACKLOG_SECONDS - 600
     try:
         pending = []
         for i in range(records):
@@ -73,7 +74,11 @@ async def preproduce(bootstrap: str, topic: str, records: int, per_record: int) 
 
 async def aiokafka_decode(bootstrap: str, topic: str, records: int) -> float:
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, max_partition_fetch_bytes=8 << 20
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=None,
+        max_partition_fetch_bytes=8 << 20,
     )
     await consumer.start()
     seen = 0

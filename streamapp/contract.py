@@ -65,8 +65,19 @@ def position_offset(pos: int) -> int:
     return pos >> INDEX_BITS
 
 
+_valid_names: set[str] = set()
+
+
 def is_valid_name(name: object) -> bool:
-    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+    # Hot path: the same few project ids and collections arrive over and over.
+    if name in _valid_names:
+        return True
+    if isinstance(name, str) and _NAME.fullmatch(name) is not None:
+        if len(_valid_names) > 100_000:
+            _valid_names.clear()
+        _valid_names.add(name)
+        return True
+    return False
 
 
 def parse_record(value: bytes | None, max_record_bytes: int) -> ParsedRecord:
@@ -119,17 +130,32 @@ def iso_from_ms(ms: int) -> str:
     return f"{base}.{millis:03d}Z"
 
 
+_seconds_cache: dict[str, float | None] = {}
+
+
 def parse_iso_seconds(text: object) -> float | None:
     """Epoch seconds of an ISO-8601 timestamp; None when it is not one."""
     if not isinstance(text, str) or not 10 <= len(text) <= 40:
         return None
+    # Events of one batch or second share timestamps: a small cache saves the parse.
+    cached = _seconds_cache.get(text, _MISSING)
+    if cached is not _MISSING:
+        return cached  # type: ignore[return-value]
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+        value = None
+    else:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        value = parsed.timestamp()
+    if len(_seconds_cache) > 8192:
+        _seconds_cache.clear()
+    _seconds_cache[text] = value
+    return value
+
+
+_MISSING = object()
 
 
 def enrich_event(event: dict[str, Any], *, partition: int, offset: int, index: int, record_ms: int) -> float:

@@ -22,11 +22,11 @@ def register_sink(app: faust.App, runtime: Runtime) -> None:
     settings = runtime.settings
 
     # concurrency=1 on purpose: faust-streaming #606 (concurrency>1 commits past unprocessed
-    # records). take_events (not take) so each item carries its message: partition and offset.
+    # records). Events (not values) because the sink needs each record's partition and offset;
+    # no take(): the window state machines batch by themselves and acks are ours (see transport).
     @app.agent(runtime.topics.events, name="s3-sink")
     async def s3_sink(stream: StreamT) -> None:
-        async for events in stream.take_events(settings.sink_batch_size, within=0.2):
-            await sink.handle(events)
+        await sink.consume(stream)
 
     @app.task
     async def sink_commits() -> None:

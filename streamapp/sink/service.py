@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from faust.types import TP, EventT
+from faust.types import TP, EventT, StreamT
 
 from streamapp.contract import SHED_KEY, TICK_KEY, invalid_record_value, position
 from streamapp.sink.layout import (
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from streamapp.runtime import Runtime
 
 log = logging.getLogger(__name__)
+COMMIT_INTERVAL_SECONDS = 1.0
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PartitionStatus:
     """What the views show per partition."""
 
     committed_offset: int = 0
-    read_offset: int = 0
+    seen_pos: int = 0
     last_message_at: float = field(default_factory=time.monotonic)
     oldest_unflushed_event_at: float | None = None
     last_flush_at: float = 0.0
@@ -65,9 +66,13 @@ class S3Sink:
         self._drained.set()
         self._commit_wanted = asyncio.Event()
         self._manifest_checks: set[int] = set()
-        self.events_in = 0
         self.invalid_out = 0
         self.objects_written = 0
+
+    @property
+    def events_in(self) -> int:
+        """Events read by the partitions this worker holds now."""
+        return sum(w.events_in for w in self.partitions.values())
 
     # ----------------------------------------------------------- partitions
     def manifest_target(self) -> Target:
@@ -116,7 +121,7 @@ class S3Sink:
             checkpoint=checkpoint,
         )
         self.partitions[tp.partition] = windows
-        self.status[tp.partition] = PartitionStatus(committed_offset=committed or 0, read_offset=committed or 0)
+        self.status[tp.partition] = PartitionStatus(committed_offset=committed or 0)
         log.info("sink partition %s opened at offset %s", tp.partition, committed)
         return windows
 
@@ -128,29 +133,46 @@ class S3Sink:
                 self.status.pop(tp.partition, None)
 
     # ---------------------------------------------------------------- input
-    async def handle(self, events: list[EventT]) -> None:
-        touched: dict[int, PartitionWindows] = {}
-        now = time.monotonic()
-        for event in events:
+    async def consume(self, stream: StreamT) -> None:
+        """The agent's loop: one record at a time into the window state machines.
+
+        The state machines batch by themselves (an object per window), so this loop does no
+        buffering of its own: it hands each record over and dispatches only when an object,
+        a diversion or a dead letter came out.
+        """
+        partitions = self.partitions
+        async for event in stream.events():
             message = event.message
-            windows = touched.get(message.partition)
+            windows = partitions.get(message.partition)
             if windows is None:
-                windows = touched[message.partition] = await self.partition(message.tp)
+                windows = await self.partition(message.tp)
             key = message.key
             if key is not None and key[:1] == b"\x00":
                 self._control(windows, message.offset, key, message.value)
             else:
                 windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
-        for partition, windows in touched.items():
-            status = self.status.get(partition)
-            if status is not None:
-                status.last_message_at = now
-                status.read_offset = windows.next_pos >> 20
-            self.events_in += 0
-            self._dispatch(partition, windows)
-        self.events_in = sum(w.events_in for w in self.partitions.values())
+            if windows.outbox or windows.diverted or windows.invalid:
+                self._dispatch(message.partition, windows)
+            if self.pending_bytes > self.max_pending_bytes:
+                await self.wait_for_s3()
+
+    async def handle(self, events: list[EventT]) -> None:
+        """Feed a batch of events (used by tests and tools that batch themselves)."""
+        for event in events:
+            message = event.message
+            windows = self.partitions.get(message.partition) or await self.partition(message.tp)
+            key = message.key
+            if key is not None and key[:1] == b"\x00":
+                self._control(windows, message.offset, key, message.value)
+            else:
+                windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
+            if windows.outbox or windows.diverted or windows.invalid:
+                self._dispatch(message.partition, windows)
+        await self.wait_for_s3()
+
+    async def wait_for_s3(self) -> None:
+        """Backpressure: stop taking events while too many bytes wait for S3 (Faust pauses fetching)."""
         while self.pending_bytes > self.max_pending_bytes:
-            # Backpressure: stop taking events until S3 catches up (Faust pauses fetching).
             self._drained.clear()
             await self._drained.wait()
 
@@ -255,8 +277,12 @@ class S3Sink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._commit_wanted.wait(), timeout=1.0)
             self._commit_wanted.clear()
+            started = time.monotonic()
             await self.commit_once()
             await self._compose_manifests()
+            # At most one commit (one checkpoint PUT per partition) per interval: during a
+            # catch-up uploads finish constantly, and a checkpoint per upload would double the writes.
+            await asyncio.sleep(max(0.0, COMMIT_INTERVAL_SECONDS - (time.monotonic() - started)))
 
     async def commit_once(self) -> None:
         consumer = self.runtime.app.consumer
@@ -316,7 +342,11 @@ class S3Sink:
         now = time.monotonic()
         for partition, windows in list(self.partitions.items()):
             status = self.status.get(partition)
-            if status is None or now - status.last_message_at < self.settings.idle_flush_seconds:
+            if status is None:
+                continue
+            if windows.next_pos != status.seen_pos:  # records arrived since the last look
+                status.seen_pos, status.last_message_at = windows.next_pos, now
+            if now - status.last_message_at < self.settings.idle_flush_seconds:
                 continue
             if not (windows.open or windows.late or windows.watermark > float("-inf")):
                 continue
@@ -342,10 +372,10 @@ class S3Sink:
             partitions[str(partition)] = {
                 **info,
                 "committed_offset": status.committed_offset,
-                "read_offset": status.read_offset,
+                "read_offset": windows.next_pos >> 20,
                 "highwater": highwater,
                 "offsets_behind": max(0, highwater - status.committed_offset),
-                "read_lag": max(0, highwater - status.read_offset),
+                "read_lag": max(0, highwater - (windows.next_pos >> 20)),
                 "oldest_unflushed_age_seconds": round(unflushed_age, 3),
                 "last_flush_at": status.last_flush_at,
             }
