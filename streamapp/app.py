@@ -39,8 +39,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
         stream_buffer_maxsize=20000,
         producer_linger=0.005,
         producer_max_request_size=max(2 * 1024 * 1024, settings.max_record_bytes * 2),
-        broker_rebalance_timeout=float(settings_rebalance_timeout()),
-        broker_session_timeout=float(settings_session_timeout()),
+        broker_rebalance_timeout=settings.rebalance_timeout_seconds,
+        broker_session_timeout=settings.session_timeout_seconds,
         broker_heartbeat_interval=1.0,
         logging_config=None,
         loghandlers=[],
@@ -55,19 +55,6 @@ def create_app(settings: Settings | None = None) -> faust.App:
     register_agents(app, runtime)
     register_web(app, runtime)
     return app
-
-
-def settings_rebalance_timeout() -> int:
-    """Tansu (the embedded broker) makes the first join wait for this; keep it short in dev and tests."""
-    import os
-
-    return int(os.environ.get("STREAMAPP_FAUST_REBALANCE_TIMEOUT", "5"))
-
-
-def settings_session_timeout() -> int:
-    import os
-
-    return int(os.environ.get("STREAMAPP_FAUST_SESSION_TIMEOUT", "10"))
 
 
 app = create_app()

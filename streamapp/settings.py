@@ -50,7 +50,6 @@ class Settings:
         "Wall-clock idle time after which a quiet partition is ticked forward", default=10.0
     )
     max_object_bytes: int = _doc("Uncompressed bytes after which a window object is rotated", default=64 * 1024 * 1024)
-    sink_batch_size: int = _doc("Records per sink batch", default=5000)
     # --- metering / shedding ---
     default_eps_limit: float = _doc("Default per-project quota, events/s", default=1000.0)
     default_bps_limit: float = _doc("Default per-project quota, bytes/s", default=2_000_000.0)
@@ -73,6 +72,10 @@ class Settings:
     api_max_body_bytes: int = _doc("Largest HTTP request body", default=10 * 1024 * 1024)
     api_produce_timeout_seconds: float = _doc("Produce wait before the API answers 503", default=5.0)
     # --- worker ---
+    rebalance_timeout_seconds: float = _doc(
+        "Consumer group rebalance timeout (Tansu makes a first join wait this long)", default=5.0
+    )
+    session_timeout_seconds: float = _doc("Consumer group session timeout", default=10.0)
     data_dir: str = _doc("Local state (RocksDB tables)", default="./data")
     store: str = _doc("Faust table store URL", default="rocksdb://")
     log_level: str = _doc("Worker log level", default="info")
@@ -108,7 +111,6 @@ class Settings:
             "max_record_bytes",
             "max_event_bytes",
             "s3_upload_concurrency",
-            "sink_batch_size",
             "api_max_inflight",
             "web_port",
             "max_object_bytes",
