@@ -133,6 +133,7 @@ def dev(args: argparse.Namespace) -> int:
             "web": web,
             "admin_token": admin_token,
             "logs": log_dir,
+            "pids": {"broker": broker.pid, "s3": s3.pid, "worker": worker_proc.pid},
         }
         print(f"streamapp dev: kafka {broker.bootstrap}  s3 {s3.endpoint_url} (bucket {base.s3_bucket})", flush=True)
         print(f"               web {web}  dashboard {web}/  metrics {web}/metrics  logs {log_dir}", flush=True)
