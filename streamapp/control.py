@@ -127,8 +127,9 @@ class ControlPlane:
         tp = TopicPartition(self.topic, 0)
         while True:
             try:
-                partitions = await self._consumer.partitions_for_topic(self.topic)
-                if partitions:
+                # topics() fetches fresh metadata; partitions_for_topic() only reads the cached
+                # metadata, which misses a topic created after start for metadata_max_age (5 min).
+                if self.topic in await self._consumer.topics():
                     break
             except Exception:  # noqa: BLE001 - topic not there yet
                 pass
@@ -147,3 +148,109 @@ class ControlPlane:
                     log.warning("ignoring bad control record at %s: %r", record.offset, exc)
                 if record.offset + 1 >= end:
                     self.caught_up.set()
+
+
+# ------------------------------------------------ operator records (quotas, shed overrides)
+# Built here so the CLI (``streamapp quota|shed|unshed``) and the admin HTTP API publish the
+# very same records; the meters of all workers read them from their ControlView.
+
+SHED_MODES = ("divert", "drop", "shadow")
+
+
+def quota_record(
+    project_id: str,
+    *,
+    quota_eps: float | None = None,
+    quota_bps: float | None = None,
+    burst: float | None = None,
+    shed_mode: str | None = None,
+    reset: bool = False,
+) -> dict[str, Any]:
+    """A ``quota`` record: only the given fields change; ``reset`` puts all four back to the defaults."""
+    if shed_mode is not None and shed_mode not in SHED_MODES:
+        raise ValueError(f"shed mode must be one of {SHED_MODES}, got {shed_mode!r}")
+    for name, value in (("quota_eps", quota_eps), ("quota_bps", quota_bps)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    if burst is not None and not burst >= 0:
+        raise ValueError(f"burst must be >= 0, got {burst}")
+    record: dict[str, Any] = {"type": "quota", "project_id": project_id}
+    if reset:
+        record.update(quota_eps=None, quota_bps=None, burst=None, shed_mode=None)
+    for name, value in (("quota_eps", quota_eps), ("quota_bps", quota_bps), ("burst", burst), ("shed_mode", shed_mode)):
+        if value is not None:
+            record[name] = value
+    return record
+
+
+def override_record(project_id: str, action: str, reason: str = "", mode: str | None = None) -> dict[str, Any]:
+    """Manual ``shed``/``unshed`` (wins over the rates until ``clear``)."""
+    if action not in ("shed", "unshed", "clear"):
+        raise ValueError(f"action must be shed, unshed or clear, got {action!r}")
+    if mode is not None and mode not in SHED_MODES:
+        raise ValueError(f"shed mode must be one of {SHED_MODES}, got {mode!r}")
+    record: dict[str, Any] = {"type": "override", "project_id": project_id, "action": action, "reason": reason}
+    if mode is not None:
+        record["mode"] = mode
+    record["at"] = time.time()
+    return record
+
+
+async def ensure_control_topic(bootstrap: str, topic: str, replicas: int = 1) -> None:
+    """Create the control topic with its one partition unless it exists (a broker's auto-create
+    would pick its own partition count, and the views tail partition 0 only)."""
+    import contextlib
+
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        if topic in await admin.list_topics():
+            return
+        with contextlib.suppress(TopicAlreadyExistsError):
+            await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=replicas)])
+    finally:
+        await admin.close()
+
+
+async def publish_records(bootstrap: str, topic: str, records: list[dict[str, Any]]) -> None:
+    """Publish control records with a plain producer (no worker needed), acked by all replicas."""
+    await ensure_control_topic(bootstrap, topic)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for record in records:
+            key = f"{record['type']}:{record['project_id']}".encode()
+            # Partition 0 explicitly: the control topic has one (whatever an auto-create would pick).
+            await producer.send_and_wait(topic, orjson.dumps(record), key=key, partition=0)
+    finally:
+        await producer.stop()
+
+
+async def read_view(bootstrap: str, topic: str, timeout: float = 10.0) -> ControlView:
+    """The control topic read to its current end into a fresh ControlView (no consumer group)."""
+    view = ControlView()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        if topic not in await consumer.topics():  # fetches metadata (partitions_for_topic does not)
+            return view
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        deadline = time.monotonic() + timeout
+        position = await consumer.position(tp)
+        while position < end and time.monotonic() < deadline:
+            batches = await consumer.getmany(tp, timeout_ms=500, max_records=5000)
+            for record in batches.get(tp, []):
+                position = record.offset + 1
+                try:
+                    view.apply(orjson.loads(record.value))
+                except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+                    log.warning("ignoring bad control record at %s: %r", record.offset, exc)
+        return view
+    finally:
+        await consumer.stop()

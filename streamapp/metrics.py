@@ -1,14 +1,47 @@
-"""Prometheus metrics of one worker, on a registry of its own (several apps may share a process in tests)."""
+"""Prometheus metrics of one worker, on a registry of its own (several apps may share a process in tests).
+
+Two kinds of series:
+
+* Event-driven ones, updated where things happen: S3 objects/bytes/events by kind
+  (``object_written``, called by the sink and the drain), S3 put latency (an
+  ``S3Writer.on_put`` observer) and HTTP latency (an aiohttp middleware, see
+  ``streamapp.web.metrics_view``).
+* Scrape-time ones, read from the runtime when ``/metrics`` is rendered
+  (``bind(runtime)``): per-project counters, rates and shed state from the meter,
+  per-partition lag and oldest-unflushed age from the sink, S3 retries/errors.
+
+Label cardinality is bounded whatever the number of projects: per-project series
+exist only for the ``top_n`` projects by current rate; everything else is summed
+into ``project="other"`` (see ``BoundedProjectCounters``). Partition labels are
+bounded by the partition count, route labels by the registered routes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from streamapp.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: Label value of the bucket that sums every project without a series of its own. A real project
+#: called "other" is always counted in the bucket (it never gets a label of its own).
+OTHER = "other"
+#: Per-project counters the meter keeps (``runtime.meter.counters()``).
+PROJECT_OUTCOMES = ("received", "admitted", "diverted", "dropped")
+DEFAULT_TOP_N = 20
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, top_n: int = DEFAULT_TOP_N) -> None:
         self.registry = CollectorRegistry()
         self.s3_objects = Counter("streamapp_s3_objects", "Objects written to S3", ["kind"], registry=self.registry)
         self.s3_bytes = Counter(
@@ -16,10 +49,265 @@ class Metrics:
         )
         self.s3_events = Counter("streamapp_s3_events", "Events written to S3", ["kind"], registry=self.registry)
         self.flush_seconds = Histogram(
-            "streamapp_s3_put_seconds", "Time to build and write one S3 object", registry=self.registry
+            "streamapp_s3_put_seconds",
+            "Time to build and write one S3 object (flush latency)",
+            buckets=FLUSH_BUCKETS,
+            registry=self.registry,
         )
+        self.http_seconds = Histogram(
+            "streamapp_http_request_seconds",
+            "Latency of HTTP requests served by the worker, by route template",
+            ["route", "method", "status"],
+            buckets=HTTP_BUCKETS,
+            registry=self.registry,
+        )
+        self.projects = BoundedProjectCounters(top_n)
+        self._bound = False
 
     def object_written(self, obj: Any, size: int) -> None:
         self.s3_objects.labels(obj.kind).inc()
         self.s3_bytes.labels(obj.kind).inc(size)
         self.s3_events.labels(obj.kind).inc(obj.events)
+
+    def observe_put(self, seconds: float) -> None:
+        """``S3Writer.on_put`` observer."""
+        self.flush_seconds.observe(seconds)
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_seconds.labels(route, method, str(status)).observe(seconds)
+
+    def bind(self, runtime: Runtime) -> None:
+        """Read the meter, the sink and S3 stats of ``runtime`` at every scrape (idempotent)."""
+        if self._bound:
+            return
+        self._bound = True
+        runtime.s3.on_put.append(self.observe_put)
+        self.registry.register(RuntimeCollector(runtime, self.projects))
+
+
+class BoundedProjectCounters:
+    """Per-project counters with at most ``top_n`` project label values plus ``other``.
+
+    ``update`` is given the meter's cumulative counters of every local project and the
+    ids of the current top projects. It adds each project's increase since the previous
+    update to the series of that project if it is in the top now, else to ``other``.
+    So every exported series only ever grows (a valid Prometheus counter), a project
+    that enters the top starts its own series from then on (its history stays in
+    ``other``), and a project that leaves the top loses its series (its later
+    increases go to ``other``). A cumulative count that went down (state rebuilt) is
+    treated as a counter reset: its new value is the increase.
+    """
+
+    def __init__(self, top_n: int = DEFAULT_TOP_N, outcomes: Iterable[str] = (*PROJECT_OUTCOMES, "bytes")) -> None:
+        if top_n < 0:
+            raise ValueError(f"top_n must be >= 0, got {top_n}")
+        self.top_n = top_n
+        self.outcomes = tuple(outcomes)
+        self._last: dict[str, tuple[int, ...]] = {}
+        self.totals: dict[str, list[float]] = {OTHER: [0.0] * len(self.outcomes)}
+        # Every increase of every project, unlabelled: exact totals even after series were dropped.
+        self.all_projects: list[float] = [0.0] * len(self.outcomes)
+
+    def labelled(self, top: Iterable[str]) -> list[str]:
+        out: list[str] = []
+        for project_id in top:
+            if len(out) >= self.top_n:
+                break
+            if project_id != OTHER and project_id not in out:
+                out.append(project_id)
+        return out
+
+    def update(self, counters: Mapping[str, Mapping[str, Any]], top: Iterable[str]) -> list[str]:
+        """Fold the current cumulative ``counters`` in; returns the labelled projects."""
+        labelled = self.labelled(top)
+        keep = set(labelled)
+        for label in list(self.totals):
+            if label != OTHER and label not in keep:
+                del self.totals[label]
+        outcomes = self.outcomes
+        last = self._last
+        totals = self.totals
+        other = totals[OTHER]
+        grand = self.all_projects
+        seen: dict[str, tuple[int, ...]] = {}
+        for project_id, values in counters.items():
+            now = tuple(int(values.get(name, 0) or 0) for name in outcomes)
+            seen[project_id] = now
+            before = last.get(project_id)
+            if before == now:
+                if project_id in keep and project_id not in totals:
+                    totals[project_id] = [0.0] * len(outcomes)
+                continue
+            if project_id in keep:
+                acc = totals.get(project_id)
+                if acc is None:
+                    acc = totals[project_id] = [0.0] * len(outcomes)
+            else:
+                acc = other
+            for i, value in enumerate(now):
+                previous = before[i] if before is not None else 0
+                increase = value - previous if value >= previous else value
+                acc[i] += increase
+                grand[i] += increase
+        for project_id in keep:
+            totals.setdefault(project_id, [0.0] * len(outcomes))
+        # Projects no longer reported (partition revoked) are forgotten; their counts stay where they were.
+        self._last = seen
+        return labelled
+
+    def families(self) -> list[Metric]:
+        out = []
+        for i, outcome in enumerate(self.outcomes):
+            if outcome == "bytes":
+                family = CounterMetricFamily(
+                    "streamapp_project_bytes",
+                    'Bytes received per project (top projects by rate, the rest in project="other")',
+                    labels=["project"],
+                )
+            else:
+                family = CounterMetricFamily(
+                    f"streamapp_project_events_{outcome}",
+                    f'Events {outcome} per project (top projects by rate, the rest in project="other")',
+                    labels=["project"],
+                )
+            for label, values in self.totals.items():
+                family.add_metric([label], values[i])
+            out.append(family)
+            total = CounterMetricFamily(
+                f"streamapp_all_projects_{'bytes' if outcome == 'bytes' else 'events_' + outcome}",
+                f"{'Bytes received' if outcome == 'bytes' else 'Events ' + outcome} over all projects of this worker",
+            )
+            total.add_metric([], self.all_projects[i])
+            out.append(total)
+        return out
+
+
+class RuntimeCollector:
+    """Scrape-time series read from one worker's runtime."""
+
+    def __init__(self, runtime: Runtime, projects: BoundedProjectCounters) -> None:
+        self.runtime = runtime
+        self.projects = projects
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed description: registering must not call into the runtime
+
+    def collect(self) -> Iterator[Metric]:
+        for part in (self._project_families, self._sink_families, self._s3_families, self._overflow_families):
+            try:
+                yield from part()
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail because one source is not ready
+                log.debug("metrics: %s unavailable: %r", part.__name__, exc)
+
+    def _project_families(self) -> list[Metric]:
+        meter = self.runtime.meter
+        top = meter.top(self.projects.top_n)
+        labelled = self.projects.update(meter.counters(), (p["project_id"] for p in top))
+        out = self.projects.families()
+        by_id = {p["project_id"]: p for p in top}
+        shed = GaugeMetricFamily(
+            "streamapp_project_shed",
+            "1 while a top project is shed (label-bounded like the counters)",
+            labels=["project", "mode"],
+        )
+        rate = GaugeMetricFamily(
+            "streamapp_project_rate_events_per_second",
+            "Current event rate of a top project",
+            labels=["project", "horizon"],
+        )
+        quota = GaugeMetricFamily(
+            "streamapp_project_quota_events_per_second", "Quota of a top project", labels=["project"]
+        )
+        for project_id in labelled:
+            entry = by_id.get(project_id, {})
+            shed.add_metric([project_id, str(entry.get("mode") or "")], 1.0 if entry.get("state") == "shed" else 0.0)
+            rate.add_metric([project_id, "burst"], float(entry.get("eps_burst") or 0.0))
+            rate.add_metric([project_id, "sustained"], float(entry.get("eps_sustained") or 0.0))
+            if entry.get("quota_eps") is not None:
+                quota.add_metric([project_id], float(entry["quota_eps"]))
+        shed_now = meter.shed().get("shed", [])
+        count = GaugeMetricFamily("streamapp_projects_shed", "Projects of this worker's partitions currently shed")
+        count.add_metric([], float(sum(1 for s in shed_now if s.get("state", "shed") == "shed")))
+        return [*out, shed, rate, quota, count]
+
+    def _sink_families(self) -> list[Metric]:
+        backlog = self.runtime.sink.backlog()
+        lag = GaugeMetricFamily(
+            "streamapp_consumer_lag", "Events-topic offsets not yet read by the sink", labels=["partition"]
+        )
+        behind = GaugeMetricFamily(
+            "streamapp_uncommitted_offsets",
+            "Events-topic offsets not yet durable in S3 (highwater - committed)",
+            labels=["partition"],
+        )
+        age = GaugeMetricFamily(
+            "streamapp_oldest_unflushed_age_seconds",
+            "Age of the oldest open (unflushed) window of a partition",
+            labels=["partition"],
+        )
+        windows = GaugeMetricFamily("streamapp_open_windows", "Open windows of a partition", labels=["partition"])
+        for partition, info in backlog.items():
+            lag.add_metric([partition], float(info.get("read_lag", 0)))
+            behind.add_metric([partition], float(info.get("offsets_behind", 0)))
+            age.add_metric([partition], float(info.get("oldest_unflushed_age_seconds", 0.0)))
+            windows.add_metric([partition], float(info.get("open_windows", 0)))
+        sink = self.runtime.sink
+        pending = GaugeMetricFamily("streamapp_sink_pending_bytes", "Bytes built but not yet durable in S3")
+        pending.add_metric([], float(sink.pending_bytes))
+        events = CounterMetricFamily("streamapp_sink_events_in", "Events read by the sink")
+        events.add_metric([], float(sink.events_in))
+        invalid = CounterMetricFamily("streamapp_sink_invalid", "Records dead-lettered by the sink")
+        invalid.add_metric([], float(sink.invalid_out))
+        return [lag, behind, age, windows, pending, events, invalid]
+
+    def _s3_families(self) -> list[Metric]:
+        stats = self.runtime.s3.stats
+        out = []
+        for name, value, doc in (
+            ("streamapp_s3_puts", stats.objects, "S3 puts completed (data objects, manifests and checkpoints)"),
+            ("streamapp_s3_put_bytes", stats.bytes, "Bytes of all completed S3 puts"),
+            ("streamapp_s3_errors", stats.errors, "Failed S3 calls"),
+            ("streamapp_s3_retries", stats.retries, "Retried S3 calls"),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], float(value))
+            out.append(family)
+        return out
+
+    def _overflow_families(self) -> list[Metric]:
+        status = self.runtime.meter.drain_status()
+        out = []
+        backlog = GaugeMetricFamily(
+            "streamapp_overflow_backlog", "Overflow records not yet drained to S3", labels=["partition"]
+        )
+        for partition, value in overflow_backlog_by_partition(status).items():
+            backlog.add_metric([partition], float(value))
+        out.append(backlog)
+        rate = overflow_drain_rate(status)
+        if rate is not None:
+            family = GaugeMetricFamily("streamapp_overflow_drain_rate", "Current overflow drain rate, events/s")
+            family.add_metric([], float(rate))
+            out.append(family)
+        return out
+
+
+def overflow_drain_rate(status: Mapping[str, Any]) -> float | None:
+    """Current overflow drain rate (events/s) from ``meter.drain_status()``, if it says."""
+    for key in ("rate_eps", "drain_rate", "drain_rate_eps"):
+        value = status.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def overflow_backlog_by_partition(status: Mapping[str, Any]) -> dict[str, float]:
+    """Per-partition overflow backlog from ``meter.drain_status()`` (numbers or dicts with a backlog field)."""
+    raw = status.get("backlog", status.get("partitions", {}))
+    out: dict[str, float] = {}
+    if isinstance(raw, Mapping):
+        for partition, value in raw.items():
+            if isinstance(value, Mapping):
+                value = value.get("backlog", value.get("offsets_behind", value.get("lag", 0)))
+            if isinstance(value, int | float):
+                out[str(partition)] = float(value)
+    return out

@@ -1,0 +1,760 @@
+"""The meter of one worker: per-project rates, quotas, shed decisions and shed markers.
+
+The meter agent (``streamapp.agents.meter``) feeds it batches of events-topic records;
+a 1 s timer calls :meth:`Meter.tick` so that quiet projects can leave shed after the
+cooldown and health-aware limits follow the sink. Everything here is synchronous except
+sending what was decided (shed markers into the events topic, shed states to the control
+topic), so a decision and its table write can never interleave with another one.
+
+Hot path (``observe``): the project id is the record *key*; one-event records are never
+JSON-decoded, batch records (value containing ``"events"``) are decoded only to count their
+events; bytes are ``len(value)``. Counts are aggregated per (project, record-timestamp
+second) over the batch, then added to the project's ring once per second-bucket; the ring
+is written to the rates table at most once per project per second (``write_rates``), never
+per event.
+
+Replay guard: the events topic is committed by the S3 sink only when the events are in
+S3, so after a restart or rebalance the meter re-reads records it already counted (the
+recovered rate rows hold them). Each rate row keeps the last offset it counted; records at
+or below it are skipped, so a restart does not double the rates (and shed steady projects).
+
+What the views call (``runtime.meter``): :meth:`top`, :meth:`series`, :meth:`shed`,
+:meth:`counters`, :meth:`drain_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiokafka.partitioner import murmur2
+
+from streamapp.contract import SHED_KEY, is_valid_name
+from streamapp.metering import (
+    Quota,
+    SecondCounts,
+    ShedState,
+    admit_fraction,
+    effective_quota,
+    health_factor,
+    merge_counts,
+    set_manual,
+    step,
+    tighten_heaviest,
+    with_mode,
+)
+from streamapp.tables.rates import (
+    MeterTables,
+    PartitionContext,
+    RatesRow,
+    StateRow,
+    decode_rates,
+    decode_state,
+    encode_rates,
+    encode_state,
+    read_rows,
+    write_rows,
+)
+
+if TYPE_CHECKING:
+    from streamapp.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# The agent takes records in batches of this many, or of what arrived within this time.
+BATCH_RECORDS = 5000
+BATCH_SECONDS = 0.2
+# A project's rate row is written at most this often (see Meter.write_rates).
+ROWS_INTERVAL_SECONDS = 1.0
+# A shed project's admit fraction is re-announced (new shed marker) when it moves by more than this.
+FRACTION_CHANGE = 0.15
+# Horizon (s) of the rate that sizes the admitted share while shed: short, so shaping follows the load.
+SHAPING_HORIZON_SECONDS = 3
+# Records of a second are assumed complete this long after it ended (fetch + batch delay).
+CONSUMER_LAG_SECONDS = 0.5
+# Kafka produce latency (mean of the last sends) above which limits tighten, like the sink backlog.
+PRODUCE_LATENCY_THRESHOLD_MS = 500.0
+# Health-aware limits tighten only the heaviest projects.
+HEALTH_TOP_N = 3
+# Decisions wait for the control view (quotas, overrides) at most this long after start.
+CONTROL_GRACE_SECONDS = 10.0
+UNKNOWN_MARKER = ("?", -1.0)  # the marker in force is unknown (a send failed): state it again
+
+
+@dataclass(slots=True, eq=False)
+class ProjectMeter:
+    """In-memory state of one project on a partition this worker owns."""
+
+    project_id: str
+    key: bytes
+    partition: int
+    counts: SecondCounts
+    state: ShedState
+    offset: int = -1  # last events-topic offset counted
+    received: int = 0
+    nbytes: int = 0
+    marker: tuple[str, float] | None = None  # route announced by the last shed marker; None = ok
+    peak_eps: float = 0.0
+    eps_burst: float = 0.0
+    bps_burst: float = 0.0
+    eps_sustained: float = 0.0
+    bps_sustained: float = 0.0
+    eps_shaping: float = 0.0
+    fraction: float = 1.0
+    limit_eps: float = 0.0  # effective (health-tightened) quota at the last decision
+    limit_bps: float = 0.0
+
+
+@dataclass
+class _Outbox:
+    """What decisions produced, carried out by ``Meter.flush``."""
+
+    markers: list[tuple[ProjectMeter, tuple[str, float] | None]] = field(default_factory=list)
+    rows: dict[str, ProjectMeter] = field(default_factory=dict)  # shed-state rows to write
+    published: list[dict[str, Any]] = field(default_factory=list)
+
+
+def batch_event_count(value: bytes) -> int:
+    """Events in a record whose value mentions ``"events"``: the batch's length, else 1."""
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return 1
+    if type(doc) is dict:
+        events = doc.get("events")
+        if type(events) is list:
+            return len(events)
+    return 1
+
+
+def default_partition(project_id: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner picks for a project id key (murmur2)."""
+    return (murmur2(project_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def sink_backlog_age(backlog: dict[str, dict[str, Any]], hold_seconds: float, now: float) -> float:
+    """Seconds the real-time sink is behind, from ``S3Sink.backlog()``.
+
+    An open window is *meant* to wait ``hold_seconds`` (window + lateness + idle flush) before
+    it is written, so only the age past that counts; a partition with unread records also
+    counts by how far its watermark (event time) is behind the wall clock.
+    """
+    worst = 0.0
+    for info in backlog.values():
+        age = float(info.get("oldest_unflushed_age_seconds") or 0.0) - hold_seconds
+        if age > worst:
+            worst = age
+        watermark = info.get("watermark")
+        if info.get("read_lag", 0) > 0 and watermark is not None:
+            worst = max(worst, now - float(watermark) - 1.0)
+    return max(0.0, worst)
+
+
+def _round(x: float, digits: int = 1) -> float:
+    return round(x, digits) if math.isfinite(x) else 0.0
+
+
+class Meter:
+    def __init__(self, runtime: Runtime, tables: MeterTables) -> None:
+        self.runtime = runtime
+        self.app = runtime.app
+        self.settings = settings = runtime.settings
+        self.tables = tables
+        self.topic = settings.events_topic
+        self.context = PartitionContext(runtime.app, self.topic)
+        self.burst_h = settings.burst_horizon_seconds
+        self.sustained_h = settings.sustained_horizon_seconds
+        self.ring_size = max(self.burst_h, self.sustained_h)
+        self.shaping_h = min(SHAPING_HORIZON_SECONDS, self.ring_size)
+        self.projects: dict[str, ProjectMeter] = {}
+        self.by_key: dict[bytes, ProjectMeter] = {}
+        self.floors: dict[int, int] = {}  # partition -> highest offset counted before the last reload
+        self.partitions: set[int] = set()
+        self.ready = False  # tables recovered and loaded for the current assignment
+        self.started_at = time.monotonic()
+        self.episodes: deque[dict[str, Any]] = deque(maxlen=200)
+        self.health = {"factor": 1.0, "backlog_age_seconds": 0.0, "produce_latency_ms": float("nan")}
+        self.tightened: dict[str, float] = {}  # project -> health factor applied to its quota
+        self.markers_written = 0
+        self.batches = 0
+        self.events_in = 0
+        self._out = _Outbox()
+        self._publish_queue: asyncio.Queue[dict[str, Any]] | None = None
+        self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
+        self._rows_due = 0.0
+        self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
+        self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
+
+    # ------------------------------------------------------------ lifecycle
+    def active_partitions(self) -> set[int]:
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == self.topic}
+
+    def revoke(self) -> None:
+        """Partitions are being reassigned: write what is counted (they are still ours), then stop
+        counting and deciding until the tables are recovered."""
+        if self.ready:
+            self.write_rates()
+        self.ready = False
+
+    def reload(self) -> None:
+        """Rebuild the in-memory state from the (recovered) tables of the partitions now owned."""
+        self.partitions = self.active_partitions()
+        self._dirty = {}
+        self.projects.clear()
+        self.by_key.clear()
+        self.floors = {}
+        for key, value in read_rows(self.tables.rates):
+            try:
+                row = decode_rates(value)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring bad rates row %r: %r", key, exc)
+                continue
+            if row.partition not in self.partitions:
+                continue
+            pm = self._new(key, row.partition)
+            if pm is None:
+                continue
+            counts = row.counts
+            if counts.size != self.ring_size:  # the horizons were changed since the row was written
+                counts = merge_counts(counts, size=self.ring_size)
+            pm.counts, pm.offset, pm.received, pm.nbytes = counts, row.offset, row.received, row.nbytes
+            self.floors[row.partition] = max(self.floors.get(row.partition, -1), row.offset)
+        for key, value in read_rows(self.tables.states):
+            try:
+                srow = decode_state(value)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring bad shed-state row %r: %r", key, exc)
+                continue
+            if srow.partition not in self.partitions:
+                continue
+            pm = self.by_key.get(key) or self._new(key, srow.partition)
+            if pm is None:
+                continue
+            pm.state, pm.marker, pm.peak_eps = srow.state, srow.marker, srow.peak_eps
+            if pm.marker is not None:
+                pm.fraction = pm.marker[1]
+                # State the route in force again (the same route again changes nothing in the
+                # sink): cheap insurance that the log and the recovered row agree.
+                self._out.markers.append((pm, pm.marker))
+            if pm.state.is_shed and not any(
+                e["project_id"] == pm.project_id and e["episode"] == pm.state.episode for e in self.episodes
+            ):
+                self.episodes.append(self._episode(pm, recovered=True))
+        shed = [p for p, pm in self.projects.items() if pm.state.is_shed]
+        log.info(
+            "meter: partitions %s loaded, %d projects, shed: %s", sorted(self.partitions), len(self.projects), shed
+        )
+        self.ready = True
+        self._wake_flusher()
+
+    def _new(self, key: bytes, partition: int) -> ProjectMeter | None:
+        try:
+            project_id = key.decode()
+        except UnicodeDecodeError:
+            return None
+        if not is_valid_name(project_id):
+            return None
+        pm = ProjectMeter(
+            project_id,
+            key,
+            partition,
+            SecondCounts(self.ring_size),
+            ShedState(project_id, mode=self.mode_for(project_id)),
+        )
+        self.projects[project_id] = pm
+        self.by_key[key] = pm
+        return pm
+
+    # ------------------------------------------------------------- hot path
+    def observe(self, events: list[Any]) -> list[ProjectMeter]:
+        """Count a batch of events-topic records; write each touched project's rates row once."""
+        if not self.ready:
+            # Rebalancing: these partitions may have a new owner already, which re-reads them
+            # from the committed offset; rows must not be written for partitions not owned.
+            return []
+        owned = self.partitions
+        acc: dict[tuple[bytes, int], list[int]] = {}
+        acc_get = acc.get
+        floors = self.floors
+        floors_get = floors.get
+        by_key = self.by_key
+        n_events = 0
+        for event in events:
+            m = event.message
+            key = m.key
+            if not key or key[0] == 0:  # control record (tick, shed marker) or no project
+                continue
+            offset = m.offset
+            partition = m.partition
+            if floors and offset <= floors_get(partition, -1):
+                pm = by_key.get(key)
+                if pm is not None and offset <= pm.offset:
+                    continue  # counted before the restart/rebalance
+            value = m.value
+            if value:
+                nbytes = len(value)
+                n = batch_event_count(value) if b'"events"' in value else 1
+            else:
+                nbytes, n = 0, 1
+            k = (key, int(m.timestamp))
+            a = acc_get(k)
+            if a is None:
+                acc[k] = [n, nbytes, partition, offset]
+            else:
+                a[0] += n
+                a[1] += nbytes
+                a[3] = offset
+            n_events += n
+        self.batches += 1
+        self.events_in += n_events
+        if not acc:
+            return []
+        now_sec = int(time.time())
+        touched: dict[bytes, ProjectMeter] = {}
+        for (key, sec), (n, nbytes, partition, offset) in sorted(acc.items(), key=lambda kv: kv[0][1]):
+            if partition not in owned:
+                continue
+            pm = touched.get(key) or by_key.get(key)
+            if pm is None:
+                pm = self._new(key, partition)
+                if pm is None:
+                    continue
+            touched[key] = pm
+            # A client clock ahead of ours must not push the ring into the future (it would then
+            # drop every on-time count as "too old").
+            pm.counts.add(min(sec, now_sec), n, nbytes)
+            pm.received += n
+            pm.nbytes += nbytes
+            if offset > pm.offset:
+                pm.offset = offset
+            pm.partition = partition
+        self._dirty.update(touched)
+        if time.monotonic() >= self._rows_due:
+            self.write_rates()
+        return list(touched.values())
+
+    def write_rates(self) -> None:
+        """Write the rate rows counted into since the last write: one per project, at most once a
+        ``ROWS_INTERVAL_SECONDS``. Faust stalls the consumer while more than 100 table writes wait
+        for its producer, so fewer, coalesced writes keep the shared consumer flowing. A row holds
+        the offset it counted up to: after a crash the records past it are simply counted again."""
+        self._rows_due = time.monotonic() + ROWS_INTERVAL_SECONDS
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        rows = [
+            (pm.partition, pm.key, encode_rates(RatesRow(pm.partition, pm.offset, pm.received, pm.nbytes, pm.counts)))
+            for pm in dirty.values()
+            if pm.partition in self.partitions
+        ]
+        write_rows(self.tables.rates, self.context, rows)
+
+    # ------------------------------------------------------------ decisions
+    def quota_for(self, project_id: str) -> Quota:
+        """The configured quota (per-project settings from the control topic, else the defaults)."""
+        s = self.settings
+        project = self.runtime.control.view.projects.get(project_id)
+        if project is None:
+            return Quota(s.default_eps_limit, s.default_bps_limit, s.burst_tolerance)
+        return Quota(
+            float(project.quota_eps) if project.quota_eps is not None else s.default_eps_limit,
+            float(project.quota_bps) if project.quota_bps is not None else s.default_bps_limit,
+            float(project.burst) if project.burst is not None else s.burst_tolerance,
+        )
+
+    def effective_quota(self, project_id: str) -> Quota:
+        """``quota_for`` tightened by the health factor when the project is among the heaviest."""
+        quota = self.quota_for(project_id)
+        factor = self.tightened.get(project_id)
+        return effective_quota(quota, factor) if factor is not None else quota
+
+    def mode_for(self, project_id: str) -> str:
+        view = self.runtime.control.view
+        override = view.overrides.get(project_id)
+        if (
+            override is not None
+            and override.get("action") == "shed"
+            and override.get("mode") in ("divert", "drop", "shadow")
+        ):
+            return str(override["mode"])
+        project = view.projects.get(project_id)
+        if project is not None and project.shed_mode in ("divert", "drop", "shadow"):
+            return str(project.shed_mode)
+        return self.settings.shed_mode
+
+    def can_decide(self) -> bool:
+        if not self.ready:
+            return False
+        control = self.runtime.control
+        return control.caught_up.is_set() or time.monotonic() - self.started_at > CONTROL_GRACE_SECONDS
+
+    def decide(self, pms: list[ProjectMeter], now: float) -> None:
+        """Run the state machine for ``pms`` at ``now``; queue markers and control records."""
+        s = self.settings
+        now_sec = int(now)
+        elapsed = now - now_sec
+        overrides = self.runtime.control.view.overrides
+        out = self._out
+        for pm in pms:
+            counts = pm.counts
+            pm.eps_burst, pm.bps_burst = counts.rate(now_sec, self.burst_h, elapsed)
+            pm.eps_sustained, pm.bps_sustained = counts.rate(now_sec, self.sustained_h, elapsed, full_window=True)
+            # The admitted share is sized by the larger of the rate over the last complete seconds
+            # (stable: records of the current second are still arriving) and the rate including
+            # the current second (quick to see a jump).
+            recent_eps, recent_bps = counts.rate(now_sec, self.shaping_h, elapsed)
+            complete_eps, complete_bps = counts.rate(int(now - CONSUMER_LAG_SECONDS) - 1, self.shaping_h)
+            pm.eps_shaping = max(recent_eps, complete_eps)
+            bps_shaping = max(recent_bps, complete_bps)
+            quota = self.effective_quota(pm.project_id)
+            pm.limit_eps, pm.limit_bps = quota.eps, quota.bps
+            override = overrides.get(pm.project_id)
+            manual = override.get("action") if override is not None else None
+            old = pm.state
+            new = with_mode(old, self.mode_for(pm.project_id))
+            new = set_manual(new, manual if manual in ("shed", "unshed") else None, now)
+            new = step(
+                new,
+                now=now,
+                burst_eps=pm.eps_burst,
+                burst_bps=pm.bps_burst,
+                sustained_eps=pm.eps_sustained,
+                quota=quota,
+                cooldown=s.shed_cooldown_seconds,
+                exit_ratio=s.shed_exit_ratio,
+            )
+            if new.is_shed:
+                pm.fraction = min(admit_fraction(pm.eps_shaping, quota.eps), admit_fraction(bps_shaping, quota.bps))
+                pm.fraction = float(f"{pm.fraction:.6g}")
+                if not old.is_shed or new.episode != old.episode:
+                    pm.peak_eps = pm.eps_burst
+                    self.episodes.append(self._episode(pm, new))
+                elif pm.eps_burst > pm.peak_eps:
+                    pm.peak_eps = pm.eps_burst
+                want: tuple[str, float] | None = (new.mode, pm.fraction)
+            else:
+                pm.fraction = 1.0
+                if old.is_shed:
+                    self._close_episode(pm, new)
+                want = None
+            marker_changed = self._marker_differs(pm.marker, want)
+            if marker_changed:
+                pm.marker = want
+                out.markers.append((pm, want))
+            if new is not old or marker_changed:
+                pm.state = new
+                out.rows[pm.project_id] = pm
+                significant = (
+                    new.state != old.state
+                    or new.mode != old.mode
+                    or new.manual != old.manual
+                    or new.episode != old.episode
+                )
+                if significant or marker_changed:
+                    out.published.append(self._state_record(pm))
+
+    @staticmethod
+    def _marker_differs(current: tuple[str, float] | None, want: tuple[str, float] | None) -> bool:
+        if current is None or want is None:
+            return current != want
+        if current[0] != want[0]:
+            return True
+        old_fraction, new_fraction = current[1], want[1]
+        if old_fraction <= 0:
+            return True
+        return abs(new_fraction - old_fraction) > FRACTION_CHANGE * old_fraction
+
+    def _state_record(self, pm: ProjectMeter) -> dict[str, Any]:
+        state = pm.state.to_dict()
+        # Extra keys (ShedState.from_dict ignores them): what the API tier shows without a hop.
+        state.update(
+            current_eps=_round(pm.eps_burst),
+            current_bps=_round(pm.bps_burst),
+            effective_limit_eps=_round(pm.limit_eps, 3),
+            admit_fraction=pm.fraction,
+            partition=pm.partition,
+        )
+        return {"type": "shed_state", "project_id": pm.project_id, "state": state}
+
+    def _episode(self, pm: ProjectMeter, state: ShedState | None = None, recovered: bool = False) -> dict[str, Any]:
+        state = state or pm.state
+        episode = {
+            "project_id": pm.project_id,
+            "episode": state.episode,
+            "start": state.since,
+            "end": None,
+            "reason": state.reason,
+            "mode": state.mode,
+            "peak_eps": _round(pm.peak_eps),
+        }
+        if recovered:
+            episode["recovered"] = True
+        return episode
+
+    def _close_episode(self, pm: ProjectMeter, state: ShedState) -> None:
+        for episode in reversed(self.episodes):
+            if episode["project_id"] == pm.project_id and episode["end"] is None:
+                episode["end"] = state.since
+                episode["end_reason"] = state.reason
+                episode["peak_eps"] = _round(pm.peak_eps)
+                return
+
+    # --------------------------------------------------------------- health
+    def update_health(self, now: float) -> None:
+        s = self.settings
+        try:
+            backlog = self.runtime.sink.backlog()
+        except Exception:  # noqa: BLE001 - consumer not ready yet: no signal
+            backlog = {}
+        age = sink_backlog_age(backlog, s.window_seconds + s.allowed_lateness_seconds + s.idle_flush_seconds, now)
+        latencies = list(self.app.monitor.send_latency)[-50:]
+        latency_ms = 1000.0 * sum(latencies) / len(latencies) if latencies else float("nan")
+        factor = health_factor(
+            age,
+            latency_ms,
+            backlog_threshold_s=s.health_backlog_seconds,
+            latency_threshold_ms=PRODUCE_LATENCY_THRESHOLD_MS,
+        )
+        self.health = {"factor": factor, "backlog_age_seconds": round(age, 3), "produce_latency_ms": latency_ms}
+        if factor >= 1.0:
+            self.tightened = {}
+            return
+        rates = {p: pm.eps_burst for p, pm in self.projects.items()}
+        quotas = {p: self.quota_for(p).eps for p in rates}
+        limits = tighten_heaviest(rates, quotas, factor, HEALTH_TOP_N)
+        self.tightened = {p: factor for p, limit in limits.items() if limit < quotas[p]}
+
+    # ------------------------------------------------------------- driving
+    async def handle_batch(self, events: list[Any]) -> None:
+        """One batch from the agent; errors are logged, never raised into the agent."""
+        try:
+            await self.handle(events)
+        except Exception:  # the meter must never stop the consumer the sink depends on
+            log.exception("meter: batch of %d records failed", len(events))
+
+    async def handle(self, events: list[Any]) -> None:
+        """One batch from the meter agent."""
+        touched = self.observe(events)
+        if touched and self.can_decide():
+            self.decide(touched, time.time())
+        self._wake_flusher()
+
+    async def tick(self) -> None:
+        """Every second: health, overrides of projects not seen yet, and every live project."""
+        if self.ready:
+            self.write_rates()
+        if self.can_decide():
+            self._tick(time.time())
+        self._wake_flusher()
+
+    def _tick(self, now: float) -> None:
+        self.update_health(now)
+        view = self.runtime.control.view
+        for project_id, override in list(view.overrides.items()):
+            if project_id not in self.projects and override.get("action") == "shed":
+                partition = default_partition(project_id, self.settings.topic_partitions)
+                if partition in self.partitions:
+                    self._new(project_id.encode(), partition)
+        now_sec = int(now)
+        live = [
+            pm
+            for pm in self.projects.values()
+            if pm.state.is_shed
+            or pm.marker is not None
+            or pm.project_id in view.overrides
+            or pm.state.manual is not None
+            or (pm.counts.last_second or 0) >= now_sec - self.ring_size
+        ]
+        self.decide(live, now)
+
+    def _wake_flusher(self) -> None:
+        if self._out.markers or self._out.rows or self._out.published:
+            self._flush_wanted.set()
+
+    async def run_flusher(self) -> None:
+        """Carry out decisions in the background, in decision order: the agent never waits for
+        Kafka acks (it would stop pulling records meanwhile)."""
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - what failed is decided and announced again
+                log.exception("meter: flush failed")
+
+    async def flush(self) -> None:
+        """Write the shed markers decided, then (once Kafka has them) the shed-state rows.
+
+        In this order a crash can lose a row but never a marker the row claims was written:
+        the next decision after a restart finds the old row and announces the route again.
+        """
+        out, self._out = self._out, _Outbox()
+        producer = self.app.producer
+        sent: list[tuple[ProjectMeter, Any]] = []
+        failed: set[str] = set()
+        for pm, route in out.markers:
+            if route is None:
+                body = {"project_id": pm.project_id, "mode": "ok"}
+            else:
+                body = {"project_id": pm.project_id, "mode": route[0], "fraction": route[1]}
+            try:
+                fut = await producer.send(self.topic, SHED_KEY, orjson.dumps(body), pm.partition, None, None)
+            except Exception as exc:  # noqa: BLE001 - announced again on the next decision
+                log.warning("shed marker for %s not sent: %r", pm.project_id, exc)
+                failed.add(pm.project_id)
+                continue
+            sent.append((pm, fut))
+            log.info("shed marker %s partition %s: %s", pm.project_id, pm.partition, body)
+        if sent:
+            results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
+            for (pm, _), result in zip(sent, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("shed marker for %s failed: %r", pm.project_id, result)
+                    failed.add(pm.project_id)
+                else:
+                    self.markers_written += 1
+        for project_id in failed:
+            pm = self.projects.get(project_id)
+            if pm is not None:
+                pm.marker = UNKNOWN_MARKER
+        rows = [
+            (pm.partition, pm.key, encode_state(StateRow(pm.partition, pm.state, pm.marker, pm.peak_eps)))
+            for project_id, pm in out.rows.items()
+            if project_id not in failed and self.projects.get(project_id) is pm
+        ]
+        if rows:
+            write_rows(self.tables.states, self.context, rows)
+        if out.published:
+            queue = self._queue()
+            for record in out.published:
+                queue.put_nowait(record)
+
+    def _queue(self) -> asyncio.Queue[dict[str, Any]]:
+        if self._publish_queue is None:
+            self._publish_queue = asyncio.Queue()
+        return self._publish_queue
+
+    async def run_publisher(self) -> None:
+        """Publish shed states to the control topic, in decision order."""
+        queue = self._queue()
+        while True:
+            record = await queue.get()
+            delay = 0.2
+            while True:
+                try:
+                    await self.runtime.control.publish(record)
+                    break
+                except AssertionError:  # control plane not started yet
+                    await asyncio.sleep(0.2)
+                except Exception as exc:  # noqa: BLE001 - Kafka hiccup: keep order, retry
+                    log.warning("publishing shed state failed (%r); retrying", exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    # ---------------------------------------------------------------- views
+    def _rates(self, pm: ProjectMeter, now: float) -> tuple[float, float, float, float]:
+        now_sec = int(now)
+        elapsed = now - now_sec
+        eps_b, bps_b = pm.counts.rate(now_sec, self.burst_h, elapsed)
+        eps_s, bps_s = pm.counts.rate(now_sec, self.sustained_h, elapsed, full_window=True)
+        return eps_b, bps_b, eps_s, bps_s
+
+    def top(self, limit: int) -> list[dict[str, Any]]:
+        """Projects on this worker's partitions by current burst rate, highest first."""
+        now = time.time()
+        counters = self.counters()
+        rows = []
+        for project_id, pm in self.projects.items():
+            eps_b, bps_b, eps_s, bps_s = self._rates(pm, now)
+            quota = self.quota_for(project_id)
+            rows.append(
+                {
+                    "project_id": project_id,
+                    "eps_burst": _round(eps_b),
+                    "bps_burst": _round(bps_b),
+                    "eps_sustained": _round(eps_s),
+                    "bps_sustained": _round(bps_s),
+                    "quota_eps": quota.eps,
+                    "quota_bps": quota.bps,
+                    "effective_quota_eps": _round(self.effective_quota(project_id).eps, 3),
+                    "state": pm.state.state,
+                    "mode": pm.state.mode,
+                    "partition": pm.partition,
+                    "counters": counters.get(project_id, _zero_counters()),
+                }
+            )
+        rows.sort(key=lambda r: (-r["eps_burst"], r["project_id"]))
+        return rows[: max(0, limit)]
+
+    def series(self, project_id: str, seconds: int) -> list[dict[str, int]]:
+        """Per-second events/bytes of the last ``seconds`` (at most the ring length); [] if unknown."""
+        pm = self.projects.get(project_id)
+        if pm is None:
+            return []
+        return [
+            {"second": sec, "events": ev, "bytes": by} for sec, ev, by in pm.counts.series(int(time.time()), seconds)
+        ]
+
+    def shed(self) -> dict[str, Any]:
+        now = time.time()
+        shed = []
+        for pm in self.projects.values():
+            if pm.state.is_shed:
+                eps_b, bps_b, _, _ = self._rates(pm, now)
+                shed.append(
+                    {
+                        **pm.state.to_dict(),
+                        "current_eps": _round(eps_b),
+                        "current_bps": _round(bps_b),
+                        "effective_limit_eps": _round(pm.limit_eps, 3),
+                        "admit_fraction": pm.fraction,
+                        "peak_eps": _round(pm.peak_eps),
+                    }
+                )
+        shed.sort(key=lambda d: d["project_id"])
+        return {"shed": shed, "episodes": list(self.episodes)}
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per project: received and bytes (meter), admitted/diverted/dropped (the sink's routing)."""
+        out: dict[str, dict[str, int]] = {}
+        for project_id, pm in self.projects.items():
+            c = out[project_id] = _zero_counters()
+            c["received"] = pm.received
+            c["bytes"] = pm.nbytes
+        for windows in list(self.runtime.sink.partitions.values()):
+            for project_id, counts in windows.counts.items():
+                c = out.get(project_id)
+                if c is None:
+                    c = out[project_id] = _zero_counters()
+                c["admitted"] += counts.admitted
+                c["diverted"] += counts.diverted
+                c["dropped"] += counts.dropped
+                c["shadow_excess"] += counts.shadow_excess
+        return out
+
+    def drain_status(self) -> dict[str, Any]:
+        if self.drain is None:
+            return {"partitions": {}, "rate_eps": 0.0, "delayed_objects": 0, "events_delivered": 0}
+        return self.drain.status()
+
+    def status(self) -> dict[str, Any]:
+        """Everything at once (the meter's own debug page)."""
+        return {
+            "ready": self.ready,
+            "partitions": sorted(self.partitions),
+            "projects": len(self.projects),
+            "batches": self.batches,
+            "events_in": self.events_in,
+            "markers_written": self.markers_written,
+            "health": {**self.health, "tightened": self.tightened},
+        }
+
+
+def _zero_counters() -> dict[str, int]:
+    return {"received": 0, "admitted": 0, "diverted": 0, "dropped": 0, "bytes": 0, "shadow_excess": 0}

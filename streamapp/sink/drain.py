@@ -1,0 +1,250 @@
+"""Chunks of one overflow partition, as a deterministic state machine (no I/O).
+
+The S3 sink diverts a shed project's excess to the overflow topic as records
+``{"project_id", "collection", "source_partition", "positions": [...], "events": [...]}``
+(keyed by project id, in the partition number of the source). The drain agent feeds
+them here in log order and delivers what comes out: *chunks*, each a set of "delayed"
+S3 objects plus the offset to commit once they (and the chunk's checkpoint) are in S3.
+
+Exactly once, like the real-time sink:
+
+* Chunk boundaries are a function of the log only: a chunk is cut when it reaches
+  ``max_events`` or ``max_bytes`` (checked after a whole record), or at a tick record
+  (``contract.TICK_KEY``) that the drain writes into an idle overflow partition. So a
+  replay from a committed offset (always a cut) cuts the same chunks and writes the same
+  keys with the same bytes (keys name the chunk's first contributing offset).
+* The sink can write the same excess twice (it re-diverts after its own crash, with the
+  same source positions), and its overflow records can land slightly out of source order
+  (each diversion is its own produce). ``SeenOffsets`` remembers, per source partition,
+  which source offsets were delivered among the last ``SEEN_WINDOW`` offsets (a bitmap
+  below the highest one): a record of an offset already delivered is a duplicate; one of
+  an offset not delivered yet is delivered even if higher offsets came first; one more
+  than ``SEEN_WINDOW`` below the highest is taken as a duplicate (out-of-order delivery is
+  local; re-sends after a sink crash can reach back minutes). The bitmaps are part of the
+  checkpoint stored with each committed offset, so the decisions replay identically.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from streamapp.contract import CONTROL_KEY_PREFIX, INDEX_BITS, TICK_KEY, parse_iso_seconds, position
+from streamapp.sink.layout import KIND_DELAYED, gzip_lines, object_key, window_start
+
+Target = tuple[str, str]
+SEEN_WINDOW = 1 << 16  # source offsets remembered below the highest delivered one (8 KiB of bitmap)
+
+
+class SeenOffsets:
+    """Source offsets of one source partition already delivered (a record's events share one)."""
+
+    __slots__ = ("bits", "top")
+
+    def __init__(self, top: int = -1, bits: int = 0) -> None:
+        self.top = top  # highest source offset delivered, -1 before any
+        self.bits = bits  # bit i set: offset top - i delivered (i < SEEN_WINDOW)
+
+    def has(self, offset: int) -> bool:
+        if offset > self.top:
+            return False
+        distance = self.top - offset
+        if distance >= SEEN_WINDOW:
+            return True  # far below everything remembered: a re-send
+        return bool((self.bits >> distance) & 1)
+
+    def add(self, offset: int) -> None:
+        if offset > self.top:
+            shift = offset - self.top if self.top >= 0 else SEEN_WINDOW
+            self.bits = ((self.bits << shift) | 1) & ((1 << SEEN_WINDOW) - 1) if shift < SEEN_WINDOW else 1
+            self.top = offset
+        else:
+            self.bits |= 1 << (self.top - offset)
+
+    def to_json(self) -> list[Any]:
+        raw = self.bits.to_bytes((self.bits.bit_length() + 7) // 8, "big")
+        return [self.top, base64.b64encode(raw).decode()]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> SeenOffsets:
+        return cls(int(data[0]), int.from_bytes(base64.b64decode(data[1]), "big"))
+
+
+@dataclass(slots=True)
+class DelayedObject:
+    bucket: str
+    key: str
+    lines: list[bytes]
+    events: int
+    nbytes: int
+    project_id: str
+    collection: str
+    start: int
+    kind: str = KIND_DELAYED
+
+    def body(self) -> bytes:
+        return gzip_lines(self.lines)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "key": self.key,
+            "events": self.events,
+            "bytes": self.nbytes,
+            "project_id": self.project_id,
+            "collection": self.collection,
+            "kind": self.kind,
+            "window_start": self.start,
+        }
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Objects to write, then the checkpoint, then commit ``commit_offset``."""
+
+    partition: int
+    first_offset: int
+    commit_offset: int  # next overflow offset to read once this chunk is durable
+    checkpoint: dict[str, Any]
+    objects: list[DelayedObject]
+    events: int  # events written by this chunk
+    nbytes: int
+
+
+@dataclass(slots=True)
+class _Group:
+    lines: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+
+
+class OverflowChunks:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        *,
+        window_seconds: int,
+        max_events: int,
+        max_bytes: int,
+        target: Callable[[str], Target | None],
+        checkpoint: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.size = window_seconds
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.target = target
+        self.next_offset = 0
+        self.seen: dict[int, SeenOffsets] = {}  # source partition -> offsets delivered
+        self.first_offset: int | None = None  # first offset that added events to the open chunk
+        self.groups: dict[tuple[str, str, int], _Group] = {}
+        self.group_targets: dict[tuple[str, str, int], Target] = {}
+        self.chunk_events = 0
+        self.chunk_bytes = 0
+        self.ready: list[Chunk] = []
+        # Stats (not checkpointed).
+        self.duplicates = 0
+        self.untargeted = 0
+        self.invalid = 0
+        if checkpoint:
+            self.next_offset = int(checkpoint.get("offset", 0))
+            self.seen = {int(k): SeenOffsets.from_json(v) for k, v in (checkpoint.get("seen") or {}).items()}
+
+    @property
+    def pending_events(self) -> int:
+        return self.chunk_events
+
+    def process(self, offset: int, key: bytes | None, value: bytes | None) -> None:
+        """One overflow record, in log order."""
+        if offset < self.next_offset:
+            return  # before the restore point: already delivered
+        self.next_offset = offset + 1
+        if key is not None and key[:1] == CONTROL_KEY_PREFIX:
+            if key == TICK_KEY:
+                self._cut(offset + 1, force=True)
+            return
+        try:
+            doc = orjson.loads(value or b"")
+            project = doc["project_id"]
+            collection = doc["collection"]
+            source = int(doc["source_partition"])
+            positions = doc["positions"]
+            events = doc["events"]
+            if not (isinstance(positions, list) and isinstance(events, list) and len(positions) == len(events)):
+                raise ValueError("positions and events differ")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.invalid += 1  # not written by the sink: nothing to deliver
+            return
+        seen = self.seen.get(source)
+        if seen is None:
+            seen = self.seen[source] = SeenOffsets()
+        # Decide per source offset before marking any: a record's events share their offset.
+        fresh = {pos >> INDEX_BITS for pos in positions if not seen.has(pos >> INDEX_BITS)}
+        for source_offset in fresh:
+            seen.add(source_offset)
+        target = self.target(project)
+        dumps = orjson.dumps
+        newline = orjson.OPT_APPEND_NEWLINE
+        added = 0
+        for pos, event in zip(positions, events, strict=True):
+            if (pos >> INDEX_BITS) not in fresh:
+                self.duplicates += 1
+                continue
+            if target is None or type(event) is not dict:
+                self.untargeted += 1  # the project does not export (any more): the excess goes nowhere
+                continue
+            keen = event.get("keen")
+            event_time = parse_iso_seconds(keen.get("timestamp")) if isinstance(keen, dict) else None
+            start = window_start(event_time if event_time is not None else 0.0, self.size)
+            line = dumps(event, option=newline)
+            gkey = (project, collection, start)
+            group = self.groups.get(gkey)
+            if group is None:
+                group = self.groups[gkey] = _Group()
+                self.group_targets[gkey] = target
+            group.lines.append(line)
+            group.nbytes += len(line)
+            self.chunk_bytes += len(line)
+            added += 1
+        if added:
+            if self.first_offset is None:
+                self.first_offset = offset
+            self.chunk_events += added
+        if self.chunk_events >= self.max_events or self.chunk_bytes >= self.max_bytes:
+            self._cut(offset + 1)
+
+    def _cut(self, commit_offset: int, force: bool = False) -> None:
+        if not self.chunk_events and not force:
+            return
+        first = self.first_offset if self.first_offset is not None else commit_offset - 1
+        objects = []
+        for (project, collection, start), group in sorted(self.groups.items()):
+            bucket, prefix = self.group_targets[(project, collection, start)]
+            key = object_key(prefix, project, collection, start, KIND_DELAYED, self.partition, position(first))
+            objects.append(
+                DelayedObject(bucket, key, group.lines, len(group.lines), group.nbytes, project, collection, start)
+            )
+        self.ready.append(
+            Chunk(
+                partition=self.partition,
+                first_offset=first,
+                commit_offset=commit_offset,
+                checkpoint=self.checkpoint(commit_offset),
+                objects=objects,
+                events=self.chunk_events,
+                nbytes=self.chunk_bytes,
+            )
+        )
+        self.groups = {}
+        self.group_targets = {}
+        self.first_offset = None
+        self.chunk_events = 0
+        self.chunk_bytes = 0
+
+    def checkpoint(self, offset: int) -> dict[str, Any]:
+        return {"offset": offset, "seen": {str(k): v.to_json() for k, v in sorted(self.seen.items())}}

@@ -1,0 +1,1 @@
+"""Faust tables of the app (RocksDB, changelogged)."""

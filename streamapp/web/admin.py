@@ -1,0 +1,256 @@
+"""Admin API: projects, write keys, quotas and manual shed overrides (``Authorization: Bearer $STREAMAPP_ADMIN_TOKEN``).
+
+* ``POST /admin/projects`` ``{"project_id", "s3_streaming"?, "quota_eps"?, ...}``
+  -> 201 ``{"project_id", "write_key", ...}``
+* ``GET /admin/projects`` -> ``{"projects": [...]}``; ``GET /admin/projects/{id}``
+* ``PUT /admin/projects/{id}/quota`` ``{"quota_eps"?, "quota_bps"?, "burst"?, "shed_mode"?}`` (null = default)
+* ``POST /admin/projects/{id}/shed`` ``{"reason", "mode"?}``: manual shed override
+* ``DELETE /admin/projects/{id}/shed`` ``{"reason"}``: manual unshed override
+  (``?clear=true`` removes the override instead: automatic shedding again)
+
+Every change is a record on the control topic (:mod:`streamapp.control`), so it reaches every
+worker; the answer comes once this worker's own view shows the change (at most ``VIEW_WAIT_SECONDS``),
+so a write right after ``POST /admin/projects`` succeeds on this worker.
+An empty ``STREAMAPP_ADMIN_TOKEN`` disables the admin API (403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import faust
+import orjson
+from aiohttp import web
+
+from streamapp.contract import NAME_PATTERN, is_valid_name
+from streamapp.control import ProjectSettings, new_write_key, override_record, project_record, quota_record
+from streamapp.metering.shed import MODES
+from streamapp.runtime import Runtime
+from streamapp.web import keen
+from streamapp.web.keen import ApiError
+
+VIEW_WAIT_SECONDS = 2.0
+CONTROL_START_WAIT_SECONDS = 30.0
+PUBLISH_TIMEOUT_SECONDS = 5.0
+MAX_ADMIN_BODY = 64 * 1024
+QUOTA_FIELDS = ("quota_eps", "quota_bps", "burst")
+
+
+class AdminApi:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.control = runtime.control
+        self.view = runtime.control.view
+
+    # ----------------------------------------------------------------- plumbing
+    def authorize(self, request: web.Request) -> None:
+        token = self.settings.admin_token
+        if not token:
+            raise ApiError(403, "AdminDisabledError", "the admin API is disabled (STREAMAPP_ADMIN_TOKEN is empty)")
+        provided = keen.bearer_token(request.headers.get("Authorization"))
+        if not keen.keys_match(provided, token):
+            raise ApiError(401, "InvalidAdminTokenError", "admin endpoints need 'Authorization: Bearer <admin token>'")
+
+    async def body(self, request: web.Request, *, required: bool = True) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
+            raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > MAX_ADMIN_BODY:
+                raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip() and not required:
+            return {}
+        return keen.parse_object(raw)
+
+    async def publish(self, record: dict[str, Any], visible: Callable[[], bool]) -> bool:
+        """Publish a control record; True once this worker's view shows it (False after the wait)."""
+        deadline = time.monotonic() + CONTROL_START_WAIT_SECONDS
+        while getattr(self.control, "_producer", None) is None or not self.control.caught_up.is_set():
+            # Right after a worker starts: admin calls are rare, so wait a little rather than fail.
+            if time.monotonic() >= deadline:
+                raise keen.unavailable("the control plane is still starting", retry_after=1)
+            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self.control.publish(record), PUBLISH_TIMEOUT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not written
+            raise keen.unavailable(f"could not write to the control topic ({type(exc).__name__})") from None
+        deadline = time.monotonic() + VIEW_WAIT_SECONDS
+        while not visible():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def describe(self, project: ProjectSettings) -> dict[str, Any]:
+        return {
+            **asdict(project),
+            "shed_state": self.view.shed_states.get(project.project_id),
+            "override": self.view.overrides.get(project.project_id),
+        }
+
+    @staticmethod
+    def project_id(project_id: object) -> str:
+        if not is_valid_name(project_id):
+            raise ApiError(400, "InvalidProjectIdError", f"bad project_id {project_id!r}: must match {NAME_PATTERN}")
+        return str(project_id)
+
+    # ----------------------------------------------------------------- operations
+    async def create(self, request: web.Request) -> tuple[int, Any]:
+        doc = await self.body(request)
+        project_id = self.project_id(doc.get("project_id"))
+        s3_streaming = doc.get("s3_streaming", True)
+        if not isinstance(s3_streaming, bool):
+            raise ApiError(400, "InvalidParameterError", "s3_streaming must be true or false")
+        quota = parse_quota(doc, require_any=False)
+        bucket = doc.get("bucket", "")
+        prefix = doc.get("prefix")
+        if not isinstance(bucket, str) or (prefix is not None and not isinstance(prefix, str)):
+            raise ApiError(400, "InvalidParameterError", "bucket and prefix must be strings")
+        existing = self.view.projects.get(project_id)
+        if existing is not None and existing.write_key:
+            raise ApiError(409, "ProjectExistsError", f"project {project_id!r} already exists")
+        # A project known only from a quota record (no write key yet) keeps its quota unless given.
+        base = asdict(existing) if existing is not None else {}
+        base.update(project_id=project_id, s3_streaming=s3_streaming, bucket=bucket, prefix=prefix)
+        base.update(quota)
+        base["write_key"] = key = new_write_key()
+        base["created_at"] = time.time()
+        project = ProjectSettings(**base)
+
+        def visible() -> bool:
+            current = self.view.projects.get(project_id)
+            return current is not None and current.write_key == key
+
+        replicated = await self.publish(project_record(project), visible)
+        current = self.view.projects.get(project_id)
+        if replicated is False and current is not None and current.write_key and current.write_key != key:
+            raise ApiError(409, "ProjectExistsError", f"project {project_id!r} was created concurrently")
+        return 201, {**self.describe(project), "replicated": replicated}
+
+    def list(self) -> dict[str, Any]:
+        return {"projects": [self.describe(p) for _, p in sorted(self.view.projects.items())]}
+
+    def get(self, project_id: str) -> dict[str, Any]:
+        project = self.view.projects.get(project_id)
+        if project is None:
+            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
+        return self.describe(project)
+
+    async def set_quota(self, request: web.Request, project_id: str) -> dict[str, Any]:
+        project_id = self.project_id(project_id)
+        quota = parse_quota(await self.body(request), require_any=True)
+        # The same record builder as `streamapp quota set`; explicit nulls put a field back to its default.
+        record = quota_record(project_id, **{k: v for k, v in quota.items() if v is not None})
+        record.update({k: None for k, v in quota.items() if v is None})
+
+        def visible() -> bool:
+            current = self.view.projects.get(project_id)
+            return current is not None and all(getattr(current, k) == v for k, v in quota.items())
+
+        replicated = await self.publish(record, visible)
+        return {"project_id": project_id, **quota, "replicated": replicated}
+
+    async def override(self, request: web.Request, project_id: str, action: str) -> dict[str, Any]:
+        project_id = self.project_id(project_id)
+        doc = await self.body(request, required=False)
+        reason = doc.get("reason", f"manual {action} (admin API)")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ApiError(400, "InvalidParameterError", "reason must be a non-empty string")
+        clear = action == "unshed" and (
+            doc.get("clear") is True or request.query.get("clear", "").lower() in ("1", "true", "yes")
+        )
+        mode = doc.get("mode")
+        if mode is not None and (action != "shed" or mode not in MODES):
+            raise ApiError(400, "InvalidParameterError", f"mode (shed only) must be one of {MODES}")
+        # The same record builder as `streamapp shed|unshed`.
+        record = override_record(project_id, "clear" if clear else action, reason.strip(), mode)
+
+        def visible() -> bool:
+            current = self.view.overrides.get(project_id)
+            if clear:
+                return current is None
+            return current is not None and current.get("at") == record["at"]
+
+        replicated = await self.publish(record, visible)
+        return {"project_id": project_id, "override": None if clear else record, "replicated": replicated}
+
+
+def parse_quota(doc: Mapping[str, Any], *, require_any: bool) -> dict[str, Any]:
+    """The quota fields present in ``doc``, validated: numbers > 0 (burst >= 0) or null for the default."""
+    out: dict[str, Any] = {}
+    for name in QUOTA_FIELDS:
+        if name not in doc:
+            continue
+        value = doc[name]
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ApiError(400, "InvalidParameterError", f"{name} must be a number or null")
+            value = float(value)
+            if not (value >= 0 if name == "burst" else value > 0) or value != value or value == float("inf"):
+                raise ApiError(400, "InvalidParameterError", f"{name} must be {'>= 0' if name == 'burst' else '> 0'}")
+        out[name] = value
+    if "shed_mode" in doc:
+        mode = doc["shed_mode"]
+        if mode is not None and mode not in MODES:
+            raise ApiError(400, "InvalidParameterError", f"shed_mode must be one of {MODES} or null")
+        out["shed_mode"] = mode
+    if require_any and not out:
+        raise ApiError(400, "InvalidParameterError", f"give at least one of {(*QUOTA_FIELDS, 'shed_mode')}")
+    return out
+
+
+def _respond(status: int, payload: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
+
+
+async def _guard(admin: AdminApi, request: web.Request, call: Callable[[], Any]) -> web.Response:
+    try:
+        admin.authorize(request)
+        result = call()
+        if asyncio.iscoroutine(result):
+            result = await result
+    except ApiError as exc:
+        return web.Response(body=exc.body(), status=exc.status, content_type="application/json", headers=exc.headers)
+    status, payload = result if isinstance(result, tuple) else (200, result)
+    return _respond(status, payload)
+
+
+def register_admin(app: faust.App, runtime: Runtime) -> AdminApi:
+    admin = AdminApi(runtime)
+
+    @app.page("/admin/projects")
+    class AdminProjects(faust.web.View):
+        async def get(self, request: web.Request) -> web.Response:
+            return await _guard(admin, request, admin.list)
+
+        async def post(self, request: web.Request) -> web.Response:
+            return await _guard(admin, request, lambda: admin.create(request))
+
+    @app.page("/admin/projects/{project_id}")
+    class AdminProject(faust.web.View):
+        async def get(self, request: web.Request, project_id: str) -> web.Response:
+            return await _guard(admin, request, lambda: admin.get(project_id))
+
+    @app.page("/admin/projects/{project_id}/quota")
+    class AdminQuota(faust.web.View):
+        async def put(self, request: web.Request, project_id: str) -> web.Response:
+            return await _guard(admin, request, lambda: admin.set_quota(request, project_id))
+
+    @app.page("/admin/projects/{project_id}/shed")
+    class AdminShed(faust.web.View):
+        async def post(self, request: web.Request, project_id: str) -> web.Response:
+            return await _guard(admin, request, lambda: admin.override(request, project_id, "shed"))
+
+        async def delete(self, request: web.Request, project_id: str) -> web.Response:
+            return await _guard(admin, request, lambda: admin.override(request, project_id, "unshed"))
+
+    return admin
