@@ -460,9 +460,7 @@ class BrokerProcess(_ServerProcess):
 # --- S3 (moto) --------------------------------------------------------------------------------------
 
 
-def s3_client(
-    endpoint_url: str, *, region: str = "us-east-1", timeout: float = 10.0, retries: int = 2
-) -> Any:
+def s3_client(endpoint_url: str, *, region: str = "us-east-1", timeout: float = 10.0, retries: int = 2) -> Any:
     """boto3 S3 client for a local endpoint: dummy credentials, path-style addressing, short timeouts."""
     import boto3
     from botocore.config import Config
@@ -574,9 +572,7 @@ class WorkerProcess(_ManagedProcess):
         WorkerProcess._counter += 1
         self.name = name or f"worker-{WorkerProcess._counter}-{self.web_port}"
         self.log_path = self.log_dir / f"{self.name}.log"
-        self._command = (
-            list(command) if command is not None else [sys.executable, "-m", "streamapp", "worker"]
-        )
+        self._command = list(command) if command is not None else [sys.executable, "-m", "streamapp", "worker"]
         self._cwd = Path(cwd) if cwd is not None else PROJECT_ROOT
         self.extra_env = dict(extra_env or {})
 
@@ -650,9 +646,7 @@ class DevStack:
         broker_port: int | None = None,
         s3_port: int | None = None,
     ) -> None:
-        self.log_dir = (
-            Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="streamapp-dev-"))
-        )
+        self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="streamapp-dev-"))
         self.bucket = bucket
         self.broker = BrokerProcess(broker_port, self.log_dir)
         self.s3 = S3Process(s3_port, self.log_dir)

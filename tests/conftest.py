@@ -87,9 +87,7 @@ class StartWorker(Protocol):
 
 
 @pytest.fixture
-def worker_env(
-    broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: str, tmp_path: Path
-) -> WorkerEnv:
+def worker_env(broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: str, tmp_path: Path) -> WorkerEnv:
     """``worker_env(**overrides)``: STREAMAPP_* variables for one worker of this test's app.
 
     Every call gets its own web port and data dir (so several workers of one app can run side by
@@ -118,9 +116,7 @@ def worker_env(
 
 
 @pytest.fixture
-def start_worker(
-    request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path: Path
-) -> Iterator[StartWorker]:
+def start_worker(request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path: Path) -> Iterator[StartWorker]:
     """``start_worker(env=None, *, wait_ready=True, ready_timeout=60, **WorkerProcess kwargs)``.
 
     Starts a worker (env defaults to ``worker_env()``) and, by default, waits for /healthz. All

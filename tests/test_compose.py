@@ -26,9 +26,7 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
         )
     # Compose variables of the caller (COMPOSE_FILE, COMPOSE_PROJECT_NAME ...) must not change the result.
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
-    return subprocess.run(
-        [exe, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    return subprocess.run([exe, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
 @pytest.fixture(scope="module")
