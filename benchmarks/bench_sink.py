@@ -151,9 +151,9 @@ def sink_run(broker: BrokerProcess, s3: S3Process, topic: str, events: int, log_
                 first = now
             parts = sink["partitions"].values()
             # Done when every event was read and every partition committed past its data.
-            if first and sink["events_in"] >= events and len(parts) == PARTITIONS:
-                if all(p["committed_offset"] >= p["highwater"] - 1 and p["open_windows"] == 0 for p in parts):
-                    return events / (now - first), sink
+            done = first and sink["events_in"] >= events and len(parts) == PARTITIONS
+            if done and all(p["committed_offset"] >= p["highwater"] - 1 and p["open_windows"] == 0 for p in parts):
+                return events / (now - first), sink
             time.sleep(0.05)
         raise RuntimeError("sink did not finish: " + worker.log_tail(30))
     finally:
