@@ -125,7 +125,7 @@ class Clock:
 
     def add(self, messages: list[Any]) -> None:
         if self.n == 0:
-            self.first = messages[0].time_in or time.monotonic()
+            self.first = getattr(messages[0], "time_in", None) or time.monotonic()
         high = self.high
         for m in messages:
             if m.offset > high.get(m.partition, -1):
@@ -183,9 +183,10 @@ def child(args: argparse.Namespace) -> None:
         clock = Clock(args.count, args.per_record, extra)
         handle = meter.handle
 
-        async def counted(events: list[Any]) -> None:
-            await handle(events)
-            clock.add([e.message for e in events])
+        async def counted(batch: list[Any]) -> None:
+            await handle(batch)
+            # Faust events (take_events) or the raw records of a bulk topic: both have offsets.
+            clock.add([getattr(item, "message", item) for item in batch])
 
         meter.handle = counted  # type: ignore[method-assign]
 

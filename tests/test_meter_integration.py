@@ -241,7 +241,7 @@ def test_spike_is_shaped_diverted_and_drained_exactly_once(broker, s3_client, bu
     shed = next(s for s in p00 if s["state"] == "shed")
     assert shed["episode"] == 1
     assert shed["since"] - jump <= 2.0, f"shed {shed['since'] - jump:.2f}s after the jump"
-    assert shed["limit_eps"] == QUOTA and shed["reason"].startswith("rate")
+    assert shed["limit_eps"] == QUOTA and "rate" in shed["reason"]  # burst or sustained rule
     # Back to ok only after the cooldown: at least COOLDOWN after the spike ended, and once.
     ok = [s for s in p00 if s["state"] == "ok" and s["episode"] == 1]
     assert len(ok) == 1 and ok[0]["since"] - spike_end >= COOLDOWN
