@@ -29,7 +29,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -176,7 +175,6 @@ class Meter:
         self.projects: dict[str, ProjectMeter] = {}
         self.by_key: dict[bytes, ProjectMeter] = {}
         self.floors: dict[int, int] = {}  # partition -> highest offset counted before the last reload
-        self.read_through: dict[int, int] = {}  # partition -> highest offset seen since the last reload
         self.partitions: set[int] = set()
         self.ready = False  # tables recovered and loaded for the current assignment
         self.started_at = time.monotonic()
@@ -211,7 +209,6 @@ class Meter:
         self.projects.clear()
         self.by_key.clear()
         self.floors = {}
-        self.read_through = {}
         for key, value in read_rows(self.tables.rates):
             try:
                 row = decode_rates(value)
@@ -275,8 +272,8 @@ class Meter:
         return pm
 
     # ------------------------------------------------------------- hot path
-    def observe(self, records: Iterable[Any]) -> list[ProjectMeter]:
-        """Count raw events-topic records (one fetched batch); write each touched project's row once."""
+    def observe(self, events: list[Any]) -> list[ProjectMeter]:
+        """Count a batch of events-topic records; write each touched project's rates row once."""
         if not self.ready:
             # Rebalancing: these partitions may have a new owner already, which re-reads them
             # from the committed offset; rows must not be written for partitions not owned.
@@ -288,16 +285,13 @@ class Meter:
         floors_get = floors.get
         by_key = self.by_key
         n_events = 0
-        seen = self.read_through
-        for m in records:
-            offset = m.offset
-            partition = m.partition
-            if offset <= seen.get(partition, -1):
-                continue  # delivered again after a seek back: counted already in this assignment
-            seen[partition] = offset
+        for event in events:
+            m = event.message
             key = m.key
             if not key or key[0] == 0:  # control record (tick, shed marker) or no project
                 continue
+            offset = m.offset
+            partition = m.partition
             if floors and offset <= floors_get(partition, -1):
                 pm = by_key.get(key)
                 if pm is not None and offset <= pm.offset:
@@ -308,7 +302,7 @@ class Meter:
                 n = batch_event_count(value) if b'"events"' in value else 1
             else:
                 nbytes, n = 0, 1
-            k = (key, m.timestamp // 1000)  # record timestamps are milliseconds
+            k = (key, int(m.timestamp))
             a = acc_get(k)
             if a is None:
                 acc[k] = [n, nbytes, partition, offset]
@@ -537,16 +531,16 @@ class Meter:
         self.tightened = {p: factor for p, limit in limits.items() if limit < quotas[p]}
 
     # ------------------------------------------------------------- driving
-    async def handle_batch(self, records: list[Any]) -> None:
-        """One fetched batch from the agent; errors are logged, never raised into the agent."""
+    async def handle_batch(self, events: list[Any]) -> None:
+        """One batch from the agent; errors are logged, never raised into the agent."""
         try:
-            await self.handle(records)
+            await self.handle(events)
         except Exception:  # the meter must never stop the consumer the sink depends on
-            log.exception("meter: batch of %d records failed", len(records))
+            log.exception("meter: batch of %d records failed", len(events))
 
-    async def handle(self, records: list[Any]) -> None:
-        """One fetched batch of raw records from the meter agent."""
-        touched = self.observe(records)
+    async def handle(self, events: list[Any]) -> None:
+        """One batch from the meter agent."""
+        touched = self.observe(events)
         if touched and self.can_decide():
             self.decide(touched, time.time())
         self._wake_flusher()

@@ -9,12 +9,6 @@
 2. Offsets of topics whose acks are disabled are committed by their owner (the
    S3 sink, the overflow drain) through :meth:`StreamappConsumer.commit_offsets`,
    only once the events below the offset are durable in S3.
-3. Bulk topics: for topics named in ``app.bulk_topics`` each fetched batch of a
-   partition becomes ONE Faust message whose value is a :class:`RecordBatch` of the
-   raw aiokafka records. Faust's per-record machinery (a message, an event, queue
-   puts, stream steps: ~40 us a record here) then runs once per batch, and the
-   agents walk the raw records themselves. Their order and offsets are unchanged.
-
 Selected by the ``streamapp://`` broker URL scheme (see ``Settings.broker_url``).
 """
 
@@ -32,33 +26,6 @@ from faust.types import TP
 from mode import Service
 
 TRANSPORTS.aliases.setdefault("streamapp", "streamapp.transport:StreamappTransport")
-
-
-class RecordBatch(list):
-    """The records of one partition from one fetch, in offset order (aiokafka ConsumerRecords)."""
-
-
-class _BatchRecord:
-    """Looks like an aiokafka record to Faust; carries a whole RecordBatch as its value."""
-
-    __slots__ = ("topic", "partition", "offset", "timestamp", "timestamp_type", "headers", "key", "value")
-    checksum = None
-    serialized_key_size = 0
-
-    def __init__(self, batch: RecordBatch) -> None:
-        last = batch[-1]
-        self.topic = last.topic
-        self.partition = last.partition
-        self.offset = last.offset  # Faust tracks the read offset by this: the batch's last record
-        self.timestamp = last.timestamp
-        self.timestamp_type = last.timestamp_type
-        self.headers: list[Any] = []
-        self.key = None
-        self.value = batch
-
-    @property
-    def serialized_value_size(self) -> int:
-        return sum(len(r.value or b"") for r in self.value)
 
 
 class StreamappConsumer(Consumer):
@@ -94,25 +61,6 @@ class StreamappConsumer(Consumer):
         finally:
             await client.stop()
         return listed
-
-    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
-        records = await super()._getmany(active_partitions, timeout)
-        bulk = getattr(self.app, "bulk_topics", None)
-        if not bulk or not records:
-            return records
-        for tp, batch in list(records.items()):
-            if tp.topic in bulk and batch:
-                # The per-record loop's rule: nothing below the read offset (re-fetched after a
-                # seek back). Like it, the record AT the read offset may come again: agents skip
-                # what they have already seen (PartitionWindows.process, Meter.observe).
-                read = self._read_offset[tp]
-                if read is not None and batch[0].offset < read:
-                    batch = [r for r in batch if r.offset >= read]
-                if batch:
-                    records[tp] = [_BatchRecord(RecordBatch(batch))]
-                else:
-                    del records[tp]
-        return records
 
     async def commit_offsets(self, offsets: Mapping[TP, int]) -> bool:
         """Commit ``offsets`` (next offset to read) for partitions still assigned."""

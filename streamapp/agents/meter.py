@@ -13,7 +13,7 @@ from typing import Any
 import faust
 from faust.types import StreamT
 
-from streamapp.meter import Meter
+from streamapp.meter import BATCH_RECORDS, BATCH_SECONDS, Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.rates import declare_tables
 
@@ -34,15 +34,16 @@ def register_meter(app: faust.App, runtime: Runtime) -> Meter:
     async def meter_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
         meter.revoke()
 
-    # The events topic is a bulk topic (streamapp.transport): each Faust event is one fetched
-    # batch of one partition and its value the raw records, so Faust's per-record machinery
-    # runs once per batch. Meter.observe counts the records and writes each touched project's
-    # row once per batch (never per event) through PartitionContext, which sets Faust's
-    # current event for the write: see streamapp/tables/rates.py.
+    # take_events(), not take(): take() yields bare values, and a table write needs the row's
+    # partition. Meter.observe takes each project's partition from its records and writes the
+    # project's row once per batch (never per event) through PartitionContext, which sets
+    # Faust's current event for the write (inside take_events the agent has none): see
+    # streamapp/tables/rates.py. (Measured: iterating events one by one and batching here is
+    # ~2x slower on batch records than take_events.)
     @app.agent(runtime.topics.events, name="meter")
     async def meter_agent(stream: StreamT) -> None:
-        async for event in stream.events():
-            await meter.handle_batch(event.value)
+        async for events in stream.take_events(BATCH_RECORDS, within=BATCH_SECONDS):
+            await meter.handle_batch(events)
 
     @app.timer(interval=1.0)
     async def meter_tick() -> None:

@@ -31,7 +31,6 @@ from streamapp.contract import (
     enrich_event,
     parse_record,
     position,
-    position_offset,
 )
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import KIND_LATE, KIND_MANIFEST_PART, KIND_ON_TIME, gzip_lines, manifest_part_key, object_key
@@ -207,8 +206,6 @@ class PartitionWindows:
     def process(self, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None) -> None:
         """One events-topic record (not a control record), in log order."""
         base = position(offset)
-        if base < self.next_pos:
-            return  # delivered again after a seek back: already in the windows
         self.next_pos = position(offset + 1)
         if self.next_pos <= self.skip_pos:
             return
@@ -305,8 +302,6 @@ class PartitionWindows:
 
     def tick(self, offset: int, watermark: float) -> None:
         """A watermark tick written into this partition when it was idle and caught up."""
-        if position(offset) < self.next_pos:
-            return
         self.next_pos = position(offset + 1)
         if self.next_pos <= self.skip_pos:
             return
@@ -314,8 +309,6 @@ class PartitionWindows:
 
     def marker(self, offset: int, project_id: str, route: Route | None) -> None:
         """A shed marker: from here on, route ``project_id``'s events by ``route``."""
-        if position(offset) < self.next_pos:
-            return
         self.next_pos = position(offset + 1)
         if self.next_pos <= self.skip_pos:
             return
@@ -513,8 +506,7 @@ class PartitionWindows:
 
     def _restore(self, checkpoint: Mapping[str, Any]) -> None:
         self.skip_pos = int(checkpoint.get("position", 0))
-        # The replay starts at the record holding the commit position, maybe mid-batch.
-        self.next_pos = position(position_offset(self.skip_pos))
+        self.next_pos = self.skip_pos
         wm = checkpoint.get("watermark")
         self.watermark = float(wm) if wm is not None else _NEG_INF
         self.routes = {p: Route(m, float(f)) for p, (m, f) in checkpoint.get("routes", {}).items()}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from faust.types import TP, StreamT
+from faust.types import TP, EventT, StreamT
 
 from streamapp.contract import SHED_KEY, TICK_KEY, invalid_record_value, position
 from streamapp.sink.layout import (
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_SECONDS = 1.0
-YIELD_EVERY_RECORDS = 500
 
 
 @dataclass
@@ -135,30 +134,40 @@ class S3Sink:
 
     # ---------------------------------------------------------------- input
     async def consume(self, stream: StreamT) -> None:
-        """The agent's loop: each item is one fetched batch of a partition (see streamapp.transport).
+        """The agent's loop: one record at a time into the window state machines.
 
-        The window state machines batch by themselves (an object per window); the loop hands
-        records over and dispatches only when an object, a diversion or a dead letter came out.
+        The state machines batch by themselves (an object per window), so this loop does no
+        buffering of its own: it hands each record over and dispatches only when an object,
+        a diversion or a dead letter came out.
         """
+        partitions = self.partitions
         async for event in stream.events():
-            await self.handle_batch(event.message.tp, event.value)
-
-    async def handle_batch(self, tp: TP, records: Iterable[Any]) -> None:
-        """Raw records of one partition in offset order (objects with offset/timestamp ms/key/value)."""
-        windows = self.partitions.get(tp.partition)
-        if windows is None:
-            windows = await self.partition(tp)
-        process = windows.process
-        for count, record in enumerate(records, 1):
-            key = record.key
+            message = event.message
+            windows = partitions.get(message.partition)
+            if windows is None:
+                windows = await self.partition(message.tp)
+            key = message.key
             if key is not None and key[:1] == b"\x00":
-                self._control(windows, record.offset, key, record.value)
+                self._control(windows, message.offset, key, message.value)
             else:
-                process(record.offset, record.timestamp, key, record.value)
-            if not count % YIELD_EVERY_RECORDS:
-                await asyncio.sleep(0)  # a fetched batch can be thousands: let HTTP requests in
-        if windows.outbox or windows.diverted or windows.invalid:
-            self._dispatch(tp.partition, windows)
+                windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
+            if windows.outbox or windows.diverted or windows.invalid:
+                self._dispatch(message.partition, windows)
+            if self.pending_bytes > self.max_pending_bytes:
+                await self.wait_for_s3()
+
+    async def handle(self, events: list[EventT]) -> None:
+        """Feed a batch of events (used by tests and tools that batch themselves)."""
+        for event in events:
+            message = event.message
+            windows = self.partitions.get(message.partition) or await self.partition(message.tp)
+            key = message.key
+            if key is not None and key[:1] == b"\x00":
+                self._control(windows, message.offset, key, message.value)
+            else:
+                windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
+            if windows.outbox or windows.diverted or windows.invalid:
+                self._dispatch(message.partition, windows)
         await self.wait_for_s3()
 
     async def wait_for_s3(self) -> None:
@@ -178,7 +187,7 @@ class S3Sink:
             mode = body.get("mode")
             route = Route(mode, float(body.get("fraction", 1.0))) if mode in ("divert", "drop", "shadow") else None
             windows.marker(offset, body["project_id"], route)
-        elif position(offset) >= windows.next_pos:
+        else:
             windows.next_pos = position(offset + 1)  # unknown control record: skip it
 
     def _dispatch(self, partition: int, windows: PartitionWindows) -> None:
