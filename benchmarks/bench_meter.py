@@ -155,6 +155,7 @@ def child(args: argparse.Namespace) -> None:
     app_id = f"bench-{variant}-{uuid.uuid4().hex[:8]}"
     if variant == "meter":
         from streamapp.agents.meter import register_meter
+        from streamapp.app import StreamappApp
         from streamapp.runtime import Runtime
         from streamapp.settings import Settings
         from streamapp.topics import declare_topics
@@ -167,7 +168,7 @@ def child(args: argparse.Namespace) -> None:
             data_dir=data_dir,
             default_eps_limit=QUOTA_EPS[args.per_record],
         )
-        app = faust.App(app_id, broker=settings.broker_url, store="rocksdb://", datadir=data_dir, **app_kwargs())
+        app = StreamappApp(app_id, broker=settings.broker_url, store="rocksdb://", datadir=data_dir, **app_kwargs())
         runtime = Runtime(app, settings, declare_topics(app, settings))
         meter = register_meter(app, runtime)
 

@@ -6,6 +6,9 @@ module-level ``app`` is built from ``STREAMAPP_*`` environment variables.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import faust
 
 import streamapp.transport  # noqa: F401 - registers the streamapp:// broker scheme
@@ -14,9 +17,24 @@ from streamapp.settings import Settings
 from streamapp.topics import declare_topics
 
 
-def create_app(settings: Settings | None = None) -> faust.App:
+class StreamappApp(faust.App):
+    """``faust.App`` plus ``before_consumer_stop``: callbacks run when a worker shuts down, before
+    Faust revokes the partitions and stops the tables (its ``on_before_shutdown`` signal comes
+    after that, too late for a last table write)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_consumer_stop: list[Callable[[], None]] = []
+
+    async def _stop_consumer(self) -> None:
+        for callback in self.before_consumer_stop:
+            callback()
+        await super()._stop_consumer()
+
+
+def create_app(settings: Settings | None = None) -> StreamappApp:
     settings = settings or Settings.from_env()
-    app = faust.App(
+    app = StreamappApp(
         settings.app_id,
         broker=settings.broker_url,
         store=settings.store,

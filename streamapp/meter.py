@@ -184,6 +184,8 @@ class Meter:
         self.markers_written = 0
         self.batches = 0
         self.events_in = 0
+        self.replayed = 0  # records skipped as counted before the last reload
+        self.not_ready = 0  # records seen while not ready (counted by the next owner)
         self._out = _Outbox()
         self._publish_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
@@ -248,7 +250,11 @@ class Meter:
                 self.episodes.append(self._episode(pm, recovered=True))
         shed = [p for p, pm in self.projects.items() if pm.state.is_shed]
         log.info(
-            "meter: partitions %s loaded, %d projects, shed: %s", sorted(self.partitions), len(self.projects), shed
+            "meter: partitions %s loaded, %d projects, shed: %s, counted through offsets %s",
+            sorted(self.partitions),
+            len(self.projects),
+            shed,
+            self.floors,
         )
         self.ready = True
         self._wake_flusher()
@@ -277,6 +283,7 @@ class Meter:
         if not self.ready:
             # Rebalancing: these partitions may have a new owner already, which re-reads them
             # from the committed offset; rows must not be written for partitions not owned.
+            self.not_ready += len(events)
             return []
         owned = self.partitions
         acc: dict[tuple[bytes, int], list[int]] = {}
@@ -295,6 +302,7 @@ class Meter:
             if floors and offset <= floors_get(partition, -1):
                 pm = by_key.get(key)
                 if pm is not None and offset <= pm.offset:
+                    self.replayed += 1
                     continue  # counted before the restart/rebalance
             value = m.value
             if value:
@@ -751,6 +759,8 @@ class Meter:
             "projects": len(self.projects),
             "batches": self.batches,
             "events_in": self.events_in,
+            "replayed": self.replayed,
+            "not_ready": self.not_ready,
             "markers_written": self.markers_written,
             "health": {**self.health, "tightened": self.tightened},
         }

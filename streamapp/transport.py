@@ -9,6 +9,15 @@
 2. Offsets of topics whose acks are disabled are committed by their owner (the
    S3 sink, the overflow drain) through :meth:`StreamappConsumer.commit_offsets`,
    only once the events below the offset are durable in S3.
+3. Each partition resumes exactly where it was sought. After a rebalance, stock
+   Faust's fetcher starts before its seek to the committed offsets, and can
+   deliver batches fetched from another position (observed on Tansu: thousands
+   of offsets past the committed one); such a batch moves the read offset past
+   the records between, which are then skipped (lost), or is counted again
+   after the seek. Here nothing of an assigned partition is delivered before
+   its first seek, the first batch after a seek must start at or before the
+   target (see :func:`resume_verdict`; else it is dropped and the partition
+   sought again), and each offset is delivered at most once.
 Selected by the ``streamapp://`` broker URL scheme (see ``Settings.broker_url``).
 """
 
@@ -28,7 +37,140 @@ from mode import Service
 TRANSPORTS.aliases.setdefault("streamapp", "streamapp.transport:StreamappTransport")
 
 
+DELIVER, RESEEK, ACCEPT_GAP = "deliver", "reseek", "accept-gap"
+# Seeks again before a partition's first batch after a seek may start past the seek target.
+MAX_RESEEKS = 5
+
+
+def resume_verdict(first_offset: int, target: int, reseeks: int, max_reseeks: int = MAX_RESEEKS) -> str:
+    """What to do with a partition's first fetched batch after a seek to ``target``.
+
+    A batch starting at or before the target is what the seek asked for (records below it are
+    skipped as delivered). One starting past it was fetched from a position the seek should
+    have replaced: drop it and seek again. Offsets of a plain topic are contiguous, so only a
+    compacted or transactional topic can truly start past the target: after ``max_reseeks``
+    the gap is accepted.
+    """
+    if first_offset <= target:
+        return DELIVER
+    if reseeks < max_reseeks:
+        return RESEEK
+    return ACCEPT_GAP
+
+
 class StreamappConsumer(Consumer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seek_seq = 0
+        self._sought_seq: dict[TP, int] = {}  # tp -> sequence number of its latest seek
+        self._resume: dict[TP, list[int]] = {}  # tp -> [seek target, re-seeks] until its first batch
+        self._next_offset: dict[TP, int] = {}  # tp -> the next offset to deliver
+        self._committed_after_seek: dict[TP, int | None] = {}
+        self._unsought: set[TP] = set()  # assigned, not sought yet: their records are not delivered
+        self.stale_records_dropped = 0
+
+    def _mark_sought(self, tp: TP, offset: int | None) -> None:
+        self._seek_seq += 1
+        self._sought_seq[tp] = self._seek_seq
+        self._unsought.discard(tp)
+        if offset is None:
+            self._next_offset.pop(tp, None)
+            self._resume.pop(tp, None)
+        else:
+            self._next_offset[tp] = offset
+            self._resume[tp] = [offset, 0]
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        await super().seek(partition, offset)
+        self._mark_sought(partition, offset)
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+        await super().seek_wait(partitions)
+        for tp, offset in partitions.items():
+            self._mark_sought(tp, offset)
+
+    async def seek_to_beginning(self, *partitions: TP) -> None:
+        await super().seek_to_beginning(*partitions)
+        for tp in partitions:
+            self._mark_sought(tp, None)
+
+    async def perform_seek(self) -> None:
+        await super().perform_seek()
+        for tp, offset in self._committed_after_seek.items():
+            self._mark_sought(tp, offset)
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        committed = await super().seek_to_committed()
+        self._committed_after_seek = {
+            tp: offset if offset is not None and offset >= 0 else None for tp, offset in committed.items()
+        }
+        return committed
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        # Faust's fetcher runs before its seek to the committed offsets; what it fetches from
+        # the position the assignment started at is not delivered (Faust seeks every assigned
+        # partition once the tables are recovered, or before it reads a changelog).
+        self._unsought = set(assigned)
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self._unsought.difference_update(revoked)
+        for tp in revoked:
+            self._sought_seq.pop(tp, None)
+            self._resume.pop(tp, None)
+            self._next_offset.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
+
+    def _resumable(self, records: Mapping[TP, list[Any]]) -> dict[TP, list[Any]]:
+        """The fetched batches that may be delivered (see the module doc, point 3)."""
+        unsought = self._unsought
+        out = {tp: batch for tp, batch in records.items() if tp not in unsought}
+        if self._resume:
+            self._check_resume(out)
+        return out
+
+    def _check_resume(self, records: dict[TP, list[Any]]) -> None:
+        """Apply :func:`resume_verdict` to the first batch of each partition sought since."""
+        for tp in self._resume.keys() & records.keys():
+            target, reseeks = self._resume[tp]
+            batch = records[tp]
+            first = batch[0].offset
+            verdict = resume_verdict(first, target, reseeks)
+            if verdict == RESEEK:
+                del records[tp]
+                self.stale_records_dropped += len(batch)
+                self._resume[tp][1] += 1
+                cast(Any, self)._thread.seek(tp, target)
+                self.log.info("%s: dropped %d records from offset %s, sought %s again", tp, len(batch), first, target)
+                continue
+            del self._resume[tp]
+            if verdict == ACCEPT_GAP:
+                self.log.warning("%s: offsets %s to %s do not exist; resuming at %s", tp, target, first - 1, first)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        """Faust's getmany, where each partition resumes exactly where it was sought."""
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return
+        if self._unsought or self._resume:
+            records = self._resumable(records)
+        deliver_seq = self._seek_seq
+        if not self.flow_active:
+            await self.perform_seek()
+            return
+        to_message = self._to_message
+        sought_seq = self._sought_seq
+        buffered = self._buffered_partitions
+        for tp, record in self.scheduler.iterate(records):
+            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                break
+            if sought_seq.get(tp, 0) > deliver_seq:
+                continue  # sought while this batch was being delivered: the rest is stale
+            if active_partitions is None or tp in active_partitions or tp in buffered:
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                yield tp, to_message(tp, record)
+
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         """End offsets, checked against a fetch.
 
@@ -97,6 +239,8 @@ class StreamappConsumer(Consumer):
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         get_read_offset = self._read_offset.__getitem__
+        next_offset = self._next_offset
+        next_offset_get = next_offset.get
         set_read_offset = self._read_offset.__setitem__
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
@@ -116,8 +260,8 @@ class StreamappConsumer(Consumer):
                         num_since_yield = 0
                     offset = message.offset
                     r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already delivered before a seek
+                    if offset < next_offset_get(tp, 0) or (r_offset is not None and offset < r_offset):
+                        continue  # delivered already (Faust's own check lets the last one through again)
                     gap = offset - (r_offset or 0)
                     if gap > 1 and r_offset and acks_enabled_for(message.topic):
                         await self._add_gap(tp, r_offset + 1, offset)
@@ -129,6 +273,7 @@ class StreamappConsumer(Consumer):
                     else:
                         await self.wait_first(callback(message), self.suspend_flow.wait())
                     set_read_offset(tp, offset)
+                    next_offset[tp] = offset + 1
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return

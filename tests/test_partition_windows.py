@@ -228,3 +228,29 @@ def test_divert_route_sends_excess_to_overflow_deterministically() -> None:
     assert counts.admitted + counts.diverted == 2000
     assert 0.2 < counts.admitted / 2000 < 0.3
     assert sum(len(b.events) for b in windows.diverted) == counts.diverted
+
+
+def test_records_delivered_again_after_a_seek_back_are_ignored() -> None:
+    rng = random.Random(11)
+    log = make_log(rng, 300)
+    once, twice = new_windows(None), new_windows(None)
+    for i, record in enumerate(log):
+        feed(once, record)
+        feed(twice, record)
+        if i % 50 == 49:  # the consumer seeks back and the last records come again
+            for again in log[i - 3 : i + 1]:
+                feed(twice, again)
+    for windows in (once, twice):
+        feed(windows, (len(log), 0, TICK_KEY, orjson.dumps({"watermark": T0 + 10_000})))
+    assert {o.key: o.body() for o in twice.outbox} == {o.key: o.body() for o in once.outbox}
+    assert twice.events_in == once.events_in
+    assert once.offset_gaps == twice.offset_gaps == 0
+
+
+def test_a_jump_in_offsets_is_counted() -> None:
+    log = make_log(random.Random(12), 20)
+    windows = new_windows(None)
+    for record in log[:5] + log[8:]:
+        feed(windows, record)
+    assert windows.offset_gaps == 1
+    assert windows.backlog()["offset_gaps"] == 1

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust.types import StreamT
 
+if TYPE_CHECKING:
+    from streamapp.app import StreamappApp
 from streamapp.meter import BATCH_RECORDS, BATCH_SECONDS, Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.rates import declare_tables
@@ -20,7 +22,7 @@ from streamapp.tables.rates import declare_tables
 log = logging.getLogger(__name__)
 
 
-def register_meter(app: faust.App, runtime: Runtime) -> Meter:
+def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     tables = declare_tables(app, runtime.settings)
     meter = Meter(runtime, tables)
     runtime.meter = meter  # type: ignore[attr-defined]
@@ -29,6 +31,11 @@ def register_meter(app: faust.App, runtime: Runtime) -> Meter:
     async def meter_recovered() -> None:
         # Called after every rebalance once the changelogs are replayed, before the streams resume.
         meter.reload()
+
+    # On shutdown: write what is counted, then count no more. Faust flushes its producer before
+    # it exits, so these rows reach the changelog, and the next owner counts exactly the records
+    # this worker did not (a crash instead loses up to a second of rows: those are counted twice).
+    app.before_consumer_stop.append(meter.revoke)
 
     @app.on_partitions_revoked.connect
     async def meter_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:

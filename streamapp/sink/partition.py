@@ -198,6 +198,7 @@ class PartitionWindows:
         self.invalid: list[InvalidItem] = []
         self.counts: dict[str, RouteCounts] = {}
         self.events_in = 0
+        self.offset_gaps = 0  # records skipped by the delivery (see _advance_read)
         self.last_event_time = _NEG_INF
         if checkpoint:
             self._restore(checkpoint)
@@ -206,8 +207,7 @@ class PartitionWindows:
     def process(self, offset: int, timestamp_ms: int, key: bytes | None, value: bytes | None) -> None:
         """One events-topic record (not a control record), in log order."""
         base = position(offset)
-        self.next_pos = position(offset + 1)
-        if self.next_pos <= self.skip_pos:
+        if not self._advance_read(offset):
             return
         try:
             record = parse_record(value, self.max_record_bytes)
@@ -302,15 +302,13 @@ class PartitionWindows:
 
     def tick(self, offset: int, watermark: float) -> None:
         """A watermark tick written into this partition when it was idle and caught up."""
-        self.next_pos = position(offset + 1)
-        if self.next_pos <= self.skip_pos:
+        if not self._advance_read(offset):
             return
         self._advance(watermark, self.next_pos, flush_late=True)
 
     def marker(self, offset: int, project_id: str, route: Route | None) -> None:
         """A shed marker: from here on, route ``project_id``'s events by ``route``."""
-        self.next_pos = position(offset + 1)
-        if self.next_pos <= self.skip_pos:
+        if not self._advance_read(offset):
             return
         routes = dict(self.routes)
         if route is None:
@@ -318,6 +316,27 @@ class PartitionWindows:
         else:
             routes[project_id] = route
         self.routes = routes  # copy on write: snapshots keep the old mapping
+
+    def skip_record(self, offset: int) -> None:
+        """A record that is neither an event record nor a known control record: read past it."""
+        self._advance_read(offset)
+
+    def _advance_read(self, offset: int) -> bool:
+        """Move the read position past ``offset``; False if the record was read already.
+
+        Records before the checkpoint's position are in S3 (a batch record straddling it is
+        read again and filtered per event); a record delivered twice is read once. A jump
+        forward is counted: on a plain topic offsets are contiguous, so a gap means records
+        this partition never saw.
+        """
+        end = position(offset + 1)
+        if end <= self.next_pos:
+            return False
+        expected = self.next_pos >> 20
+        if offset > expected and self.next_pos:
+            self.offset_gaps += 1
+        self.next_pos = end  # never below skip_pos: _restore starts there
+        return True
 
     # ------------------------------------------------------------ windowing
     def _snapshot(self) -> Snapshot:
@@ -533,6 +552,7 @@ class PartitionWindows:
             "open_windows": len(self.open),
             "late_buffers": len(self.late),
             "inflight": len(self.inflight),
+            "offset_gaps": self.offset_gaps,
             "buffered_bytes": sum(b.nbytes for b in self.open.values()) + sum(b.nbytes for b in self.late.values()),
             "watermark": self.watermark if self.watermark != _NEG_INF else None,
             "oldest_open_window": oldest,

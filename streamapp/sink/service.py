@@ -141,16 +141,27 @@ class S3Sink:
         a diversion or a dead letter came out.
         """
         partitions = self.partitions
+        app = self.runtime.app
         async for event in stream.events():
             message = event.message
             windows = partitions.get(message.partition)
             if windows is None:
                 windows = await self.partition(message.tp)
+                if message.generation_id != app.consumer_generation_id:
+                    continue  # a rebalance happened meanwhile: the partition is read again from its commit
             key = message.key
             if key is not None and key[:1] == b"\x00":
                 self._control(windows, message.offset, key, message.value)
             else:
+                gaps, expected = windows.offset_gaps, windows.next_pos >> 20
                 windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
+                if windows.offset_gaps != gaps:
+                    log.warning(
+                        "sink partition %s: offset %s read, %s expected",
+                        message.partition,
+                        message.offset,
+                        expected,
+                    )
             if windows.outbox or windows.diverted or windows.invalid:
                 self._dispatch(message.partition, windows)
             if self.pending_bytes > self.max_pending_bytes:
@@ -188,7 +199,7 @@ class S3Sink:
             route = Route(mode, float(body.get("fraction", 1.0))) if mode in ("divert", "drop", "shadow") else None
             windows.marker(offset, body["project_id"], route)
         else:
-            windows.next_pos = position(offset + 1)  # unknown control record: skip it
+            windows.skip_record(offset)  # unknown control record
 
     def _dispatch(self, partition: int, windows: PartitionWindows) -> None:
         producer = self.runtime.app.producer

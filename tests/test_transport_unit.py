@@ -1,0 +1,104 @@
+"""The transport's resume rule: after a seek, a partition's first batch must start at the target."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from faust.types import TP
+
+from streamapp.transport import ACCEPT_GAP, DELIVER, MAX_RESEEKS, RESEEK, StreamappConsumer, resume_verdict
+
+EVENTS_0 = TP("events", 0)
+EVENTS_1 = TP("events", 1)
+
+
+@dataclass
+class Record:
+    offset: int
+
+
+class FakeThread:
+    def __init__(self) -> None:
+        self.seeks: list[tuple[TP, int]] = []
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def consumer() -> Any:
+    """A StreamappConsumer with only the state _check_resume uses (no app, no broker)."""
+    c: Any = object.__new__(StreamappConsumer)
+    c._seek_seq = 0
+    c._sought_seq = {}
+    c._resume = {}
+    c._next_offset = {}
+    c._unsought = set()
+    c.stale_records_dropped = 0
+    c._thread = FakeThread()
+    c.log = logging.getLogger("test")
+    return c
+
+
+def batch(first: int, n: int = 3) -> list[Record]:
+    return [Record(first + i) for i in range(n)]
+
+
+def test_verdicts() -> None:
+    assert resume_verdict(100, 100, 0) == DELIVER
+    assert resume_verdict(90, 100, 0) == DELIVER  # below the target: the rest is skipped as delivered
+    assert resume_verdict(2192, 216, 0) == RESEEK
+    assert resume_verdict(2192, 216, MAX_RESEEKS - 1) == RESEEK
+    assert resume_verdict(2192, 216, MAX_RESEEKS) == ACCEPT_GAP
+
+
+def test_batch_from_before_the_seek_is_dropped_and_sought_again() -> None:
+    c = consumer()
+    c._mark_sought(EVENTS_0, 216)
+    c._mark_sought(EVENTS_1, 54)
+    assert c._next_offset == {EVENTS_0: 216, EVENTS_1: 54}
+    records = c._resumable({EVENTS_0: batch(2192), EVENTS_1: batch(54)})
+    assert list(records) == [EVENTS_1], "partition 0's batch started past its target"
+    assert c._thread.seeks == [(EVENTS_0, 216)]
+    assert c.stale_records_dropped == 3
+    assert c._resume == {EVENTS_0: [216, 1]}, "partition 1 resumed; partition 0 still waits"
+    # The next batch starts at the target: delivered, and the partition no longer checked.
+    records = {EVENTS_0: batch(216)}
+    c._check_resume(records)
+    assert list(records) == [EVENTS_0] and c._resume == {}
+    records = {EVENTS_0: batch(5000)}
+    c._check_resume(records)
+    assert list(records) == [EVENTS_0], "only the first batch after a seek is checked"
+
+
+def test_a_real_gap_is_accepted_after_the_reseeks() -> None:
+    c = consumer()
+    c._mark_sought(EVENTS_0, 10)
+    for attempt in range(MAX_RESEEKS):
+        records = {EVENTS_0: batch(20)}
+        c._check_resume(records)
+        assert records == {}, attempt
+    records = {EVENTS_0: batch(20)}
+    c._check_resume(records)
+    assert list(records) == [EVENTS_0] and c._resume == {}
+    assert len(c._thread.seeks) == MAX_RESEEKS
+
+
+def test_seek_without_a_target_is_not_checked() -> None:
+    c = consumer()
+    c._mark_sought(EVENTS_0, 10)
+    c._mark_sought(EVENTS_0, None)  # e.g. seek to the beginning: any first offset is right
+    records = {EVENTS_0: batch(500)}
+    c._check_resume(records)
+    assert list(records) == [EVENTS_0] and c._next_offset == {}
+
+
+def test_nothing_is_delivered_before_the_first_seek_of_an_assignment() -> None:
+    c = consumer()
+    c._unsought = {EVENTS_0, EVENTS_1}  # as on_partitions_assigned leaves it
+    assert c._resumable({EVENTS_0: batch(5000), EVENTS_1: batch(7)}) == {}
+    c._mark_sought(EVENTS_1, 7)
+    assert list(c._resumable({EVENTS_0: batch(5000), EVENTS_1: batch(7)})) == [EVENTS_1]
+    c._mark_sought(EVENTS_0, None)
+    assert list(c._resumable({EVENTS_0: batch(5000)})) == [EVENTS_0]
