@@ -10,11 +10,11 @@ of its own consuming the whole backlog from the start:
 * ``bare kafka://``: a bare Faust agent iterating raw records (``async for value in stream``)
   on Faust's stock aiokafka transport;
 * ``bare streamapp://``: the same agent on streamapp's transport (faster fetch loop);
-* ``bare take_events``: a bare agent on ``stream.take_events(5000, within=0.2)`` (the loop form
-  the meter uses), on ``streamapp://``;
+* ``bare take_events``: a bare agent on ``stream.take_events(5000, within=0.2)`` on
+  ``streamapp://`` (how a meter reading record by record would batch);
 * ``meter`` (run first, while the backlog is inside its sustained horizon): the real meter
-  agent (``streamapp.agents.meter``): per-project rate rows in changelogged RocksDB tables,
-  the shed state machine, shed markers; no S3 sink.
+  agent (``streamapp.agents.meter``) on the bulk events topic: per-project rate rows in
+  changelogged RocksDB tables, the shed state machine, shed markers; no S3 sink.
 
 Rates are measured from the first record a process sees to the last of the backlog
 (startup and group join excluded), in records/s and events/s.

@@ -54,7 +54,9 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
         stream_wait_empty=False,
         broker_max_poll_records=5000,
         consumer_max_fetch_size=8 * 1024 * 1024,
-        stream_buffer_maxsize=20000,
+        # Items queued per agent stream. An events-topic item is a whole fetched batch (bulk
+        # delivery, see streamapp.transport): a few dozen keep the agents fed and bound memory.
+        stream_buffer_maxsize=64,
         producer_linger=0.005,
         producer_max_request_size=max(2 * 1024 * 1024, settings.max_record_bytes * 2),
         broker_rebalance_timeout=settings.rebalance_timeout_seconds,

@@ -67,9 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The agent takes records in batches of this many, or of what arrived within this time.
-BATCH_RECORDS = 5000
-BATCH_SECONDS = 0.2
 # A project's rate row is written at most this often (see Meter.write_rates).
 ROWS_INTERVAL_SECONDS = 1.0
 # A shed project's admit fraction is re-announced (new shed marker) when it moves by more than this.
@@ -278,12 +275,12 @@ class Meter:
         return pm
 
     # ------------------------------------------------------------- hot path
-    def observe(self, events: list[Any]) -> list[ProjectMeter]:
-        """Count a batch of events-topic records; write each touched project's rates row once."""
+    def observe(self, records: list[Any]) -> list[ProjectMeter]:
+        """Count raw events-topic records (one fetched batch); write each touched project's row once."""
         if not self.ready:
             # Rebalancing: these partitions may have a new owner already, which re-reads them
             # from the committed offset; rows must not be written for partitions not owned.
-            self.not_ready += len(events)
+            self.not_ready += len(records)
             return []
         owned = self.partitions
         acc: dict[tuple[bytes, int], list[int]] = {}
@@ -292,8 +289,7 @@ class Meter:
         floors_get = floors.get
         by_key = self.by_key
         n_events = 0
-        for event in events:
-            m = event.message
+        for m in records:
             key = m.key
             if not key or key[0] == 0:  # control record (tick, shed marker) or no project
                 continue
@@ -310,7 +306,7 @@ class Meter:
                 n = batch_event_count(value) if b'"events"' in value else 1
             else:
                 nbytes, n = 0, 1
-            k = (key, int(m.timestamp))
+            k = (key, m.timestamp // 1000)  # raw records: timestamps in milliseconds
             a = acc_get(k)
             if a is None:
                 acc[k] = [n, nbytes, partition, offset]
@@ -539,16 +535,16 @@ class Meter:
         self.tightened = {p: factor for p, limit in limits.items() if limit < quotas[p]}
 
     # ------------------------------------------------------------- driving
-    async def handle_batch(self, events: list[Any]) -> None:
-        """One batch from the agent; errors are logged, never raised into the agent."""
+    async def handle_batch(self, records: list[Any]) -> None:
+        """One fetched batch from the agent; errors are logged, never raised into the agent."""
         try:
-            await self.handle(events)
+            await self.handle(records)
         except Exception:  # the meter must never stop the consumer the sink depends on
-            log.exception("meter: batch of %d records failed", len(events))
+            log.exception("meter: batch of %d records failed", len(records))
 
-    async def handle(self, events: list[Any]) -> None:
-        """One batch from the meter agent."""
-        touched = self.observe(events)
+    async def handle(self, records: list[Any]) -> None:
+        """One fetched batch of raw records from the meter agent."""
+        touched = self.observe(records)
         if touched and self.can_decide():
             self.decide(touched, time.time())
         self._wake_flusher()

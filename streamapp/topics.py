@@ -9,9 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import faust
+from faust.serializers import codecs
 from faust.types import TopicT
 
 from streamapp.settings import Settings
+
+
+class _PassThrough(codecs.Codec):
+    """Values of bulk topics are RecordBatch objects built by the transport: leave them be."""
+
+    def _loads(self, s: bytes) -> bytes:
+        return s
+
+    def _dumps(self, s: bytes) -> bytes:
+        return s
+
+
+codecs.register("streamapp-bulk", _PassThrough())
 
 
 @dataclass(frozen=True)
@@ -29,9 +43,20 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
     def raw(name: str, **kwargs: object) -> TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", **kwargs)
 
+    # The events topic is read in bulk (see streamapp.transport): each Faust event is one
+    # fetched batch of a partition, a RecordBatch of raw records.
+    app.bulk_topics = {settings.events_topic}  # type: ignore[attr-defined]
     return Topics(
         # acks=False: Faust never commits these; their owners commit once events are durable in S3.
-        events=raw(settings.events_topic, partitions=partitions, acks=False),
+        events=app.topic(
+            settings.events_topic,
+            key_type=bytes,
+            value_type=None,
+            key_serializer="raw",
+            value_serializer="streamapp-bulk",
+            partitions=partitions,
+            acks=False,
+        ),
         invalid=raw(settings.topic_name("invalid"), partitions=partitions),
         overflow=raw(settings.topic_name("overflow"), partitions=partitions, acks=False),
         objects=raw(settings.topic_name("s3-objects"), partitions=partitions),

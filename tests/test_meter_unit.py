@@ -35,18 +35,24 @@ TOPIC = "events"
 
 
 @dataclass
-class Msg:
+class Rec:
+    """A raw record as the bulk transport hands them to the meter (timestamp in ms)."""
+
     key: bytes | None
     value: bytes | None
     offset: int
     partition: int
-    timestamp: float
+    timestamp: int
     topic: str = TOPIC
+
+
+def rec(key: bytes | None, value: bytes | None, offset: int, partition: int, seconds: float) -> Rec:
+    return Rec(key, value, offset, partition, int(seconds * 1000))
 
 
 @dataclass
 class Ev:
-    message: Msg
+    message: Any
 
 
 class FakeTable(dict):
@@ -154,12 +160,12 @@ class Feed:
     def __init__(self) -> None:
         self.offsets: dict[int, int] = {}
 
-    def second(self, project: str, partition: int, second: int, count: int) -> list[Ev]:
+    def second(self, project: str, partition: int, second: int, count: int) -> list[Rec]:
         out = []
         for i in range(count):
             offset = self.offsets.get(partition, 0)
             self.offsets[partition] = offset + 1
-            out.append(Ev(Msg(project.encode(), one(project, i), offset, partition, second + i / max(count, 1))))
+            out.append(rec(project.encode(), one(project, i), offset, partition, second + i / max(count, 1)))
         return out
 
 
@@ -198,13 +204,13 @@ def test_observe_counts_once_per_project_second_and_writes_one_row_per_project()
     meter, _ = new_meter()
     t = int(time.time()) - 3
     events = [
-        Ev(Msg(b"a", one("a"), 0, 2, t + 0.1)),
-        Ev(Msg(b"a", one("a"), 1, 2, t + 0.5)),
-        Ev(Msg(TICK_KEY, b'{"watermark": 1}', 2, 2, t + 0.6)),
-        Ev(Msg(SHED_KEY, b'{"project_id": "a", "mode": "ok"}', 3, 2, t + 0.6)),
-        Ev(Msg(b"a", one("a"), 4, 2, t + 1.2)),
-        Ev(Msg(b"b", batch("b", 5), 0, 1, t + 0.3)),
-        Ev(Msg(b"../bad", one("x"), 1, 1, t + 0.3)),  # not a project id: not metered
+        rec(b"a", one("a"), 0, 2, t + 0.1),
+        rec(b"a", one("a"), 1, 2, t + 0.5),
+        rec(TICK_KEY, b'{"watermark": 1}', 2, 2, t + 0.6),
+        rec(SHED_KEY, b'{"project_id": "a", "mode": "ok"}', 3, 2, t + 0.6),
+        rec(b"a", one("a"), 4, 2, t + 1.2),
+        rec(b"b", batch("b", 5), 0, 1, t + 0.3),
+        rec(b"../bad", one("x"), 1, 1, t + 0.3),  # not a project id: not metered
     ]
     touched = meter.observe(events)
     assert {pm.project_id for pm in touched} == {"a", "b"}

@@ -1,4 +1,4 @@
-"""The transport's resume rule: after a seek, a partition's first batch must start at the target."""
+"""The transport's pure parts: the resume rule after a seek, and bulk batches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from typing import Any
 
 from faust.types import TP
 
-from streamapp.transport import ACCEPT_GAP, DELIVER, MAX_RESEEKS, RESEEK, StreamappConsumer, resume_verdict
+from streamapp.transport import (
+    ACCEPT_GAP,
+    DELIVER,
+    MAX_RESEEKS,
+    RESEEK,
+    RecordBatch,
+    StreamappConsumer,
+    bulk_records,
+    resume_verdict,
+)
 
 EVENTS_0 = TP("events", 0)
 EVENTS_1 = TP("events", 1)
@@ -102,3 +111,31 @@ def test_nothing_is_delivered_before_the_first_seek_of_an_assignment() -> None:
     assert list(c._resumable({EVENTS_0: batch(5000), EVENTS_1: batch(7)})) == [EVENTS_1]
     c._mark_sought(EVENTS_0, None)
     assert list(c._resumable({EVENTS_0: batch(5000)})) == [EVENTS_0]
+
+
+@dataclass
+class RawRecord:
+    offset: int
+    topic: str = "events"
+    partition: int = 0
+    timestamp: int = 0
+    timestamp_type: int = 0
+    key: bytes | None = None
+    value: bytes | None = b"x"
+
+
+def test_bulk_records_make_one_record_per_partition_batch() -> None:
+    other = TP("other", 0)
+    records = {
+        EVENTS_0: [RawRecord(o) for o in range(10, 15)],
+        EVENTS_1: [RawRecord(o, partition=1) for o in range(3)],
+        other: [RawRecord(o, topic="other") for o in range(4)],
+    }
+    out = bulk_records(records, {"events"}, {EVENTS_0: 12, EVENTS_1: 3})
+    assert set(out) == {EVENTS_0, other}, "partition 1's records were all delivered already"
+    (one,) = out[EVENTS_0]
+    assert isinstance(one.value, RecordBatch)
+    assert [r.offset for r in one.value] == [12, 13, 14], "records below the next offset are left out"
+    assert (one.offset, one.partition, one.topic) == (14, 0, "events"), "Faust tracks the last offset"
+    assert one.serialized_value_size == 3
+    assert out[other] == records[other], "other topics are delivered record by record"

@@ -15,7 +15,7 @@ from faust.types import StreamT
 
 if TYPE_CHECKING:
     from streamapp.app import StreamappApp
-from streamapp.meter import BATCH_RECORDS, BATCH_SECONDS, Meter
+from streamapp.meter import Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.rates import declare_tables
 
@@ -41,16 +41,15 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     async def meter_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
         meter.revoke()
 
-    # take_events(), not take(): take() yields bare values, and a table write needs the row's
-    # partition. Meter.observe takes each project's partition from its records and writes the
-    # project's row once per batch (never per event) through PartitionContext, which sets
-    # Faust's current event for the write (inside take_events the agent has none): see
-    # streamapp/tables/rates.py. (Measured: iterating events one by one and batching here is
-    # ~2x slower on batch records than take_events.)
+    # The events topic is a bulk topic (streamapp.transport): each Faust event is one fetched
+    # batch of one partition and its value the raw records, so Faust's per-record machinery
+    # runs once per batch. Meter.observe counts the records and writes each touched project's
+    # row once per batch (never per event) through PartitionContext, which sets Faust's
+    # current event for the write: see streamapp/tables/rates.py.
     @app.agent(runtime.topics.events, name="meter")
     async def meter_agent(stream: StreamT) -> None:
-        async for events in stream.take_events(BATCH_RECORDS, within=BATCH_SECONDS):
-            await meter.handle_batch(events)
+        async for event in stream.events():
+            await meter.handle_batch(event.value)
 
     @app.timer(interval=1.0)
     async def meter_tick() -> None:

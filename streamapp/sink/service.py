@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from faust.types import TP, EventT, StreamT
+from faust.types import TP, StreamT
 
 from streamapp.contract import SHED_KEY, TICK_KEY, invalid_record_value, position
 from streamapp.sink.layout import (
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_SECONDS = 1.0
+YIELD_EVERY_RECORDS = 500
 
 
 @dataclass
@@ -134,52 +135,65 @@ class S3Sink:
 
     # ---------------------------------------------------------------- input
     async def consume(self, stream: StreamT) -> None:
-        """The agent's loop: one record at a time into the window state machines.
+        """The agent's loop: each item is one fetched batch of a partition (see streamapp.transport).
 
-        The state machines batch by themselves (an object per window), so this loop does no
-        buffering of its own: it hands each record over and dispatches only when an object,
-        a diversion or a dead letter came out.
+        The window state machines batch by themselves (an object per window); the loop hands
+        records over and dispatches only when an object, a diversion or a dead letter came out.
         """
-        partitions = self.partitions
-        app = self.runtime.app
         async for event in stream.events():
             message = event.message
-            windows = partitions.get(message.partition)
-            if windows is None:
-                windows = await self.partition(message.tp)
-                if message.generation_id != app.consumer_generation_id:
-                    continue  # a rebalance happened meanwhile: the partition is read again from its commit
-            key = message.key
-            if key is not None and key[:1] == b"\x00":
-                self._control(windows, message.offset, key, message.value)
-            else:
-                gaps, expected = windows.offset_gaps, windows.next_pos >> 20
-                windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
-                if windows.offset_gaps != gaps:
-                    log.warning(
-                        "sink partition %s: offset %s read, %s expected",
-                        message.partition,
-                        message.offset,
-                        expected,
-                    )
-            if windows.outbox or windows.diverted or windows.invalid:
-                self._dispatch(message.partition, windows)
-            if self.pending_bytes > self.max_pending_bytes:
-                await self.wait_for_s3()
+            await self.handle_batch(message.tp, event.value, message.generation_id)
 
-    async def handle(self, events: list[EventT]) -> None:
-        """Feed a batch of events (used by tests and tools that batch themselves)."""
-        for event in events:
-            message = event.message
-            windows = self.partitions.get(message.partition) or await self.partition(message.tp)
-            key = message.key
+    async def handle_batch(self, tp: TP, records: Iterable[Any], generation_id: int | None = None) -> None:
+        """Raw records of one partition in offset order (objects with offset/timestamp ms/key/value).
+
+        ``generation_id`` is the consumer generation the records were fetched in: if a rebalance
+        happens while the batch is worked through, the rest is abandoned (the partition is read
+        again from its commit, here or by its next owner) and a revoked partition's output is
+        discarded, as its next owner writes the same objects.
+        """
+        app = self.runtime.app
+        windows = self.partitions.get(tp.partition)
+        if windows is None:
+            windows = await self.partition(tp)
+            if generation_id is not None and app.consumer_generation_id != generation_id:
+                return
+        process = windows.process
+        gaps = windows.offset_gaps
+        count = 0
+        for record in records:
+            count += 1
+            key = record.key
             if key is not None and key[:1] == b"\x00":
-                self._control(windows, message.offset, key, message.value)
+                self._control(windows, record.offset, key, record.value)
             else:
-                windows.process(message.offset, int(message.timestamp * 1000), key, message.value)
+                process(record.offset, record.timestamp, key, record.value)
             if windows.outbox or windows.diverted or windows.invalid:
-                self._dispatch(message.partition, windows)
+                # Start the uploads now (they run while the rest of the batch is processed).
+                self._dispatch_if_owned(tp.partition, windows)
+                count = 0
+            if not count % YIELD_EVERY_RECORDS:
+                # A fetched batch can be thousands of records: let uploads and HTTP requests in,
+                # and stop taking records while too many bytes wait for S3.
+                await (self.wait_for_s3() if self.pending_bytes > self.max_pending_bytes else asyncio.sleep(0))
+                if generation_id is not None and app.consumer_generation_id != generation_id:
+                    break
+        if windows.offset_gaps != gaps:
+            log.warning(
+                "sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.next_pos >> 20
+            )
+        self._dispatch_if_owned(tp.partition, windows)
         await self.wait_for_s3()
+
+    def _dispatch_if_owned(self, partition: int, windows: PartitionWindows) -> None:
+        if not (windows.outbox or windows.diverted or windows.invalid):
+            return
+        if self.partitions.get(partition) is windows:
+            self._dispatch(partition, windows)
+        else:  # revoked meanwhile: its next owner writes the same
+            windows.outbox.clear()
+            windows.diverted.clear()
+            windows.invalid.clear()
 
     async def wait_for_s3(self) -> None:
         """Backpressure: stop taking events while too many bytes wait for S3 (Faust pauses fetching)."""

@@ -8,15 +8,15 @@ rebalanced worker recovers the rows from the changelog topics before its agents
 resume.
 
 * ``meter-rates``: ``{"p": partition, "o": last counted offset, "n": events, "b": bytes,
-  "c": SecondCounts.to_dict()}``; written once per project per batch, never per event.
+  "c": SecondCounts.to_dict()}``; written at most once per project per second, never per event.
 * ``meter-shed``: ``{"p": partition, "s": ShedState.to_dict(), "m": [mode, fraction] | None,
   "k": peak events/s of the episode}``; written only when the state or the shed marker
   in force changes.
 
 Writing a Faust table needs a *current event*: the table and the RocksDB store take
-the partition of the changelog record (and of the local database) from it. Inside
-``stream.take_events()`` the agent gets a list of events but no current event (it is
-set in the stream's background task), and the 1 s timer has none at all. So writes go
+the partition of the changelog record (and of the local database) from it. Rows are
+written at most once a second, from the agent, its 1 s timer or its flusher task, and
+the timer and the task have no current event at all. So writes go
 through :class:`PartitionContext`, which sets Faust's current-event context variable to
 a stand-in event of the events topic and the project's partition for the duration of
 the write; that is exactly the information Faust reads from it.
