@@ -158,19 +158,36 @@ def parse_iso_seconds(text: object) -> float | None:
 _MISSING = object()
 
 
-def enrich_event(event: dict[str, Any], *, partition: int, offset: int, index: int, record_ms: int) -> float:
-    """Fill the ``keen`` properties in place and return the event time in epoch seconds."""
+@dataclass(frozen=True, slots=True)
+class RecordStamps:
+    """What the events of one record share: computed once per record, not per event."""
+
+    id_prefix: str  # keen.id without the event's index
+    created_at: str  # the record's timestamp, ISO-8601
+    seconds: float  # the record's timestamp, epoch seconds
+
+
+def record_stamps(partition: int, offset: int, record_ms: int) -> RecordStamps:
+    return RecordStamps(f"{partition:04x}{offset:014x}", iso_from_ms(record_ms), record_ms / 1000.0)
+
+
+def enrich_event(event: dict[str, Any], index: int, stamps: RecordStamps) -> float:
+    """Fill the ``keen`` properties in place and return the event time in epoch seconds.
+
+    ``keen.id`` is :func:`keen_id` of the event's source position; a missing or invalid
+    ``keen.timestamp`` becomes the record's timestamp, as does a missing ``keen.created_at``.
+    """
     keen = event.get("keen")
-    if not isinstance(keen, dict):
+    if type(keen) is not dict:
         keen = event["keen"] = {}
     event_time = parse_iso_seconds(keen.get("timestamp"))
     if event_time is None:
-        event_time = record_ms / 1000.0
-        keen["timestamp"] = iso_from_ms(record_ms)
+        event_time = stamps.seconds
+        keen["timestamp"] = stamps.created_at
     if "id" not in keen:
-        keen["id"] = keen_id(partition, offset, index)
+        keen["id"] = f"{stamps.id_prefix}{index:06x}"
     if "created_at" not in keen:
-        keen["created_at"] = iso_from_ms(record_ms)
+        keen["created_at"] = stamps.created_at
     return event_time
 
 

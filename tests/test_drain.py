@@ -262,7 +262,7 @@ def test_out_of_order_originals_are_delivered_and_resends_skipped() -> None:
     for offset, source_offset in enumerate([5, 7, 6, 9, 8, 7, 5, 10, 6]):
         chunks.process(offset, b"p1", record(source_offset))
     chunks.process(9, TICK_KEY, b"{}")
-    lines = [orjson.loads(line)["n"] for obj in chunks.ready[0].objects for line in obj.lines]
+    lines = [orjson.loads(line)["n"] for obj in chunks.ready[0].objects for line in obj.data.splitlines()]
     assert lines == [5, 7, 6, 9, 8, 10] and chunks.duplicates == 3
 
 
@@ -284,4 +284,4 @@ def test_restore_skips_records_before_the_checkpoint() -> None:
     chunks.process(5, b"p1", value)
     assert chunks.pending_events == 1 and chunks.duplicates == 1
     chunks.process(6, TICK_KEY, b"{}")
-    assert [orjson.loads(line)["n"] for line in chunks.ready[0].objects[0].lines] == ["new"]
+    assert [orjson.loads(line)["n"] for line in chunks.ready[0].objects[0].data.splitlines()] == ["new"]

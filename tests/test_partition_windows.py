@@ -201,7 +201,7 @@ def test_late_event_goes_to_late_object_of_its_window() -> None:
     assert "/2027-01-15T08:01:40.000Z/" in late_keys[0] or "T" in late_keys[0]
     late_obj = next(o for o in windows.outbox if o.key == late_keys[0])
     assert late_obj.start == (T0 + 100) // WINDOW * WINDOW
-    assert [orjson.loads(line)["x"] for line in late_obj.body_lines or []] == [1]
+    assert [orjson.loads(line)["x"] for line in (late_obj.body_lines or b"").splitlines()] == [1]
 
 
 def test_invalid_records_are_reported_not_raised() -> None:

@@ -78,7 +78,7 @@ class SeenOffsets:
 class DelayedObject:
     bucket: str
     key: str
-    lines: list[bytes]
+    data: bytearray  # JSON lines
     events: int
     nbytes: int
     project_id: str
@@ -87,7 +87,7 @@ class DelayedObject:
     kind: str = KIND_DELAYED
 
     def body(self) -> bytes:
-        return gzip_lines(self.lines)
+        return gzip_lines(self.data)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -117,8 +117,8 @@ class Chunk:
 
 @dataclass(slots=True)
 class _Group:
-    lines: list[bytes] = field(default_factory=list)
-    nbytes: int = 0
+    data: bytearray = field(default_factory=bytearray)  # one buffer, not a bytes object per line
+    events: int = 0
 
 
 class OverflowChunks:
@@ -207,8 +207,8 @@ class OverflowChunks:
             if group is None:
                 group = self.groups[gkey] = _Group()
                 self.group_targets[gkey] = target
-            group.lines.append(line)
-            group.nbytes += len(line)
+            group.data += line
+            group.events += 1
             self.chunk_bytes += len(line)
             added += 1
         if added:
@@ -227,7 +227,7 @@ class OverflowChunks:
             bucket, prefix = self.group_targets[(project, collection, start)]
             key = object_key(prefix, project, collection, start, KIND_DELAYED, self.partition, position(first))
             objects.append(
-                DelayedObject(bucket, key, group.lines, len(group.lines), group.nbytes, project, collection, start)
+                DelayedObject(bucket, key, group.data, group.events, len(group.data), project, collection, start)
             )
         self.ready.append(
             Chunk(

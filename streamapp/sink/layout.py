@@ -59,9 +59,9 @@ def checkpoint_key(prefix: str, app_id: str, topic: str, partition: int, offset:
     return f"{_join(prefix, '_checkpoints')}/{app_id}/{topic}/{partition}/{offset:020d}.json"
 
 
-def gzip_lines(lines: list[bytes]) -> bytes:
+def gzip_lines(data: bytes | bytearray) -> bytes:
     """Deterministic gzip (mtime 0) of JSON lines: a replay uploads identical bytes."""
-    return gzip.compress(b"".join(lines), compresslevel=5, mtime=0)
+    return gzip.compress(data, compresslevel=5, mtime=0)
 
 
 def _join(prefix: str, part: str) -> str:
