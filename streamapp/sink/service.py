@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_SECONDS = 1.0
-YIELD_EVERY_RECORDS = 500
+YIELD_EVERY_EVENTS = 5000  # ~20 ms of sink work on this project's machine
 
 
 @dataclass
@@ -160,9 +160,8 @@ class S3Sink:
                 return
         process = windows.process
         gaps = windows.offset_gaps
-        count = 0
+        yield_at = windows.events_in + YIELD_EVERY_EVENTS
         for record in records:
-            count += 1
             key = record.key
             if key is not None and key[:1] == b"\x00":
                 self._control(windows, record.offset, key, record.value)
@@ -171,13 +170,15 @@ class S3Sink:
             if windows.outbox or windows.diverted or windows.invalid:
                 # Start the uploads now (they run while the rest of the batch is processed).
                 self._dispatch_if_owned(tp.partition, windows)
-                count = 0
-            if not count % YIELD_EVERY_RECORDS:
-                # A fetched batch can be thousands of records: let uploads and HTTP requests in,
-                # and stop taking records while too many bytes wait for S3.
+                yield_at = 0
+            if windows.events_in >= yield_at:
+                # A fetched batch can be thousands of records: let uploads and HTTP requests in
+                # (a few ms of work at most between yields), and stop taking records while too
+                # many bytes wait for S3.
                 await (self.wait_for_s3() if self.pending_bytes > self.max_pending_bytes else asyncio.sleep(0))
                 if generation_id is not None and app.consumer_generation_id != generation_id:
                     break
+                yield_at = windows.events_in + YIELD_EVERY_EVENTS
         if windows.offset_gaps != gaps:
             log.warning(
                 "sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.next_pos >> 20
