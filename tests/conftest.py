@@ -35,22 +35,14 @@ def devstack_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def broker(devstack_logs: Path) -> Iterator[BrokerProcess]:
-    proc = BrokerProcess(log_dir=devstack_logs)
-    proc.start()
-    try:
+    with BrokerProcess(log_dir=devstack_logs) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")
 def s3(devstack_logs: Path) -> Iterator[S3Process]:
-    proc = S3Process(log_dir=devstack_logs)
-    proc.start()
-    try:
+    with S3Process(log_dir=devstack_logs) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from streamapp.contract import CONTROL_KEY_PREFIX, INDEX_BITS, TICK_KEY, parse_iso_seconds, position
-from streamapp.sink.layout import KIND_DELAYED, gzip_lines, object_key, window_start
+from streamapp.sink.layout import KIND_DELAYED, describe_object, gzip_lines, object_key, window_start
 
 Target = tuple[str, str]
 SEEN_WINDOW = 1 << 16  # source offsets remembered below the highest delivered one (8 KiB of bitmap)
@@ -90,16 +90,7 @@ class DelayedObject:
         return gzip_lines(self.data)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "bucket": self.bucket,
-            "key": self.key,
-            "events": self.events,
-            "bytes": self.nbytes,
-            "project_id": self.project_id,
-            "collection": self.collection,
-            "kind": self.kind,
-            "window_start": self.start,
-        }
+        return describe_object(self, window_start=self.start)
 
 
 @dataclass(slots=True)

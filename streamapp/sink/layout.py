@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import time
+from typing import Any, Protocol
 
 from streamapp.contract import INDEX_BITS
 
@@ -67,3 +68,27 @@ def gzip_lines(data: bytes | bytearray) -> bytes:
 def _join(prefix: str, part: str) -> str:
     prefix = prefix.strip("/")
     return f"{prefix}/{part}" if prefix else part
+
+
+class WrittenObject(Protocol):
+    bucket: str
+    key: str
+    events: int
+    nbytes: int
+    project_id: str
+    collection: str
+    kind: str
+
+
+def describe_object(obj: WrittenObject, **extra: Any) -> dict[str, Any]:
+    """An object's entry in manifests, checkpoints and "object written" notices."""
+    return {
+        "bucket": obj.bucket,
+        "key": obj.key,
+        "events": obj.events,
+        "bytes": obj.nbytes,
+        "project_id": obj.project_id,
+        "collection": obj.collection,
+        "kind": obj.kind,
+        **extra,
+    }

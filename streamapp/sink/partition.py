@@ -35,7 +35,15 @@ from streamapp.contract import (
     record_stamps,
 )
 from streamapp.metering.shed import admit_event
-from streamapp.sink.layout import KIND_LATE, KIND_MANIFEST_PART, KIND_ON_TIME, gzip_lines, manifest_part_key, object_key
+from streamapp.sink.layout import (
+    KIND_LATE,
+    KIND_MANIFEST_PART,
+    KIND_ON_TIME,
+    describe_object,
+    gzip_lines,
+    manifest_part_key,
+    object_key,
+)
 
 Target = tuple[str, str]  # (bucket, prefix) of an exported project
 _NEG_INF = float("-inf")
@@ -104,17 +112,7 @@ class PendingObject:
         return self.body_json
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "bucket": self.bucket,
-            "key": self.key,
-            "events": self.events,
-            "bytes": self.nbytes,
-            "project_id": self.project_id,
-            "collection": self.collection,
-            "kind": self.kind,
-            "first_position": self.first_pos,
-            "last_position": self.last_pos,
-        }
+        return describe_object(self, first_position=self.first_pos, last_position=self.last_pos)
 
 
 @dataclass(slots=True)
