@@ -23,7 +23,6 @@ Rates are measured from the first record a process sees to the last of the backl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -49,42 +48,9 @@ CHILD_TIMEOUT = 240.0
 
 
 # ------------------------------------------------------------------ data
-async def create_and_fill(bootstrap: str, topic: str, records: int, per_record: int) -> int:
-    import orjson
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, max_request_size=4 << 20, acks=1
-    )
-    await producer.start()
-    hot_every = round(1 / HOT_SHARE)
-    try:
-        pending = []
-        for i in range(records):
-            project = "project-0" if i % hot_every == 0 else f"project-{1 + i % (PROJECTS - 1)}"
-            events = [
-                {"n": i * per_record + j, "page": "/index.html", "user": {"id": i % 997}} for j in range(per_record)
-            ]
-            body: dict[str, Any] = {"project_id": project, "collection": "pageviews"}
-            if per_record == 1:
-                body["event"] = events[0]
-            else:
-                body["events"] = events
-            pending.append(await producer.send(topic, orjson.dumps(body), key=project.encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return records * per_record
+def hot_and_cold(i: int) -> str:
+    """project-0 gets HOT_SHARE of the records, the other projects share the rest."""
+    return "project-0" if i % round(1 / HOT_SHARE) == 0 else f"project-{1 + i % (PROJECTS - 1)}"
 
 
 # ----------------------------------------------------------------- children
@@ -95,7 +61,7 @@ def app_kwargs() -> dict[str, Any]:
         "stream_wait_empty": False,
         "broker_max_poll_records": 5000,
         "consumer_max_fetch_size": 8 * 1024 * 1024,
-        "stream_buffer_maxsize": 20000,
+        "stream_buffer_maxsize": 64,
         "producer_linger": 0.005,
         "broker_rebalance_timeout": 5.0,
         "broker_session_timeout": 10.0,
@@ -269,6 +235,7 @@ def main() -> None:
         child(args)
         return
 
+    from benchmarks.backlog import fill
     from streamapp.devstack import BrokerProcess
 
     log_dir = tempfile.mkdtemp(prefix="bench-meter-")
@@ -280,7 +247,7 @@ def main() -> None:
         ):
             topic = f"bench-{uuid.uuid4().hex[:6]}"
             started = time.monotonic()
-            events = asyncio.run(create_and_fill(broker.bootstrap, topic, records, per_record))
+            events = fill(broker.bootstrap, topic, PARTITIONS, records, per_record, hot_and_cold)
             print(f"{label}: produced {records} records ({events} events) in {time.monotonic() - started:.1f}s")
             runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
             for rep in range(args.repeat):

@@ -27,14 +27,14 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.backlog import fill  # noqa: E402
 from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port  # noqa: E402
 
 PARTITIONS = 4
@@ -42,36 +42,9 @@ PROJECTS = 50
 BACKLOG_SECONDS = 3600
 
 
-async def preproduce(bootstrap: str, topic: str, records: int, per_record: int) -> int:
-    """A backlog of ``records`` records with event times spread over one hour."""
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, max_request_size=4 << 20, acks=1
-    )
-    await producer.start()
-    # The backlog ends 10 minutes ago: once it is consumed every window is complete.
-    start = time.time() - BACKLOG_SECONDS - 600
-    try:
-        pending = []
-        for i in range(records):
-            project = f"project-{i % PROJECTS}"
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + BACKLOG_SECONDS * i / records)) + ".000Z"
-            events = [
-                {"n": i * per_record + j, "page": "/index.html", "user": {"id": i % 997}, "keen": {"timestamp": stamp}}
-                for j in range(per_record)
-            ]
-            body: dict[str, Any] = {"project_id": project, "collection": "pageviews"}
-            if per_record == 1:
-                body["event"] = events[0]
-            else:
-                body["events"] = events
-            pending.append(await producer.send(topic, orjson.dumps(body), key=project.encode()))
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending = []
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return records * per_record
+def backlog_timestamp(i: int, records: int, start: float) -> str:
+    """Event times spread over one hour from ``start``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start + BACKLOG_SECONDS * i / records)) + ".000Z"
 
 
 async def aiokafka_decode(bootstrap: str, topic: str, records: int) -> float:
@@ -192,8 +165,16 @@ def main() -> None:
             ("100 events/record", args.batched_events // 100, 100),
         ):
             topic = f"bench-{uuid.uuid4().hex[:6]}"
-            # Create the topic with the app's partition count before producing into it.
-            events = asyncio.run(_create_and_fill(broker.bootstrap, topic, records, per_record))
+            # The backlog ends 10 minutes ago: once it is consumed every window is complete.
+            start = time.time() - BACKLOG_SECONDS - 600
+
+            def project_for(i: int) -> str:
+                return f"project-{i % PROJECTS}"
+
+            def timestamp_for(i: int, n: int = records, t0: float = start) -> str:
+                return backlog_timestamp(i, n, t0)
+
+            events = fill(broker.bootstrap, topic, PARTITIONS, records, per_record, project_for, timestamp_for)
             plain = asyncio.run(aiokafka_decode(broker.bootstrap, topic, records)) * per_record
             stock = bare_faust(broker.bootstrap, topic, records, "kafka") * per_record
             fast = bare_faust(broker.bootstrap, topic, records, "streamapp") * per_record
@@ -213,18 +194,6 @@ def main() -> None:
             )
         print("events/s; bare faust = stock kafka:// transport, bare faust* = streamapp:// transport;")
         print("peak RSS = the sink worker's peak resident memory (VmHWM)")
-
-
-async def _create_and_fill(bootstrap: str, topic: str, records: int, per_record: int) -> int:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=PARTITIONS, replication_factor=1)])
-    finally:
-        await admin.close()
-    return await preproduce(bootstrap, topic, records, per_record)
 
 
 if __name__ == "__main__":
