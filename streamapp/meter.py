@@ -276,7 +276,7 @@ class Meter:
 
     # ------------------------------------------------------------- hot path
     def observe(self, records: list[Any]) -> list[ProjectMeter]:
-        """Count raw events-topic records (one fetched batch); write each touched project's row once."""
+        """Count raw events-topic records (one fetched batch); rows are written at most once a second."""
         if not self.ready:
             # Rebalancing: these partitions may have a new owner already, which re-reads them
             # from the committed offset; rows must not be written for partitions not owned.

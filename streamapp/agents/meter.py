@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 import faust
 from faust.types import StreamT
 
-if TYPE_CHECKING:
-    from streamapp.app import StreamappApp
 from streamapp.meter import Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.rates import declare_tables
+
+if TYPE_CHECKING:
+    from streamapp.app import StreamappApp
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
 
     # The events topic is a bulk topic (streamapp.transport): each Faust event is one fetched
     # batch of one partition and its value the raw records, so Faust's per-record machinery
-    # runs once per batch. Meter.observe counts the records and writes each touched project's
-    # row once per batch (never per event) through PartitionContext, which sets Faust's
-    # current event for the write: see streamapp/tables/rates.py.
+    # runs once per batch. Meter.observe counts the records; each touched project's row is
+    # written at most once a second (never per event) through PartitionContext, which sets
+    # Faust's current event for the write: see streamapp/tables/rates.py.
     @app.agent(runtime.topics.events, name="meter")
     async def meter_agent(stream: StreamT) -> None:
         async for event in stream.events():

@@ -173,7 +173,7 @@ class S3Sink:
                 yield_at = 0
             if windows.events_in >= yield_at:
                 # A fetched batch can be thousands of records: let uploads and HTTP requests in
-                # (a few ms of work at most between yields), and stop taking records while too
+                # (~20 ms of work at most between yields), and stop taking records while too
                 # many bytes wait for S3.
                 await (self.wait_for_s3() if self.pending_bytes > self.max_pending_bytes else asyncio.sleep(0))
                 if generation_id is not None and app.consumer_generation_id != generation_id:
