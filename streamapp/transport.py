@@ -114,7 +114,6 @@ class StreamappConsumer(Consumer):
         self._sought_seq: dict[TP, int] = {}  # tp -> sequence number of its latest seek
         self._resume: dict[TP, list[int]] = {}  # tp -> [seek target, re-seeks] until its first batch
         self._next_offset: dict[TP, int] = {}  # tp -> the next offset to deliver
-        self._committed_after_seek: dict[TP, int | None] = {}
         self._unsought: set[TP] = set()  # assigned, not sought yet: their records are not delivered
         self.stale_records_dropped = 0
 
@@ -143,16 +142,11 @@ class StreamappConsumer(Consumer):
         for tp in partitions:
             self._mark_sought(tp, None)
 
-    async def perform_seek(self) -> None:
-        await super().perform_seek()
-        for tp, offset in self._committed_after_seek.items():
-            self._mark_sought(tp, offset)
-
     async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Every assigned partition is sought (those without a commit keep their position)."""
         committed = await super().seek_to_committed()
-        self._committed_after_seek = {
-            tp: offset if offset is not None and offset >= 0 else None for tp, offset in committed.items()
-        }
+        for tp, offset in committed.items():
+            self._mark_sought(tp, offset if offset is not None and offset >= 0 else None)
         return committed
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
