@@ -29,8 +29,9 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from aiokafka.partitioner import murmur2
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from streamapp.runtime import Runtime
 
 log = logging.getLogger(__name__)
+R = TypeVar("R", RatesRow, StateRow)
 
 # A project's rate row is written at most this often (see Meter.write_rates).
 ROWS_INTERVAL_SECONDS = 1.0
@@ -208,14 +210,7 @@ class Meter:
         self.projects.clear()
         self.by_key.clear()
         self.floors = {}
-        for key, value in read_rows(self.tables.rates):
-            try:
-                row = decode_rates(value)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                log.warning("ignoring bad rates row %r: %r", key, exc)
-                continue
-            if row.partition not in self.partitions:
-                continue
+        for key, row in self._owned_rows(self.tables.rates, decode_rates, "rates"):
             pm = self._new(key, row.partition)
             if pm is None:
                 continue
@@ -224,14 +219,7 @@ class Meter:
                 counts = merge_counts(counts, size=self.ring_size)
             pm.counts, pm.offset, pm.received, pm.nbytes = counts, row.offset, row.received, row.nbytes
             self.floors[row.partition] = max(self.floors.get(row.partition, -1), row.offset)
-        for key, value in read_rows(self.tables.states):
-            try:
-                srow = decode_state(value)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                log.warning("ignoring bad shed-state row %r: %r", key, exc)
-                continue
-            if srow.partition not in self.partitions:
-                continue
+        for key, srow in self._owned_rows(self.tables.states, decode_state, "shed-state"):
             pm = self.by_key.get(key) or self._new(key, srow.partition)
             if pm is None:
                 continue
@@ -255,6 +243,17 @@ class Meter:
         )
         self.ready = True
         self._wake_flusher()
+
+    def _owned_rows(self, table: Any, decode: Callable[[bytes], R], what: str) -> Iterator[tuple[bytes, R]]:
+        """The decodable rows of ``table`` on the partitions now owned; bad rows are logged and skipped."""
+        for key, value in read_rows(table):
+            try:
+                row = decode(value)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("ignoring bad %s row %r: %r", what, key, exc)
+                continue
+            if row.partition in self.partitions:
+                yield key, row
 
     def _new(self, key: bytes, partition: int) -> ProjectMeter | None:
         try:
