@@ -13,6 +13,16 @@ import orjson
 T = TypeVar("T")
 
 
+def events_in(s3: dict[str, bytes]) -> Counter[str]:
+    """How often each event ``n`` occurs in the gzip JSON-lines objects of a simulated bucket (key -> body)."""
+    seen: Counter[str] = Counter()
+    for key, body in s3.items():
+        if key.endswith(".json.gz"):
+            for line in gzip.decompress(body).splitlines():
+                seen[orjson.loads(line)["n"]] += 1
+    return seen
+
+
 def list_keys(s3_client: Any, bucket: str, prefix: str = "") -> list[str]:
     keys: list[str] = []
     for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -9,7 +9,6 @@ every diverted event exactly once.
 
 from __future__ import annotations
 
-import gzip
 import random
 from collections import Counter
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from streamapp.contract import TICK_KEY, position
 from streamapp.sink.drain import SEEN_WINDOW, OverflowChunks, SeenOffsets
 from streamapp.sink.layout import KIND_DELAYED, object_key
+from tests.helpers import events_in
 
 WINDOW = 10
 T0 = 1_800_000_000
@@ -134,15 +134,6 @@ def simulate(seed: int, n: int = 1500, crashes: int = 8, max_events: int = 40) -
             chunks = new_chunks(checkpoint, max_events)
             i = offset
     return s3
-
-
-def events_in(s3: dict[str, bytes]) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for key, body in s3.items():
-        if key.endswith(".json.gz"):
-            for line in gzip.decompress(body).splitlines():
-                seen[orjson.loads(line)["n"]] += 1
-    return seen
 
 
 def projects_of(s3: dict[str, bytes]) -> set[str]:

@@ -8,7 +8,6 @@ commit). After the replay the fake S3 must hold every event exactly once.
 
 from __future__ import annotations
 
-import gzip
 import random
 from collections import Counter
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from streamapp.contract import TICK_KEY
 from streamapp.sink.layout import KIND_MANIFEST_PART
 from streamapp.sink.partition import PartitionWindows, Route
+from tests.helpers import events_in
 
 WINDOW = 10
 LATENESS = 5
@@ -145,15 +145,6 @@ def simulate(
                 continue
             break
     return s3, log
-
-
-def events_in(s3: dict[str, bytes]) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    for key, body in s3.items():
-        if key.endswith(".json.gz"):
-            for line in gzip.decompress(body).splitlines():
-                seen[orjson.loads(line)["n"]] += 1
-    return seen
 
 
 @pytest.mark.parametrize("seed", range(12))
