@@ -111,9 +111,10 @@ def parse_record(value: bytes | None, max_record_bytes: int) -> ParsedRecord:
     return ParsedRecord(project_id, collection, events)
 
 
-def keen_id(partition: int, offset: int, index: int) -> str:
-    """24 hex digits, like Keen's ids, stable for a given source position."""
-    return f"{partition:04x}{offset:014x}{index:06x}"
+def keen_id_prefix(partition: int, offset: int) -> str:
+    """The first 18 of a keen.id's 24 hex digits (like Keen's ids); the event's index in its
+    record makes the last 6, so an id is stable for a given source position."""
+    return f"{partition:04x}{offset:014x}"
 
 
 _iso_cache: dict[int, str] = {}
@@ -168,13 +169,13 @@ class RecordStamps:
 
 
 def record_stamps(partition: int, offset: int, record_ms: int) -> RecordStamps:
-    return RecordStamps(f"{partition:04x}{offset:014x}", iso_from_ms(record_ms), record_ms / 1000.0)
+    return RecordStamps(keen_id_prefix(partition, offset), iso_from_ms(record_ms), record_ms / 1000.0)
 
 
 def enrich_event(event: dict[str, Any], index: int, stamps: RecordStamps) -> float:
     """Fill the ``keen`` properties in place and return the event time in epoch seconds.
 
-    ``keen.id`` is :func:`keen_id` of the event's source position; a missing or invalid
+    ``keen.id`` is :func:`keen_id_prefix` plus the event's index (6 hex digits); a missing or invalid
     ``keen.timestamp`` becomes the record's timestamp, as does a missing ``keen.created_at``.
     """
     keen = event.get("keen")
