@@ -182,8 +182,10 @@ def wait_exported(
         missing = Counter(project for project, _ in (want - got))
         extra = Counter(project for project, _ in (got - want))
         status = meter(worker) if worker is not None else {}
+        lost = sorted(want - got)
         raise AssertionError(
             f"{exc}\nmissing per project: {dict(missing)}\nextra: {dict(extra)}\n"
+            f"first/last missing: {lost[:3]} … {lost[-3:]}\n"
             f"drain: {status.get('drain')}\ncounters p00: {status.get('counters', {}).get('p00')}"
         ) from None
     time.sleep(2.0)  # anything written twice would show up now
@@ -459,7 +461,7 @@ def test_restart_during_episode_keeps_the_project_shed(broker, s3_client, bucket
     assert {s["project_id"] for s in shed_states(records) if s["state"] == "shed"} == {"spiky"}
     # The sink and the drain resumed exactly once across the restart.
     want = expected(sent)
-    wait_exported(s3_client, bucket, want)
+    wait_exported(s3_client, bucket, want, worker=restarted)
     objects = exported(s3_client, bucket)
     assert event_counts(objects) == want
     assert any(k.endswith("-delayed.json.gz") for k in objects)

@@ -43,7 +43,6 @@ def register_sink(app: faust.App, runtime: Runtime) -> None:
     @app.task
     async def control_plane() -> None:
         await runtime.control.start()
-        app.service_stopping_callbacks = getattr(app, "service_stopping_callbacks", [])
 
     @app.on_before_shutdown.connect
     async def stop_control(app: faust.App, **kwargs: object) -> None:

@@ -12,8 +12,10 @@ Why each piece of the checkpoint is needed:
   it are skipped (a batch record can straddle the commit point).
 * ``watermark``: late/on-time and window closing must be decided as before.
 * ``routes``: the shed markers in force (they come from the log, see ``marker``).
-* ``windows[S].skip_below``: windows flushed after the commit point; their events
-  in the replay range are already in S3 and must not be written again.
+* ``windows[S].skip_below``: windows flushed after the commit point; their admitted
+  events in the replay range are already in S3 and must not be written again. A
+  diverted event is diverted again (whether its first produce landed is unknown);
+  the drain delivers each source position once.
 """
 
 from __future__ import annotations
@@ -262,10 +264,9 @@ class PartitionWindows:
             if capped > max_time:
                 max_time = capped
             start = int(event_time // size) * size
-            if skip:
-                skip_below = skip.get(start)
-                if skip_below is not None and pos < skip_below.get(pc, 0):
-                    continue  # already in S3 before the crash/restart
+            # The diversion is decided before the skip check: ``skip`` says which admitted events
+            # are in S3, not whether a diverted one reached the overflow lane, so the replay
+            # diverts its excess again (the drain drops what it has delivered, by position).
             if route is not None and not admit_event(pos, route.fraction):
                 if route.mode == "divert":
                     counts.diverted += 1
@@ -278,6 +279,10 @@ class PartitionWindows:
                     counts.dropped += 1
                     continue
                 counts.shadow_excess += 1  # shadow: decide and count, change nothing
+            if skip:
+                skip_below = skip.get(start)
+                if skip_below is not None and pos < skip_below.get(pc, 0):
+                    continue  # already in S3 before the crash/restart
             counts.admitted += 1
             if target is None:
                 continue
