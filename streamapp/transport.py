@@ -17,7 +17,10 @@
    after the seek. Here nothing of an assigned partition is delivered before
    its first seek, the first batch after a seek must start at or before the
    target (see :func:`resume_verdict`; else it is dropped and the partition
-   sought again), and each offset is delivered at most once.
+   sought again), and each offset is delivered at most once. A partition without
+   a committed offset is not sought by aiokafka: it is sought to the next offset
+   to deliver, or to the first one fetched since its last seek, so records fetched
+   and dropped before the seek are read again (see :meth:`seek_to_committed`).
 4. Bulk topics: for topics named in ``app.bulk_topics`` each fetched batch of a
    partition becomes ONE Faust message whose value is a :class:`RecordBatch` of the
    raw aiokafka records. Faust's per-record machinery (a message, an event, queue
@@ -115,12 +118,14 @@ class StreamappConsumer(Consumer):
         self._resume: dict[TP, list[int]] = {}  # tp -> [seek target, re-seeks] until its first batch
         self._next_offset: dict[TP, int] = {}  # tp -> the next offset to deliver
         self._unsought: set[TP] = set()  # assigned, not sought yet: their records are not delivered
+        self._fetched_from: dict[TP, int] = {}  # tp -> first offset fetched since its last seek
         self.stale_records_dropped = 0
 
     def _mark_sought(self, tp: TP, offset: int | None) -> None:
         self._seek_seq += 1
         self._sought_seq[tp] = self._seek_seq
         self._unsought.discard(tp)
+        self._fetched_from.pop(tp, None)
         if offset is None:
             self._next_offset.pop(tp, None)
             self._resume.pop(tp, None)
@@ -143,11 +148,42 @@ class StreamappConsumer(Consumer):
             self._mark_sought(tp, None)
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
-        """Every assigned partition is sought (those without a commit keep their position)."""
+        """Every assigned partition is sought, also those aiokafka leaves where they are.
+
+        aiokafka seeks only partitions with a committed offset above 0. The others would keep
+        the fetch position, which is past any records fetched and dropped before this seek (by
+        the rule above, or because the flow stopped for a rebalance): those would never be
+        read. They are sought to :meth:`uncommitted_target` instead.
+        """
         committed = await super().seek_to_committed()
         for tp, offset in committed.items():
-            self._mark_sought(tp, offset if offset is not None and offset >= 0 else None)
+            if offset is not None and offset > 0:
+                target: int | None = offset
+            else:
+                target = self.uncommitted_target(tp, offset)
+                if target is not None:
+                    await super().seek(tp, target)
+            self._mark_sought(tp, target)
         return committed
+
+    def uncommitted_target(self, tp: TP, committed: int | None) -> int | None:
+        """Where a partition without a commit (None, or 0) resumes: None keeps its position.
+
+        A commit of 0 means offset 0. Otherwise the next offset to deliver (a partition that
+        delivered records since its last seek), else the first offset fetched since then
+        (where the fetch started; nothing of it was delivered), else the position (nothing
+        was fetched from it).
+        """
+        if committed == 0:
+            return 0
+        nxt = self._next_offset.get(tp)
+        return nxt if nxt is not None else self._fetched_from.get(tp)
+
+    def _note_fetched(self, records: Mapping[TP, list[Any]]) -> None:
+        fetched = self._fetched_from
+        for tp, batch in records.items():
+            if batch and (tp not in fetched or batch[0].offset < fetched[tp]):
+                fetched[tp] = batch[0].offset
 
     async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
         # Faust's fetcher runs before its seek to the committed offsets; what it fetches from
@@ -159,6 +195,7 @@ class StreamappConsumer(Consumer):
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self._unsought.difference_update(revoked)
         for tp in revoked:
+            self._fetched_from.pop(tp, None)
             self._sought_seq.pop(tp, None)
             self._resume.pop(tp, None)
             self._next_offset.pop(tp, None)
@@ -196,15 +233,16 @@ class StreamappConsumer(Consumer):
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
             return
+        self._note_fetched(records)
         if self._unsought or self._resume:
             records = self._resumable(records)
+        if not self.flow_active:
+            await self.perform_seek()
+            return
         deliver_seq = self._seek_seq
         bulk = getattr(self.app, "bulk_topics", None)
         if bulk:
             records = bulk_records(records, bulk, self._next_offset)
-        if not self.flow_active:
-            await self.perform_seek()
-            return
         to_message = self._to_message
         sought_seq = self._sought_seq
         buffered = self._buffered_partitions

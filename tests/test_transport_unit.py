@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from faust.types import TP
+from mode.utils.logging import CompositeLogger
 
 from streamapp.transport import (
     ACCEPT_GAP,
@@ -29,11 +30,19 @@ class Record:
 
 
 class FakeThread:
-    def __init__(self) -> None:
+    def __init__(self, committed: dict[TP, int | None] | None = None) -> None:
         self.seeks: list[tuple[TP, int]] = []
+        self.committed = committed or {}
 
     def seek(self, tp: TP, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    async def seek_to_committed(self) -> dict[TP, int | None]:
+        """As aiokafka: seeks only the partitions committed above 0."""
+        for tp, offset in self.committed.items():
+            if offset and offset > 0:
+                self.seeks.append((tp, offset))
+        return dict(self.committed)
 
 
 def consumer() -> Any:
@@ -44,9 +53,11 @@ def consumer() -> Any:
     c._resume = {}
     c._next_offset = {}
     c._unsought = set()
+    c._fetched_from = {}
+    c._read_offset = {}
     c.stale_records_dropped = 0
     c._thread = FakeThread()
-    c.log = logging.getLogger("test")
+    c.log = CompositeLogger(logging.getLogger("test"))
     return c
 
 
@@ -111,6 +122,35 @@ def test_nothing_is_delivered_before_the_first_seek_of_an_assignment() -> None:
     assert list(c._resumable({EVENTS_0: batch(5000), EVENTS_1: batch(7)})) == [EVENTS_1]
     c._mark_sought(EVENTS_0, None)
     assert list(c._resumable({EVENTS_0: batch(5000)})) == [EVENTS_0]
+
+
+async def test_a_partition_without_a_commit_is_read_from_where_its_fetch_started() -> None:
+    """Records fetched before the first seek are dropped; with no commit to seek to, the
+    partition goes back to the first of them (aiokafka would leave it past them: lost)."""
+    c = consumer()
+    fresh, committed_zero, untouched = TP("overflow", 0), TP("overflow", 1), TP("overflow", 2)
+    c._unsought = {EVENTS_0, fresh, committed_zero, untouched}
+    fetched = {EVENTS_0: batch(900), fresh: batch(0, 40), committed_zero: batch(0)}
+    c._note_fetched(fetched)
+    assert c._resumable(fetched) == {}
+    c._note_fetched({fresh: batch(40, 40)})  # the fetcher went on; still nothing delivered
+    c._thread = FakeThread({EVENTS_0: 216, fresh: None, committed_zero: 0, untouched: None})
+    await c.seek_to_committed()
+    assert sorted(c._thread.seeks) == sorted([(EVENTS_0, 216), (fresh, 0), (committed_zero, 0)])
+    assert c._unsought == set(), "every partition may deliver now"
+    assert c._fetched_from == {}, "a seek starts the record again"
+    assert c._next_offset == {EVENTS_0: 216, fresh: 0, committed_zero: 0}
+
+
+async def test_a_partition_kept_through_a_rebalance_resumes_after_its_last_delivery() -> None:
+    c = consumer()
+    c._mark_sought(EVENTS_0, None)  # uncommitted, nothing fetched: its position was kept
+    c._note_fetched({EVENTS_0: batch(0, 10)})
+    c._next_offset[EVENTS_0] = 6  # records 0-5 delivered, then the flow stopped for a rebalance
+    c._unsought = {EVENTS_0}
+    c._thread = FakeThread({EVENTS_0: None})
+    await c.seek_to_committed()
+    assert c._thread.seeks == [(EVENTS_0, 6)]
 
 
 @dataclass
