@@ -163,6 +163,7 @@ class StreamappConsumer(Consumer):
                 target = self.uncommitted_target(tp, offset)
                 if target is not None:
                     await super().seek(tp, target)
+                    self.log.info("%s: no committed offset; reading from offset %s", tp, target)
             self._mark_sought(tp, target)
         return committed
 
