@@ -20,11 +20,13 @@ def fill(
     per_record: int,
     project_for: Callable[[int], str],
     timestamp_for: Callable[[int], str] | None = None,
+    record_time_ms: Callable[[int], int] | None = None,
 ) -> int:
     """Create ``topic`` and produce ``records`` records of ``per_record`` events; returns the events.
 
     Record ``i`` belongs to ``project_for(i)``; its events get ``keen.timestamp = timestamp_for(i)``
-    when given (else the sink stamps them with the record's time).
+    when given (else the sink stamps them with the record's time), and the record the Kafka
+    timestamp ``record_time_ms(i)`` when given (else the time it is produced).
     """
 
     async def run() -> None:
@@ -50,7 +52,8 @@ def fill(
                     for event in events:
                         event["keen"] = {"timestamp": stamp}
                 value = encode_record(project, "pageviews", events)
-                pending.append(await producer.send(topic, value, key=project.encode()))
+                at = record_time_ms(i) if record_time_ms is not None else None
+                pending.append(await producer.send(topic, value, key=project.encode(), timestamp_ms=at))
                 if len(pending) >= 5000:
                     await asyncio.gather(*pending)
                     pending = []

@@ -23,6 +23,7 @@ Rates are measured from the first record a process sees to the last of the backl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -39,8 +40,11 @@ sys.path.insert(0, str(ROOT))
 PARTITIONS = 4
 PROJECTS = 100
 HOT_SHARE = 0.2  # share of the records of project-0 (the one that gets shed)
-# Quota per dataset: between project-0's rate and the others' (the backlog is produced within a
-# second or two, so the sustained 60 s rate is the backlog / 60).
+# The backlog's records carry Kafka timestamps spread over the SPREAD_SECONDS before it is
+# produced, as if it had arrived at a steady rate (the meter counts by record time). project-0's
+# sustained 60 s rate is then records/5/60 events/s, every other project's burst rate at most
+# ~records*0.8/99/SPREAD_SECONDS: the quota per dataset lies between them.
+SPREAD_SECONDS = 50.0
 QUOTA_EPS = {1: 100.0, 100: 1000.0}
 # The meter first: its rates are judged while the backlog is inside its 60 s sustained horizon.
 VARIANTS = ("meter", "bare-kafka", "bare-streamapp", "bare-take-events")
@@ -81,12 +85,13 @@ class Clock:
     delivered again after a rebalance (nothing is committed here) are not counted twice.
     """
 
-    def __init__(self, records: int, per_record: int, extra: Any = None) -> None:
+    def __init__(self, records: int, per_record: int, extra: Any = None, settle: Any = None) -> None:
         self.records = records
         self.per_record = per_record
         self.n = 0
         self.first = 0.0
         self.extra = extra
+        self.settle = settle  # coroutine function awaited after the clock stops, before ``extra``
         self.high: dict[int, int] = {}
 
     def add(self, messages: list[Any]) -> None:
@@ -97,14 +102,25 @@ class Clock:
             if m.offset > high.get(m.partition, -1):
                 high[m.partition] = m.offset
                 self.n += 1
-        if self.n >= self.records:
+        if self.n >= self.records and self.first:
             elapsed = time.monotonic() - self.first
             result = {"records": self.n, "seconds": elapsed, "rate": self.n / elapsed}
-            if self.extra is not None:
-                result.update(self.extra())
-            # Faust redirects print() into its logger: write to the real stdout.
-            os.write(1, (json.dumps(result) + "\n").encode())
-            os._exit(0)
+            self.first = 0.0  # report once
+            if self.settle is None:
+                self.report(result)
+            else:
+                asyncio.ensure_future(self._settle_and_report(result))
+
+    async def _settle_and_report(self, result: dict[str, Any]) -> None:
+        await self.settle()
+        self.report(result)
+
+    def report(self, result: dict[str, Any]) -> None:
+        if self.extra is not None:
+            result.update(self.extra())
+        # Faust redirects print() into its logger: write to the real stdout.
+        os.write(1, (json.dumps(result) + "\n").encode())
+        os._exit(0)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -147,7 +163,15 @@ def child(args: argparse.Namespace) -> None:
                 "projects": len(meter.projects),
             }
 
-        clock = Clock(args.count, args.per_record, extra)
+        async def settle() -> None:
+            """After the clock stopped: let the meter decide on what it counted (its decisions
+            wait for the control view, and a one-event backlog is read in well under a second)."""
+            deadline = time.monotonic() + 15.0
+            while not meter.can_decide() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # one meter tick: decide, then write the markers
+
+        clock = Clock(args.count, args.per_record, extra, settle)
         handle = meter.handle
 
         async def counted(batch: list[Any]) -> None:
@@ -247,7 +271,14 @@ def main() -> None:
         ):
             topic = f"bench-{uuid.uuid4().hex[:6]}"
             started = time.monotonic()
-            events = fill(broker.bootstrap, topic, PARTITIONS, records, per_record, hot_and_cold)
+            spread_from_ms = int((time.time() - SPREAD_SECONDS) * 1000)
+
+            def record_time_ms(i: int, n: int = records, t0: int = spread_from_ms) -> int:
+                return t0 + int(i * SPREAD_SECONDS * 1000 / n)
+
+            events = fill(
+                broker.bootstrap, topic, PARTITIONS, records, per_record, hot_and_cold, record_time_ms=record_time_ms
+            )
             print(f"{label}: produced {records} records ({events} events) in {time.monotonic() - started:.1f}s")
             runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
             for rep in range(args.repeat):
