@@ -160,10 +160,12 @@ class StreamappConsumer(Consumer):
             if offset is not None and offset > 0:
                 target: int | None = offset
             else:
+                refetch = offset is None and tp not in self._next_offset  # fetched, nothing delivered
                 target = self.uncommitted_target(tp, offset)
                 if target is not None:
                     await super().seek(tp, target)
-                    self.log.info("%s: no committed offset; reading from offset %s", tp, target)
+                    if refetch:
+                        self.log.info("%s: no committed offset; reading again from offset %s", tp, target)
             self._mark_sought(tp, target)
         return committed
 
