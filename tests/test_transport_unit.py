@@ -1,4 +1,4 @@
-"""The transport's pure parts: the resume rule after a seek, and bulk batches."""
+"""The transport's own rules: where a partition resumes after a seek, and bulk batches."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class FakeThread:
 
 
 def consumer() -> Any:
-    """A StreamappConsumer with only the state _check_resume uses (no app, no broker)."""
+    """A StreamappConsumer with only the state its seek and resume rules use (no app, no broker)."""
     c: Any = object.__new__(StreamappConsumer)
     c._seek_seq = 0
     c._sought_seq = {}
