@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from streamapp.contract import SHED_KEY, TICK_KEY
-from streamapp.sink.drain import OverflowChunks
+from streamapp.sink.drain import OverflowChunks, overflow_record
 from streamapp.sink.layout import KIND_MANIFEST_PART
 from streamapp.sink.partition import DivertedBatch, PartitionWindows, Route
 from tests.helpers import events_in
@@ -118,17 +118,8 @@ def feed(windows: PartitionWindows, record: tuple[int, int, bytes, bytes]) -> No
 
 
 def overflow_value(batch: DivertedBatch) -> bytes:
-    """The overflow record the sink produces for a diverted batch (see SinkService._dispatch)."""
-    events = [orjson.loads(line) for line in batch.events]
-    return orjson.dumps(
-        {
-            "project_id": batch.project_id,
-            "collection": batch.collection,
-            "source_partition": 0,
-            "positions": batch.positions,
-            "events": events,
-        }
-    )
+    """The overflow record the sink produces for a diverted batch of source partition 0."""
+    return overflow_record(batch.project_id, batch.collection, 0, batch.positions, batch.events)
 
 
 def drain_into(s3: dict[str, bytes], overflow: list[bytes]) -> None:

@@ -40,6 +40,25 @@ Target = tuple[str, str]
 SEEN_WINDOW = 1 << 16  # source offsets remembered below the highest delivered one (8 KiB of bitmap)
 
 
+def overflow_record(
+    project_id: str, collection: str, source_partition: int, positions: list[int], lines: list[bytes]
+) -> bytes:
+    """The overflow record of a diverted batch: ``lines`` are its events as JSON lines.
+
+    They are already encoded: spliced in rather than decoded and encoded again.
+    """
+    head = orjson.dumps(
+        {
+            "project_id": project_id,
+            "collection": collection,
+            "source_partition": source_partition,
+            "positions": positions,
+        }
+    )
+    events = b"[" + b",".join(line.rstrip(b"\n") for line in lines) + b"]"
+    return head[:-1] + b',"events":' + events + b"}"
+
+
 class SeenOffsets:
     """Source offsets of one source partition already delivered (a record's events share one)."""
 

@@ -22,6 +22,7 @@ import orjson
 from faust.types import TP, StreamT
 
 from streamapp.contract import SHED_KEY, TICK_KEY, invalid_record_value, position
+from streamapp.sink.drain import overflow_record
 from streamapp.sink.layout import (
     KIND_MANIFEST_PART,
     checkpoint_key,
@@ -233,17 +234,7 @@ class S3Sink:
             self.invalid_out += len(windows.invalid)
             windows.invalid.clear()
         for batch in windows.diverted:
-            value = orjson.dumps(
-                {
-                    "project_id": batch.project_id,
-                    "collection": batch.collection,
-                    "source_partition": partition,
-                    "positions": batch.positions,
-                }
-            )
-            # Events are already-encoded JSON lines: splice them in rather than decode again.
-            events = b"[" + b",".join(line.rstrip(b"\n") for line in batch.events) + b"]"
-            value = value[:-1] + b',"events":' + events + b"}"
+            value = overflow_record(batch.project_id, batch.collection, partition, batch.positions, batch.events)
             self._track(self._divert(windows, partition, batch.id, batch.project_id, value))
         windows.diverted.clear()
         for obj in windows.outbox:
