@@ -34,6 +34,7 @@ from streamapp.contract import (
     enrich_event,
     parse_record,
     position,
+    position_offset,
     record_stamps,
 )
 from streamapp.metering.shed import admit_event
@@ -329,6 +330,11 @@ class PartitionWindows:
             routes[project_id] = route
         self.routes = routes  # copy on write: snapshots keep the old mapping
 
+    @property
+    def read_offset(self) -> int:
+        """The next offset of the partition to read."""
+        return position_offset(self.next_pos)
+
     def skip_record(self, offset: int) -> None:
         """A record that is neither an event record nor a known control record: read past it."""
         self._advance_read(offset)
@@ -344,7 +350,7 @@ class PartitionWindows:
         end = position(offset + 1)
         if end <= self.next_pos:
             return False
-        expected = self.next_pos >> 20
+        expected = self.read_offset
         if offset > expected and self.next_pos:
             self.offset_gaps += 1
         self.next_pos = end  # never below skip_pos: _restore starts there
@@ -533,7 +539,7 @@ class PartitionWindows:
             "skip": skip,
             "windows": windows,
         }
-        return hold_pos >> 20, checkpoint
+        return position_offset(hold_pos), checkpoint
 
     def _restore(self, checkpoint: Mapping[str, Any]) -> None:
         self.skip_pos = int(checkpoint.get("position", 0))

@@ -181,9 +181,7 @@ class S3Sink:
                     break
                 yield_at = windows.events_in + YIELD_EVERY_EVENTS
         if windows.offset_gaps != gaps:
-            log.warning(
-                "sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.next_pos >> 20
-            )
+            log.warning("sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.read_offset)
         self._dispatch_if_owned(tp.partition, windows)
         await self.wait_for_s3()
 
@@ -369,7 +367,7 @@ class S3Sink:
                 continue
             tp = TP(self.topic, partition)
             highwater = consumer.highwater(tp)
-            if highwater is not None and highwater > (windows.next_pos >> 20):
+            if highwater is not None and highwater > windows.read_offset:
                 continue  # not caught up: real events will move the watermark
             status.last_message_at = now
             value = orjson.dumps({"watermark": time.time()})
@@ -389,10 +387,10 @@ class S3Sink:
             partitions[str(partition)] = {
                 **info,
                 "committed_offset": status.committed_offset,
-                "read_offset": windows.next_pos >> 20,
+                "read_offset": windows.read_offset,
                 "highwater": highwater,
                 "offsets_behind": max(0, highwater - status.committed_offset),
-                "read_lag": max(0, highwater - (windows.next_pos >> 20)),
+                "read_lag": max(0, highwater - windows.read_offset),
                 "oldest_unflushed_age_seconds": round(unflushed_age, 3),
                 "last_flush_at": status.last_flush_at,
             }
