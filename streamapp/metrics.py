@@ -19,6 +19,7 @@ bounded by the partition count, route labels by the registered routes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +194,13 @@ class RuntimeCollector:
         return []  # no fixed description: registering must not call into the runtime
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._project_families, self._sink_families, self._s3_families, self._overflow_families):
+        for part in (
+            self._project_families,
+            self._sink_families,
+            self._s3_families,
+            self._overflow_families,
+            self._parking_families,
+        ):
             try:
                 yield from part()
             except Exception as exc:  # noqa: BLE001 - a scrape must not fail because one source is not ready
@@ -274,6 +281,9 @@ class RuntimeCollector:
             out.append(family)
         return out
 
+    def _parking_families(self) -> list[Metric]:
+        return parking_families(self.runtime.parking.book.snapshot(), self.runtime.parking.book, self.projects.top_n)
+
     def _overflow_families(self) -> list[Metric]:
         status = self.runtime.meter.drain_status()
         out = []
@@ -311,3 +321,43 @@ def overflow_backlog_by_partition(status: Mapping[str, Any]) -> dict[str, float]
             if isinstance(value, int | float):
                 out[str(partition)] = float(value)
     return out
+
+
+def parking_families(parked: Mapping[str, Mapping[str, Any]], counters: Any, top_n: int) -> list[Metric]:
+    """Parked destinations (``streamapp.sink.parking``): totals, and per project for the ``top_n``
+    largest backlogs (the rest summed into ``project="other"``: labels stay bounded)."""
+    projects = GaugeMetricFamily("streamapp_parked_projects", "Projects whose own S3 destination is parked")
+    projects.add_metric([], float(len(parked)))
+    objects = GaugeMetricFamily(
+        "streamapp_parked_objects", "Objects parked, waiting for their project's destination", labels=["project"]
+    )
+    nbytes = GaugeMetricFamily("streamapp_parked_bytes", "Bytes parked, by project", labels=["project"])
+    age = GaugeMetricFamily(
+        "streamapp_parked_age_seconds", "Seconds since a project's destination was parked", labels=["project"]
+    )
+    ranked = sorted(parked.items(), key=lambda kv: (-int(kv[1].get("backlog_bytes") or 0), kv[0]))
+    other_objects = other_bytes = 0.0
+    other_since: float | None = None
+    now = time.time()
+    for i, (project_id, state) in enumerate(ranked):
+        n, b = float(state.get("backlog_objects") or 0), float(state.get("backlog_bytes") or 0)
+        since = float(state.get("since") or now)
+        if i < top_n and project_id != OTHER:
+            objects.add_metric([project_id], n)
+            nbytes.add_metric([project_id], b)
+            age.add_metric([project_id], max(0.0, now - since))
+        else:
+            other_objects += n
+            other_bytes += b
+            other_since = since if other_since is None else min(other_since, since)
+    if other_since is not None:
+        objects.add_metric([OTHER], other_objects)
+        nbytes.add_metric([OTHER], other_bytes)
+        age.add_metric([OTHER], max(0.0, now - other_since))
+    parked_total = CounterMetricFamily("streamapp_objects_parked", "Objects parked since the worker started")
+    parked_total.add_metric([], float(counters.objects_parked))
+    redelivered = CounterMetricFamily(
+        "streamapp_objects_redelivered", "Parked objects copied to their destination since the worker started"
+    )
+    redelivered.add_metric([], float(counters.objects_redelivered))
+    return [projects, objects, nbytes, age, parked_total, redelivered]

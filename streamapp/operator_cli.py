@@ -496,3 +496,68 @@ def unshed(args: _qt_argparse.Namespace) -> int:
     from streamapp.control import override_record
 
     return _qt_publish(args, [override_record(args.project_id, "clear" if args.clear else "unshed", args.reason)])
+
+
+# ============================================================================================
+# sink parked|retry-parked (issue #9): projects whose own S3 destination fails are parked
+# (streamapp.sink.parking); show them, or have every worker try to redeliver them now.
+# ============================================================================================
+import argparse as _pk_argparse  # noqa: E402
+import json as _pk_json  # noqa: E402
+import sys as _pk_sys  # noqa: E402
+import time as _pk_time  # noqa: E402
+from typing import Any as _PkAny  # noqa: E402
+
+from streamapp.cli import command as _pk_command  # noqa: E402
+
+
+def _sink_args(parser: _pk_argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="sink_command", required=True)
+    parked = sub.add_parser("parked", help="projects whose own S3 destination is parked, with reason and backlog")
+    parked.add_argument("--json", action="store_true", help="print the /sink/ view's parked projects as JSON")
+    retry = sub.add_parser("retry-parked", help="redeliver parked objects now (one project or all)")
+    retry.add_argument("--project", default=None, help="only this project")
+    for p in (parked, retry):
+        p.add_argument("--web", default=None, help="worker web URL (default http://127.0.0.1:$STREAMAPP_WEB_PORT)")
+        p.add_argument("--token", default=None, help="admin token (default $STREAMAPP_ADMIN_TOKEN)")
+
+
+@_pk_command("sink", _sink_args)
+def sink(args: _pk_argparse.Namespace) -> int:
+    """Parked destinations: list them, or retry their redelivery now (through a worker's admin API)."""
+    web, token = admin_target(args.web, args.token)
+    try:
+        if args.sink_command == "retry-parked":
+            body = {"project_id": args.project} if args.project else {}
+            answer = admin_request(web, token, "POST", "/admin/sink/retry-parked", body)
+            print(_pk_json.dumps(answer, sort_keys=True))
+            if args.project and args.project not in answer.get("retried", []):
+                print(f"streamapp sink retry-parked: {args.project} is not parked on any worker", file=_pk_sys.stderr)
+                return 1
+            return 0
+        view = admin_request(web, token, "GET", "/sink/")
+    except AdminApiError as exc:
+        print(f"streamapp sink {args.sink_command}: {exc}", file=_pk_sys.stderr)
+        return 1
+    parked = view.get("parked") or {}
+    if args.json:
+        print(_pk_json.dumps(parked, indent=2, sort_keys=True))
+    else:
+        print(render_parked(parked))
+    return 0
+
+
+def render_parked(parked: dict[str, _PkAny]) -> str:
+    """The ``sink parked`` table."""
+    now = _pk_time.time()
+    lines = [f"{'project':<24} {'since':>7} {'objects':>8} {'bytes':>12}  reason"]
+    for pid, p in sorted(parked.items()):
+        since = p.get("since")
+        age = f"{max(0.0, now - float(since)):.0f}s" if isinstance(since, int | float) else "-"
+        lines.append(
+            f"{str(pid)[:24]:<24} {age:>7} {int(p.get('backlog_objects') or 0):>8} "
+            f"{int(p.get('backlog_bytes') or 0):>12}  {p.get('reason') or ''}"
+        )
+    if not parked:
+        lines.append("(no parked destinations)")
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import faust
 from streamapp.control import ControlPlane
 from streamapp.metrics import Metrics
 from streamapp.settings import Settings
+from streamapp.sink.parking import Parking
 from streamapp.sink.partition import Target
 from streamapp.sink.s3 import S3Writer
 from streamapp.topics import Topics
@@ -29,6 +30,7 @@ class Runtime:
         self.metrics = Metrics()
         self.s3 = S3Writer(settings)
         self.control = ControlPlane(settings)
+        self.parking = Parking(self)  # a tenant's failing bucket: park its objects (streamapp.sink.parking)
         self.sink = S3Sink(self)
         self._background: set[asyncio.Future[Any]] = set()
 

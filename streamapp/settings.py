@@ -43,6 +43,9 @@ class Settings:
     s3_upload_concurrency: int = _doc("Parallel S3 uploads per worker", default=8)
     s3_retry_max_seconds: float = _doc("Cap of the exponential backoff between S3 retries", default=10.0)
     s3_timeout_seconds: float = _doc("Connect/read timeout of one S3 request before it is retried", default=30.0)
+    s3_parked_retry_seconds: float = _doc(
+        "Seconds between redelivery attempts of a parked project's objects (its own bucket failing)", default=30.0
+    )
     # --- windows ---
     window_seconds: int = _doc("S3 tumbling window length in seconds (Keen: 300)", default=300)
     allowed_lateness_seconds: int = _doc("Event-time lateness before a window closes", default=60)
@@ -118,6 +121,7 @@ class Settings:
             "sustained_horizon_seconds",
         ):
             need(getattr(self, name) > 0, name, "must be > 0")
+        need(self.s3_parked_retry_seconds > 0, "s3_parked_retry_seconds", "must be > 0")
         need(self.allowed_lateness_seconds >= 0, "allowed_lateness_seconds", "must be >= 0")
         need(self.default_eps_limit > 0, "default_eps_limit", "must be > 0")
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")

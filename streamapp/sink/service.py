@@ -262,9 +262,17 @@ class S3Sink:
         self._commit_wanted.set()
 
     async def _upload(self, windows: PartitionWindows, partition: int, obj: PendingObject) -> None:
+        parking = self.runtime.parking
+        parked_key: str | None = None
         async with self._slots:
             content_type = "application/json" if obj.kind == KIND_MANIFEST_PART else "application/gzip"
-            size = await self.s3.put(obj.bucket, obj.key, obj.body, content_type)
+            if parking.eligible(obj):
+                # A tenant's own bucket: a tenant error parks the object (durable, in the service's
+                # bucket) instead of holding this slot, the pending bytes and the commit point.
+                delivery = await parking.deliver(partition, obj, content_type)
+                size, parked_key = delivery.size, delivery.parked_key
+            else:
+                size = await self.s3.put(obj.bucket, obj.key, obj.body, content_type)
         windows.done(obj.id)
         self.pending_bytes -= obj.nbytes
         if self.pending_bytes <= self.max_pending_bytes:
@@ -276,9 +284,15 @@ class S3Sink:
         if obj.kind == KIND_MANIFEST_PART:
             self._manifest_checks.add(obj.start)
             return
-        self.objects_written += 1
-        self.runtime.metrics.object_written(obj, size)
-        notice = orjson.dumps({**obj.describe(), "window_start": obj.start, "gzip_bytes": size, "partition": partition})
+        notice_fields = {**obj.describe(), "window_start": obj.start, "gzip_bytes": size, "partition": partition}
+        if parked_key is not None:
+            # Not in the tenant's bucket yet: a "redelivered" notice follows when it is.
+            notice_fields.update(status="parked", parked_bucket=parking.bucket, parked_key=parked_key)
+        else:
+            self.objects_written += 1
+            self.runtime.metrics.object_written(obj, size)
+            notice_fields["status"] = "written"
+        notice = orjson.dumps(notice_fields)
         self.runtime.spawn(
             self.runtime.app.producer.send(
                 self.runtime.topics.objects.get_topic_name(), obj.key.encode(), notice, None, None, None

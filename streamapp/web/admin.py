@@ -7,6 +7,9 @@
 * ``POST /admin/projects/{id}/shed`` ``{"reason", "mode"?}``: manual shed override
 * ``DELETE /admin/projects/{id}/shed`` ``{"reason"}``: manual unshed override
   (``?clear=true`` removes the override instead: automatic shedding again)
+* ``POST /admin/sink/retry-parked`` ``{"project_id"?}``: redeliver parked objects now (one project
+  or all; see ``streamapp.sink.parking``). Parked objects live with their partition's owner, so
+  the call goes to every worker of the group (``?local=1``: this worker only).
 
 Every change is a record on the control topic (:mod:`streamapp.control`), so it reaches every
 worker; the answer comes once this worker's own view shows the change (at most ``VIEW_WAIT_SECONDS``),
@@ -22,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
+import aiohttp
 import faust
 import orjson
 from aiohttp import web
@@ -184,6 +188,42 @@ class AdminApi:
         return {"project_id": project_id, "override": None if clear else record, "replicated": replicated}
 
 
+async def retry_parked(admin: AdminApi, app: faust.App, request: web.Request) -> dict[str, Any]:
+    """``POST /admin/sink/retry-parked``: make parked projects due now here and on every peer."""
+    from streamapp.web.views import PEER_TIMEOUT_SECONDS, Views, is_local
+
+    doc = await admin.body(request, required=False)
+    project_id = doc.get("project_id", request.query.get("project_id"))
+    if project_id is not None:
+        project_id = admin.project_id(project_id)
+    projects = admin.runtime.parking.retry_now(project_id)
+    views = Views(app, admin.runtime)
+    workers: dict[str, Any] = {views.url: {"projects": projects}}
+    if not is_local(request):
+        session: Any = app.http_client
+        body = {"project_id": project_id} if project_id is not None else {}
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+
+        async def ask(peer: str) -> Any:
+            async with session.post(
+                peer + "/admin/sink/retry-parked",
+                params={"local": "1"},
+                json=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_SECONDS),
+            ) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+                return (await resp.json(content_type=None)).get("workers", {}).get(peer, {})
+
+        peers = views.peers()
+        answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
+        for peer, answer in zip(peers, answers, strict=True):
+            workers[peer] = {"error": repr(answer)[:200]} if isinstance(answer, BaseException) else answer
+    retried = sorted({p for w in workers.values() for p in w.get("projects", [])})
+    return {"project_id": project_id, "retried": retried, "workers": workers}
+
+
 def parse_quota(doc: Mapping[str, Any], *, require_any: bool) -> dict[str, Any]:
     """The quota fields present in ``doc``, validated: numbers > 0 (burst >= 0) or null for the default."""
     out: dict[str, Any] = {}
@@ -252,5 +292,10 @@ def register_admin(app: faust.App, runtime: Runtime) -> AdminApi:
 
         async def delete(self, request: web.Request, project_id: str) -> web.Response:
             return await _guard(admin, request, lambda: admin.override(request, project_id, "unshed"))
+
+    @app.page("/admin/sink/retry-parked")
+    class AdminRetryParked(faust.web.View):
+        async def post(self, request: web.Request) -> web.Response:
+            return await _guard(admin, request, lambda: retry_parked(admin, app, request))
 
     return admin

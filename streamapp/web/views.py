@@ -155,7 +155,10 @@ def merge_sink(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     partitions: dict[str, dict[str, Any]] = {}
     overflow: list[Mapping[str, Any]] = []
+    parked: dict[str, Any] = {}
     for payload in payloads:
+        if isinstance(payload.get("parked"), Mapping):
+            parked.update(payload["parked"])  # a project's partition has one owner: a union
         for partition, info in (payload.get("partitions") or {}).items():
             old = partitions.get(partition)
             if old is None or info.get("committed_offset", 0) > old.get("committed_offset", 0):
@@ -163,7 +166,7 @@ def merge_sink(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         if isinstance(payload.get("overflow"), Mapping):
             overflow.append(payload["overflow"])
         for key, value in payload.items():
-            if key in ("partitions", "overflow", "worker", "workers", "partial"):
+            if key in ("partitions", "overflow", "worker", "workers", "partial", "parked"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 if value and not out.get(key):
@@ -176,6 +179,7 @@ def merge_sink(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 out[key] = out.get(key, 0) + value
     out["partitions"] = dict(sorted(partitions.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0))
     out["overflow"] = merge_numbers(overflow)
+    out["parked"] = dict(sorted(parked.items()))
     return out
 
 
@@ -455,6 +459,7 @@ class Views:
             "events_in": sink.events_in,
             "invalid": sink.invalid_out,
             "overflow": runtime.meter.drain_status(),
+            **parked_view(runtime),
         }
 
     async def sink(self, request: Any) -> dict[str, Any]:
@@ -528,6 +533,20 @@ class Views:
 
     def default_max_lag(self) -> float:
         return 50_000.0  # records behind the high watermark: about two seconds of a busy partition
+
+
+def parked_view(runtime: Runtime) -> dict[str, Any]:
+    """The parked destinations of this worker (``streamapp.sink.parking``) for /sink/."""
+    book = runtime.parking.book
+    objects, nbytes = book.totals()
+    return {
+        "parked": book.snapshot(),
+        "parked_projects": len(book.tenants),
+        "parked_objects": objects,
+        "parked_bytes": nbytes,
+        "objects_parked": book.objects_parked,
+        "objects_redelivered": book.objects_redelivered,
+    }
 
 
 def key_partition(project_id: str, partitions: int) -> int:

@@ -1,0 +1,447 @@
+"""Parked destinations: a tenant's broken S3 destination costs only that tenant.
+
+When an upload to a project's own bucket fails with a tenant error (missing bucket, access
+denied, KMS key unusable: ``streamapp.sink.s3_errors``), the object is *parked*: written with
+the same bytes to the service's own bucket under
+
+    {prefix}/_parked/{app_id}/{topic}/{partition}/{project}/{bucket}/{key}
+
+(the key alone says where it belongs; user metadata adds the reason, the time and the
+object's "object written" notice). A parked object is durable, so the partition's commit
+point moves past it and its upload slot and pending bytes are released at once. While a
+project is parked its new objects go straight to the quarantine (no slot spent on a request
+that fails).
+
+The redeliverer (``Parking.run``, one task per worker) copies each parked object of a due
+project to its original bucket and key (server-side copy, same bytes, no metadata of ours)
+and then deletes the parked copy; the first tenant error ends the attempt and the project
+stays parked until the next one (``STREAMAPP_S3_PARKED_RETRY_SECONDS``, or an operator's
+retry now). A crash between copy and delete copies again to the same key with the same
+bytes, and a replay re-parks under the same parked key: one object per key, exactly once.
+Each worker redelivers the partitions it owns; it lists their parked prefixes whenever its
+assignment changes (and every ``RESCAN_SECONDS``), so parked objects survive restarts and
+rebalances.
+
+``ParkingBook`` is the bookkeeping, pure (times are passed in): what is parked, why, since
+when, and when to try again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from streamapp.sink.layout import KIND_MANIFEST_PART
+from streamapp.sink.s3 import S3Writer
+from streamapp.sink.s3_errors import DestinationError, ErrorKind, classify_exception, error_code_and_status
+
+if TYPE_CHECKING:
+    from streamapp.runtime import Runtime
+    from streamapp.sink.partition import PendingObject
+
+log = logging.getLogger(__name__)
+
+PARKED_DIR = "_parked"
+RESCAN_SECONDS = 60.0  # list the owned partitions' parked prefixes at least this often
+LOOP_SECONDS = 1.0
+CONTENT_TYPE = "application/gzip"  # only data objects are parked (manifest parts go to the service bucket)
+META_REASON = "streamapp-reason"
+META_PARKED_AT = "streamapp-parked-at"
+META_NOTICE = "streamapp-notice"
+
+
+# ---------------------------------------------------------------------------------------- keys
+def parked_root(prefix: str, app_id: str, topic: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/{PARKED_DIR}/{app_id}/{topic}/" if prefix else f"{PARKED_DIR}/{app_id}/{topic}/"
+
+
+def parked_key(root: str, partition: int, project_id: str, bucket: str, key: str) -> str:
+    """Where an object of ``partition`` bound for ``bucket``/``key`` waits (project ids and buckets have no '/')."""
+    return f"{root}{partition}/{project_id}/{bucket}/{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedObject:
+    parked_key: str
+    partition: int
+    project_id: str
+    bucket: str  # the original destination
+    key: str
+    size: int  # bytes as stored (gzip)
+
+
+def parse_parked_key(root: str, parked: str, size: int = 0) -> ParkedObject | None:
+    """The parked object a key of the quarantine stands for; None for anything else."""
+    if not parked.startswith(root):
+        return None
+    parts = parked[len(root) :].split("/", 3)
+    if len(parts) != 4 or not parts[0].isdigit() or not all(parts):
+        return None
+    partition, project_id, bucket, key = parts
+    return ParkedObject(parked, int(partition), project_id, bucket, key, size)
+
+
+# ---------------------------------------------------------------------------------- bookkeeping
+@dataclass
+class TenantParking:
+    """One parked project: its objects waiting in the quarantine and the state of redelivery."""
+
+    project_id: str
+    reason: str
+    since: float
+    next_attempt_at: float
+    objects: dict[str, ParkedObject] = field(default_factory=dict)
+    attempts: int = 0
+    last_attempt_at: float | None = None
+    last_error: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "project_id": self.project_id,
+            "parked": True,
+            "reason": self.reason,
+            "since": self.since,
+            "buckets": sorted({o.bucket for o in self.objects.values()}),
+            "backlog_objects": len(self.objects),
+            "backlog_bytes": sum(o.size for o in self.objects.values()),
+            "redelivery_attempts": self.attempts,
+            "last_attempt_at": self.last_attempt_at,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+        }
+
+
+class ParkingBook:
+    """What is parked on this worker, per project, and when to try redelivering it (no I/O, no clock)."""
+
+    def __init__(self, retry_seconds: float) -> None:
+        self.retry_seconds = retry_seconds
+        self.tenants: dict[str, TenantParking] = {}
+        self.objects_parked = 0  # counters since start (metrics)
+        self.objects_redelivered = 0
+
+    def is_parked(self, project_id: str) -> bool:
+        return project_id in self.tenants
+
+    def parked(self, obj: ParkedObject, reason: str, now: float) -> None:
+        """``obj`` is in the quarantine because of ``reason``; a new tenant is retried after ``retry_seconds``."""
+        tenant = self.tenants.get(obj.project_id)
+        if tenant is None:
+            tenant = self.tenants[obj.project_id] = TenantParking(
+                obj.project_id, reason, now, next_attempt_at=now + self.retry_seconds
+            )
+        if obj.parked_key not in tenant.objects:
+            self.objects_parked += 1
+        tenant.objects[obj.parked_key] = obj
+
+    def discovered(self, objects: Iterable[ParkedObject], now: float) -> list[str]:
+        """Parked objects found by listing the quarantine (after a restart or a rebalance).
+
+        Projects not known yet are due at once (their objects may have waited for a long time);
+        returns them, so the caller can fetch their reason.
+        """
+        new: list[str] = []
+        for obj in objects:
+            tenant = self.tenants.get(obj.project_id)
+            if tenant is None:
+                tenant = self.tenants[obj.project_id] = TenantParking(
+                    obj.project_id, "parked before this worker took the partition", now, next_attempt_at=now
+                )
+                new.append(obj.project_id)
+            tenant.objects.setdefault(obj.parked_key, obj)
+        return new
+
+    def redelivered(self, obj: ParkedObject) -> bool:
+        """``obj`` is in its original place and no longer parked; True when its tenant has nothing left."""
+        tenant = self.tenants.get(obj.project_id)
+        if tenant is None or tenant.objects.pop(obj.parked_key, None) is None:
+            return False
+        self.objects_redelivered += 1
+        if not tenant.objects:
+            del self.tenants[obj.project_id]
+            return True
+        return False
+
+    def attempt_started(self, project_id: str, now: float) -> list[ParkedObject]:
+        """Begin a redelivery attempt: the project's objects, oldest key first."""
+        tenant = self.tenants.get(project_id)
+        if tenant is None:
+            return []
+        tenant.attempts += 1
+        tenant.last_attempt_at = now
+        tenant.next_attempt_at = now + self.retry_seconds
+        return sorted(tenant.objects.values(), key=lambda o: o.parked_key)
+
+    def attempt_failed(self, project_id: str, kind: ErrorKind, reason: str, now: float) -> None:
+        """The attempt stopped on an error; a tenant error is the new reason, a transient one only noted."""
+        tenant = self.tenants.get(project_id)
+        if tenant is None:
+            return
+        tenant.last_error = reason
+        if kind is ErrorKind.TENANT:
+            tenant.reason = reason
+        tenant.next_attempt_at = now + self.retry_seconds
+
+    def set_reason(self, project_id: str, reason: str, since: float | None) -> None:
+        tenant = self.tenants.get(project_id)
+        if tenant is not None:
+            tenant.reason = reason
+            if since is not None:
+                tenant.since = min(tenant.since, since)
+
+    def retry_now(self, project_id: str | None = None) -> list[str]:
+        """Make one project (or all) due now; returns the projects concerned."""
+        ids = [project_id] if project_id is not None else list(self.tenants)
+        out = []
+        for pid in ids:
+            tenant = self.tenants.get(pid)
+            if tenant is not None:
+                tenant.next_attempt_at = float("-inf")
+                out.append(pid)
+        return out
+
+    def due(self, now: float) -> list[str]:
+        return sorted(pid for pid, t in self.tenants.items() if t.next_attempt_at <= now)
+
+    def forget_partitions(self, keep: set[int]) -> None:
+        """Drop objects of partitions this worker no longer owns (their new owner lists them)."""
+        for pid in list(self.tenants):
+            tenant = self.tenants[pid]
+            tenant.objects = {k: o for k, o in tenant.objects.items() if o.partition in keep}
+            if not tenant.objects:
+                del self.tenants[pid]
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {pid: t.describe() for pid, t in sorted(self.tenants.items())}
+
+    def totals(self) -> tuple[int, int]:
+        """(objects, bytes) parked on this worker."""
+        objects = sum(len(t.objects) for t in self.tenants.values())
+        nbytes = sum(o.size for t in self.tenants.values() for o in t.objects.values())
+        return objects, nbytes
+
+
+# -------------------------------------------------------------------------------------- service
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Outcome of ``Parking.deliver``: where the object went."""
+
+    size: int
+    parked_key: str | None = None  # set: parked, not in its destination yet
+    reason: str = ""
+
+
+class Parking:
+    """Delivers tenant objects or parks them; redelivers parked ones in the background."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.s3: S3Writer = runtime.s3
+        self.book = ParkingBook(self.settings.s3_parked_retry_seconds)
+        self.bucket = self.settings.s3_bucket
+        self.root = parked_root(self.settings.s3_prefix, self.settings.app_id, self.settings.events_topic)
+        self._redeliver_s3: S3Writer | None = None  # one thread of its own: never takes the sink's pool
+        self._wake = asyncio.Event()
+        self._scanned: set[int] = set()
+        self._scanned_at = 0.0
+
+    # ------------------------------------------------------------------------------- delivery
+    def eligible(self, obj: PendingObject) -> bool:
+        """Only data objects bound for a bucket other than the service's own can be parked.
+
+        A failing service bucket is everybody's outage (the quarantine lives there too): retry.
+        """
+        return obj.kind != KIND_MANIFEST_PART and obj.bucket != self.bucket
+
+    async def deliver(self, partition: int, obj: PendingObject, content_type: str) -> Delivery:
+        """Write ``obj`` to its destination, or park it there on a tenant error (or while parked)."""
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(self.s3.pool, obj.body)
+        if not self.book.is_parked(obj.project_id):
+            try:
+                size = await self.s3.put(obj.bucket, obj.key, lambda: body, content_type, tenant=True)
+                return Delivery(size)
+            except DestinationError as exc:
+                reason = exc.reason
+                log.warning("project %s: %s/%s failed (%s): parking it", obj.project_id, obj.bucket, obj.key, reason)
+        else:
+            reason = self.book.tenants[obj.project_id].reason
+        target = parked_key(self.root, partition, obj.project_id, obj.bucket, obj.key)
+        now = time.time()
+        notice = {**obj.describe(), "window_start": obj.start, "gzip_bytes": len(body), "partition": partition}
+        metadata = {
+            META_REASON: _ascii(reason)[:512],
+            META_PARKED_AT: f"{now:.3f}",
+            META_NOTICE: json.dumps(notice, ensure_ascii=True, separators=(",", ":"))[:1200],
+        }
+        # Into the service's own bucket, retried like any other write of the service.
+        await self.s3.put(self.bucket, target, lambda: body, content_type, metadata=metadata)
+        self.book.parked(ParkedObject(target, partition, obj.project_id, obj.bucket, obj.key, len(body)), reason, now)
+        self._wake.set()
+        return Delivery(len(body), target, reason)
+
+    # ----------------------------------------------------------------------------- redelivery
+    def retry_now(self, project_id: str | None = None) -> list[str]:
+        """Operator's "retry now": due at once; returns the projects concerned on this worker."""
+        projects = self.book.retry_now(project_id)
+        self._wake.set()
+        return projects
+
+    def owned_partitions(self) -> set[int] | None:
+        """Events partitions assigned to this worker (None while unknown)."""
+        try:
+            assignment = self.runtime.app.consumer.assignment()
+        except Exception:  # noqa: BLE001 - consumer not started yet
+            return None
+        return {tp.partition for tp in assignment if tp.topic == self.settings.events_topic}
+
+    async def run(self) -> None:
+        """The redeliverer: rescans on assignment changes, redelivers due projects; never raises."""
+        while True:
+            try:
+                await self.step(time.time())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad object must not stop redelivery of others
+                log.warning("parking: redelivery round failed: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=LOOP_SECONDS)
+            self._wake.clear()
+
+    async def step(self, now: float) -> None:
+        owned = self.owned_partitions()
+        if owned is not None:
+            await self.rescan(owned, now)
+        for project_id in self.book.due(time.time()):
+            await self.redeliver(project_id)
+
+    async def rescan(self, owned: set[int], now: float) -> None:
+        """List the parked prefixes of newly owned partitions (all of them every RESCAN_SECONDS)."""
+        self.book.forget_partitions(owned)
+        if now - self._scanned_at >= RESCAN_SECONDS:
+            todo, self._scanned_at = set(owned), now
+        else:
+            todo = owned - self._scanned
+        self._scanned &= owned
+        for partition in sorted(todo):
+            try:
+                listed = await self._list(f"{self.root}{partition}/")
+            except (ClientError, BotoCoreError, OSError) as exc:
+                log.warning("parking: cannot list parked objects of partition %s: %r", partition, exc)
+                continue
+            objects = [o for o in (parse_parked_key(self.root, k, size) for k, size in listed) if o is not None]
+            new = self.book.discovered(objects, now)
+            self._scanned.add(partition)
+            for project_id in new:
+                await self._restore_reason(project_id)
+            if objects:
+                log.info("parking: %d parked objects found for partition %s", len(objects), partition)
+
+    async def redeliver(self, project_id: str) -> None:
+        """Copy the project's parked objects home, oldest first; stop at the first error."""
+        objects = self.book.attempt_started(project_id, time.time())
+        for obj in objects:
+            try:
+                notice = await self._copy_home(obj)
+            except Exception as exc:  # noqa: BLE001 - classified below; transient ones too wait for the next attempt
+                kind, reason = classify_exception(exc)
+                self.book.attempt_failed(project_id, kind, reason, time.time())
+                log.info("parking: project %s still parked (%s)", project_id, reason)
+                return
+            if self.book.redelivered(obj):
+                log.info("parking: project %s redelivered, no longer parked", project_id)
+            if notice is not None:
+                where = {"bucket": obj.bucket, "key": obj.key, "project_id": obj.project_id, "partition": obj.partition}
+                self._notify({**notice, **where, "status": "redelivered", "redelivered_at": time.time()}, obj.key)
+
+    async def _copy_home(self, obj: ParkedObject) -> dict[str, Any] | None:
+        """Copy one parked object to its destination, then delete it; its notice (None if already gone)."""
+        client = self._redeliverer().client
+        loop = asyncio.get_running_loop()
+        pool = self._redeliverer().pool
+        try:
+            head = await loop.run_in_executor(pool, lambda: client.head_object(Bucket=self.bucket, Key=obj.parked_key))
+        except ClientError as exc:
+            if error_code_and_status(exc)[1] == 404:
+                return None  # redelivered by someone else (a previous owner, an operator)
+            raise
+        await loop.run_in_executor(
+            pool,
+            lambda: client.copy_object(
+                Bucket=obj.bucket,
+                Key=obj.key,
+                CopySource={"Bucket": self.bucket, "Key": obj.parked_key},
+                MetadataDirective="REPLACE",  # the tenant's object is as a direct upload: no metadata of ours
+                ContentType=CONTENT_TYPE,
+            ),
+        )
+        await loop.run_in_executor(pool, lambda: client.delete_object(Bucket=self.bucket, Key=obj.parked_key))
+        try:
+            notice = orjson.loads((head.get("Metadata") or {}).get(META_NOTICE) or "{}")
+        except orjson.JSONDecodeError:
+            notice = {}
+        return notice if isinstance(notice, dict) else {}
+
+    async def _restore_reason(self, project_id: str) -> None:
+        """After a restart: the reason and time stored with the project's oldest parked object."""
+        tenant = self.book.tenants.get(project_id)
+        if tenant is None or not tenant.objects:
+            return
+        first = min(tenant.objects)
+        client, pool = self._redeliverer().client, self._redeliverer().pool
+        try:
+            head = await asyncio.get_running_loop().run_in_executor(
+                pool, lambda: client.head_object(Bucket=self.bucket, Key=first)
+            )
+        except (ClientError, BotoCoreError, OSError):
+            return
+        meta = head.get("Metadata") or {}
+        try:
+            since = float(meta.get(META_PARKED_AT, ""))
+        except ValueError:
+            since = None
+        self.book.set_reason(project_id, str(meta.get(META_REASON) or tenant.reason), since)
+
+    async def _list(self, prefix: str) -> list[tuple[str, int]]:
+        client, pool = self._redeliverer().client, self._redeliverer().pool
+
+        def listing() -> list[tuple[str, int]]:
+            out: list[tuple[str, int]] = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                out.extend((item["Key"], int(item.get("Size", 0))) for item in page.get("Contents", []))
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(pool, listing)
+
+    def _redeliverer(self) -> S3Writer:
+        if self._redeliver_s3 is None:
+            self._redeliver_s3 = S3Writer(self.settings, threads=1)
+        return self._redeliver_s3
+
+    def _notify(self, notice: dict[str, Any], key: str) -> None:
+        """An ``events-s3-objects`` record (best effort, like the sink's own notices)."""
+        runtime = self.runtime
+        runtime.spawn(
+            runtime.app.producer.send(
+                runtime.topics.objects.get_topic_name(), key.encode(), orjson.dumps(notice), None, None, None
+            )
+        )
+
+    def close(self) -> None:
+        if self._redeliver_s3 is not None:
+            self._redeliver_s3.close()
+
+
+def _ascii(text: str) -> str:
+    return text.encode("ascii", "replace").decode("ascii")
