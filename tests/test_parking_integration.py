@@ -112,6 +112,27 @@ async def notices(bootstrap: str, topic: str, expect: int) -> list[dict[str, Any
     return out
 
 
+def dashboard_shows_parked(web_url: str, project_id: str) -> None:
+    """The dashboard (real headless Chromium) lists the parked project with its reason."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(web_url + "/")
+            row = page.wait_for_selector(f'#parked tr[data-parked="{project_id}"]', timeout=15_000)
+            assert row is not None and "NoSuchBucket" in row.inner_text()
+            assert page.locator("#parked tbody tr").count() == 1, "only the tenant is parked"
+            assert not errors, f"JavaScript errors on the page: {errors}"
+        finally:
+            browser.close()
+
+
 def test_a_tenant_with_a_missing_bucket_waits_alone_and_gets_its_events_exactly_once(
     broker, s3, s3_client, bucket, worker_env, start_worker, unique_name
 ) -> None:
@@ -168,6 +189,8 @@ def test_a_tenant_with_a_missing_bucket_waits_alone_and_gets_its_events_exactly_
     prefix = f"{root}{partition}/{tenant}/{tenant_bucket}/"
     assert all(k.startswith(prefix) for k in parked_keys)
 
+    dashboard_shows_parked(worker.web_url, tenant)
+
     # SIGKILL while parked: the restarted worker finds the parked objects by listing.
     worker.kill()
     worker = start_worker(env)
@@ -209,4 +232,5 @@ def test_a_tenant_with_a_missing_bucket_waits_alone_and_gets_its_events_exactly_
         if record.get("project_id") == tenant:
             by_status.setdefault(record.get("status"), set()).add(record["key"])
     assert by_status.get("parked") == set(delivered) == by_status.get("redelivered")
+    assert all("NoSuchBucket" in r["reason"] for r in records if r.get("status") == "parked")
     assert "written" not in by_status

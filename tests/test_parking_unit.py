@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from streamapp.metrics import parking_families
+from streamapp.settings import Settings
 from streamapp.sink.parking import ParkedObject, ParkingBook, parked_key, parked_root, parse_parked_key
-from streamapp.sink.s3_errors import ErrorKind, classify_exception, classify_s3_error, error_code_and_status
+from streamapp.sink.s3 import S3Writer
+from streamapp.sink.s3_errors import (
+    DestinationError,
+    ErrorKind,
+    classify_exception,
+    classify_s3_error,
+    error_code_and_status,
+)
 from streamapp.web.views import merge_sink
 
 TENANT = ErrorKind.TENANT
@@ -167,3 +177,57 @@ def test_parked_state_merges_across_workers_and_metrics_labels_stay_bounded() ->
     assert {s.name: s.value for s in families["streamapp_objects_parked"].samples}[
         "streamapp_objects_parked_total"
     ] == 5
+
+
+# ------------------------------------------------------------------------- S3Writer(tenant=True)
+class StubClient:
+    """Stands in for boto3's S3 client: fails ``fail`` times with ``error``, then succeeds."""
+
+    def __init__(self, error: Exception, fail: int) -> None:
+        self.error = error
+        self.fail = fail
+        self.calls: list[str] = []
+
+    def put_object(self, **kwargs: object) -> dict:
+        self.calls.append("put")
+        if self.fail > 0:
+            self.fail -= 1
+            raise self.error
+        return {}
+
+
+def writer(client: StubClient) -> S3Writer:
+    s3 = S3Writer(Settings(s3_retry_max_seconds=0.01))
+    s3.client = client
+    return s3
+
+
+def test_a_tenant_error_on_a_tenant_destination_raises_at_once() -> None:
+    client = StubClient(client_error("NoSuchBucket", 404), fail=100)
+    s3 = writer(client)
+    try:
+        with pytest.raises(DestinationError, match="NoSuchBucket"):
+            asyncio.run(s3.put("theirs", "k", lambda: b"x", "application/gzip", tenant=True))
+        assert client.calls == ["put"], "no retry in place"
+    finally:
+        s3.close()
+
+
+def test_transient_errors_are_retried_in_place_even_on_a_tenant_destination() -> None:
+    client = StubClient(client_error("SlowDown", 503), fail=3)
+    s3 = writer(client)
+    try:
+        assert asyncio.run(s3.put("theirs", "k", lambda: b"xyz", "application/gzip", tenant=True)) == 3
+        assert client.calls == ["put"] * 4 and s3.stats.retries == 3
+    finally:
+        s3.close()
+
+
+def test_without_the_tenant_flag_every_error_is_retried() -> None:
+    client = StubClient(client_error("NoSuchBucket", 404), fail=2)
+    s3 = writer(client)
+    try:
+        assert asyncio.run(s3.put("ours", "k", lambda: b"x", "application/gzip")) == 1
+        assert client.calls == ["put"] * 3
+    finally:
+        s3.close()

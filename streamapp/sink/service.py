@@ -287,7 +287,9 @@ class S3Sink:
         notice_fields = {**obj.describe(), "window_start": obj.start, "gzip_bytes": size, "partition": partition}
         if parked_key is not None:
             # Not in the tenant's bucket yet: a "redelivered" notice follows when it is.
-            notice_fields.update(status="parked", parked_bucket=parking.bucket, parked_key=parked_key)
+            notice_fields.update(
+                status="parked", parked_bucket=parking.bucket, parked_key=parked_key, reason=delivery.reason
+            )
         else:
             self.objects_written += 1
             self.runtime.metrics.object_written(obj, size)
