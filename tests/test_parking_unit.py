@@ -90,17 +90,17 @@ def test_parked_keys_round_trip_and_reject_other_keys() -> None:
     assert parked_root("", "app", "topic") == "_parked/app/topic/"
     dest = "tenant-prefix/p1/2026-01-01T00:00:00.000Z/c/p1-c-2026-01-01T00:00:00.000Z-p2-o17.json.gz"
     key = parked_key(root, 2, "p1", "their-bucket", dest)
-    obj = parse_parked_key(root, key, 123)
-    assert obj == ParkedObject(key, 2, "p1", "their-bucket", dest, 123)
-    assert parse_parked_key(root, "events/_manifests/x.json") is None
-    assert parse_parked_key(root, root + "x/p1/b/k") is None  # partition not a number
-    assert parse_parked_key(root, root + "2/p1/b") is None  # no destination key
-    assert parse_parked_key(root, root + "2//b/k") is None
+    obj = parse_parked_key(root, "topic", key, 123)
+    assert obj == ParkedObject(key, "topic", 2, "p1", "their-bucket", dest, 123)
+    assert parse_parked_key(root, "topic", "events/_manifests/x.json") is None
+    assert parse_parked_key(root, "topic", root + "x/p1/b/k") is None  # partition not a number
+    assert parse_parked_key(root, "topic", root + "2/p1/b") is None  # no destination key
+    assert parse_parked_key(root, "topic", root + "2//b/k") is None
 
 
 # ------------------------------------------------------------------------------------ bookkeeping
 def parked(n: int, project: str = "p", partition: int = 0, size: int = 10) -> ParkedObject:
-    return ParkedObject(f"root/{partition}/{project}/b/k{n}", partition, project, "b", f"k{n}", size)
+    return ParkedObject(f"root/{partition}/{project}/b/k{n}", "events", partition, project, "b", f"k{n}", size)
 
 
 def test_a_parked_tenant_is_retried_after_the_interval_and_clears_when_everything_is_redelivered() -> None:
@@ -155,7 +155,7 @@ def test_objects_found_by_listing_are_due_at_once_and_revoked_partitions_are_for
     assert book.snapshot()["known"]["backlog_objects"] == 1  # the same object listed again is not doubled
     book.set_reason("fresh", "NoSuchBucket (404)", since=10)
     assert book.snapshot()["fresh"]["reason"] == "NoSuchBucket (404)" and book.snapshot()["fresh"]["since"] == 10
-    book.forget_partitions({1})
+    book.forget_partitions({("events", 1), ("overflow", 2)})
     assert list(book.snapshot()) == ["known"]
     book.forget_partitions(set())
     assert book.snapshot() == {}

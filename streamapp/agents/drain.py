@@ -138,17 +138,20 @@ class Drainer:
                 self.paced_seconds += delay
                 await asyncio.sleep(delay)
         s3 = self.runtime.s3
-        sizes = await asyncio.gather(
-            *(s3.put(obj.bucket, obj.key, obj.body, "application/gzip") for obj in chunk.objects)
+        parking = self.runtime.parking  # a project's own bucket failing parks its objects (sink/parking.py)
+        deliveries = await asyncio.gather(
+            *(parking.put(self.topic, chunk.partition, obj, "application/gzip") for obj in chunk.objects)
         )
         bucket, prefix = self.manifest_target()
         key = checkpoint_key(prefix, self.settings.app_id, self.topic, chunk.partition, chunk.commit_offset)
         body = orjson.dumps(chunk.checkpoint)
         await s3.put(bucket, key, lambda: body, "application/json")
         producer = self.runtime.app.producer
-        for obj, size in zip(chunk.objects, sizes, strict=True):
-            self.runtime.metrics.object_written(obj, size)
-            notice = orjson.dumps({**obj.describe(), "gzip_bytes": size, "partition": chunk.partition})
+        for obj, delivery in zip(chunk.objects, deliveries, strict=True):
+            if delivery.parked_key is None:
+                self.runtime.metrics.object_written(obj, delivery.size)
+            fields = {**obj.describe(), "gzip_bytes": delivery.size, "partition": chunk.partition}
+            notice = orjson.dumps({**fields, **parking.notice_fields(delivery)})
             self.runtime.spawn(
                 producer.send(self.runtime.topics.objects.get_topic_name(), obj.key.encode(), notice, None, None, None)
             )

@@ -6,6 +6,8 @@ the same bytes to the service's own bucket under
 
     {prefix}/_parked/{app_id}/{topic}/{partition}/{project}/{bucket}/{key}
 
+(``topic``: the events topic for the real-time sink, the overflow topic for the drain's
+delayed objects)
 (the key alone says where it belongs; user metadata adds the reason, the time and the
 object's "object written" notice). A parked object is durable, so the partition's commit
 point moves past it and its upload slot and pending bytes are released at once. While a
@@ -35,7 +37,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
@@ -46,7 +48,6 @@ from streamapp.sink.s3_errors import DestinationError, ErrorKind, classify_excep
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
-    from streamapp.sink.partition import PendingObject
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def parked_key(root: str, partition: int, project_id: str, bucket: str, key: str
 @dataclass(frozen=True, slots=True)
 class ParkedObject:
     parked_key: str
+    topic: str  # the lane that wrote it (events or overflow) and its partition
     partition: int
     project_id: str
     bucket: str  # the original destination
@@ -80,15 +82,15 @@ class ParkedObject:
     size: int  # bytes as stored (gzip)
 
 
-def parse_parked_key(root: str, parked: str, size: int = 0) -> ParkedObject | None:
-    """The parked object a key of the quarantine stands for; None for anything else."""
+def parse_parked_key(root: str, topic: str, parked: str, size: int = 0) -> ParkedObject | None:
+    """The parked object a key of the quarantine (under ``root``, the lane ``topic``'s) stands for; else None."""
     if not parked.startswith(root):
         return None
     parts = parked[len(root) :].split("/", 3)
     if len(parts) != 4 or not parts[0].isdigit() or not all(parts):
         return None
     partition, project_id, bucket, key = parts
-    return ParkedObject(parked, int(partition), project_id, bucket, key, size)
+    return ParkedObject(parked, topic, int(partition), project_id, bucket, key, size)
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
@@ -213,11 +215,11 @@ class ParkingBook:
     def due(self, now: float) -> list[str]:
         return sorted(pid for pid, t in self.tenants.items() if t.next_attempt_at <= now)
 
-    def forget_partitions(self, keep: set[int]) -> None:
-        """Drop objects of partitions this worker no longer owns (their new owner lists them)."""
+    def forget_partitions(self, keep: set[tuple[str, int]]) -> None:
+        """Drop objects of (topic, partition)s this worker no longer owns (their new owner lists them)."""
         for pid in list(self.tenants):
             tenant = self.tenants[pid]
-            tenant.objects = {k: o for k, o in tenant.objects.items() if o.partition in keep}
+            tenant.objects = {k: o for k, o in tenant.objects.items() if (o.topic, o.partition) in keep}
             if not tenant.objects:
                 del self.tenants[pid]
 
@@ -241,6 +243,20 @@ class Delivery:
     reason: str = ""
 
 
+class ParkableObject(Protocol):
+    """What the sink's ``PendingObject`` and the drain's ``DelayedObject`` have in common."""
+
+    bucket: str
+    key: str
+    kind: str
+    project_id: str
+    start: int
+
+    def body(self) -> bytes: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
 class Parking:
     """Delivers tenant objects or parks them; redelivers parked ones in the background."""
 
@@ -250,22 +266,36 @@ class Parking:
         self.s3: S3Writer = runtime.s3
         self.book = ParkingBook(self.settings.s3_parked_retry_seconds)
         self.bucket = self.settings.s3_bucket
-        self.root = parked_root(self.settings.s3_prefix, self.settings.app_id, self.settings.events_topic)
+        # One quarantine root per lane that writes objects: the events topic (the real-time sink)
+        # and the overflow topic (the drain's delayed objects); each is redelivered by its owner.
+        self.roots = {
+            topic: parked_root(self.settings.s3_prefix, self.settings.app_id, topic)
+            for topic in (self.settings.events_topic, self.settings.topic_name("overflow"))
+        }
         self._redeliver_s3: S3Writer | None = None  # one thread of its own: never takes the sink's pool
         self._wake = asyncio.Event()
-        self._scanned: set[int] = set()
+        self._scanned: set[tuple[str, int]] = set()
         self._scanned_at = 0.0
 
     # ------------------------------------------------------------------------------- delivery
-    def eligible(self, obj: PendingObject) -> bool:
+    def eligible(self, obj: ParkableObject) -> bool:
         """Only data objects bound for a bucket other than the service's own can be parked.
 
         A failing service bucket is everybody's outage (the quarantine lives there too): retry.
         """
         return obj.kind != KIND_MANIFEST_PART and obj.bucket != self.bucket
 
-    async def deliver(self, partition: int, obj: PendingObject, content_type: str) -> Delivery:
+    async def put(self, topic: str, partition: int, obj: ParkableObject, content_type: str) -> Delivery:
+        """Write a data object of the lane ``topic``: parked when its own bucket fails, else as ever."""
+        if self.eligible(obj):
+            return await self.deliver(partition, obj, content_type, topic)
+        return Delivery(await self.s3.put(obj.bucket, obj.key, obj.body, content_type))
+
+    async def deliver(
+        self, partition: int, obj: ParkableObject, content_type: str, topic: str | None = None
+    ) -> Delivery:
         """Write ``obj`` to its destination, or park it there on a tenant error (or while parked)."""
+        topic = topic or self.settings.events_topic
         loop = asyncio.get_running_loop()
         body = await loop.run_in_executor(self.s3.pool, obj.body)
         if not self.book.is_parked(obj.project_id):
@@ -277,7 +307,7 @@ class Parking:
                 log.warning("project %s: %s/%s failed (%s): parking it", obj.project_id, obj.bucket, obj.key, reason)
         else:
             reason = self.book.tenants[obj.project_id].reason
-        target = parked_key(self.root, partition, obj.project_id, obj.bucket, obj.key)
+        target = parked_key(self.roots[topic], partition, obj.project_id, obj.bucket, obj.key)
         now = time.time()
         notice = {**obj.describe(), "window_start": obj.start, "gzip_bytes": len(body), "partition": partition}
         metadata = {
@@ -287,9 +317,21 @@ class Parking:
         }
         # Into the service's own bucket, retried like any other write of the service.
         await self.s3.put(self.bucket, target, lambda: body, content_type, metadata=metadata)
-        self.book.parked(ParkedObject(target, partition, obj.project_id, obj.bucket, obj.key, len(body)), reason, now)
+        parked = ParkedObject(target, topic, partition, obj.project_id, obj.bucket, obj.key, len(body))
+        self.book.parked(parked, reason, now)
         self._wake.set()
         return Delivery(len(body), target, reason)
+
+    def notice_fields(self, delivery: Delivery) -> dict[str, Any]:
+        """What an object's ``events-s3-objects`` notice adds about where it went."""
+        if delivery.parked_key is None:
+            return {"status": "written"}
+        return {
+            "status": "parked",
+            "parked_bucket": self.bucket,
+            "parked_key": delivery.parked_key,
+            "reason": delivery.reason,
+        }
 
     # ----------------------------------------------------------------------------- redelivery
     def retry_now(self, project_id: str | None = None) -> list[str]:
@@ -298,13 +340,13 @@ class Parking:
         self._wake.set()
         return projects
 
-    def owned_partitions(self) -> set[int] | None:
-        """Events partitions assigned to this worker (None while unknown)."""
+    def owned_partitions(self) -> set[tuple[str, int]] | None:
+        """(lane topic, partition)s assigned to this worker (None while unknown)."""
         try:
             assignment = self.runtime.app.consumer.assignment()
         except Exception:  # noqa: BLE001 - consumer not started yet
             return None
-        return {tp.partition for tp in assignment if tp.topic == self.settings.events_topic}
+        return {(tp.topic, tp.partition) for tp in assignment if tp.topic in self.roots}
 
     async def run(self) -> None:
         """The redeliverer: rescans on assignment changes, redelivers due projects; never raises."""
@@ -326,7 +368,7 @@ class Parking:
         for project_id in self.book.due(time.time()):
             await self.redeliver(project_id)
 
-    async def rescan(self, owned: set[int], now: float) -> None:
+    async def rescan(self, owned: set[tuple[str, int]], now: float) -> None:
         """List the parked prefixes of newly owned partitions (all of them every RESCAN_SECONDS)."""
         self.book.forget_partitions(owned)
         if now - self._scanned_at >= RESCAN_SECONDS:
@@ -334,19 +376,20 @@ class Parking:
         else:
             todo = owned - self._scanned
         self._scanned &= owned
-        for partition in sorted(todo):
+        for topic, partition in sorted(todo):
+            root = self.roots[topic]
             try:
-                listed = await self._list(f"{self.root}{partition}/")
+                listed = await self._list(f"{root}{partition}/")
             except (ClientError, BotoCoreError, OSError) as exc:
-                log.warning("parking: cannot list parked objects of partition %s: %r", partition, exc)
+                log.warning("parking: cannot list parked objects of %s/%s: %r", topic, partition, exc)
                 continue
-            objects = [o for o in (parse_parked_key(self.root, k, size) for k, size in listed) if o is not None]
+            objects = [o for o in (parse_parked_key(root, topic, k, n) for k, n in listed) if o is not None]
             new = self.book.discovered(objects, now)
-            self._scanned.add(partition)
+            self._scanned.add((topic, partition))
             for project_id in new:
                 await self._restore_reason(project_id)
             if objects:
-                log.info("parking: %d parked objects found for partition %s", len(objects), partition)
+                log.info("parking: %d parked objects found for %s/%s", len(objects), topic, partition)
 
     async def redeliver(self, project_id: str) -> None:
         """Copy the project's parked objects home, oldest first; stop at the first error."""
@@ -362,7 +405,7 @@ class Parking:
             if self.book.redelivered(obj):
                 log.info("parking: project %s redelivered, no longer parked", project_id)
             if notice is not None:
-                where = {"bucket": obj.bucket, "key": obj.key, "project_id": obj.project_id, "partition": obj.partition}
+                where = {"bucket": obj.bucket, "key": obj.key, "project_id": obj.project_id}
                 self._notify({**notice, **where, "status": "redelivered", "redelivered_at": time.time()}, obj.key)
 
     async def _copy_home(self, obj: ParkedObject) -> dict[str, Any] | None:

@@ -263,16 +263,12 @@ class S3Sink:
 
     async def _upload(self, windows: PartitionWindows, partition: int, obj: PendingObject) -> None:
         parking = self.runtime.parking
-        parked_key: str | None = None
         async with self._slots:
             content_type = "application/json" if obj.kind == KIND_MANIFEST_PART else "application/gzip"
-            if parking.eligible(obj):
-                # A tenant's own bucket: a tenant error parks the object (durable, in the service's
-                # bucket) instead of holding this slot, the pending bytes and the commit point.
-                delivery = await parking.deliver(partition, obj, content_type)
-                size, parked_key = delivery.size, delivery.parked_key
-            else:
-                size = await self.s3.put(obj.bucket, obj.key, obj.body, content_type)
+            # A tenant's own bucket failing parks the object (durable, in the service's bucket)
+            # instead of holding this slot, the pending bytes and the commit point.
+            delivery = await parking.put(self.topic, partition, obj, content_type)
+        size = delivery.size
         windows.done(obj.id)
         self.pending_bytes -= obj.nbytes
         if self.pending_bytes <= self.max_pending_bytes:
@@ -285,11 +281,9 @@ class S3Sink:
             self._manifest_checks.add(obj.start)
             return
         notice_fields = {**obj.describe(), "window_start": obj.start, "gzip_bytes": size, "partition": partition}
-        if parked_key is not None:
+        if delivery.parked_key is not None:
             # Not in the tenant's bucket yet: a "redelivered" notice follows when it is.
-            notice_fields.update(
-                status="parked", parked_bucket=parking.bucket, parked_key=parked_key, reason=delivery.reason
-            )
+            notice_fields.update(parking.notice_fields(delivery))
         else:
             self.objects_written += 1
             self.runtime.metrics.object_written(obj, size)
