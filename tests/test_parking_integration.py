@@ -190,6 +190,26 @@ def test_a_tenant_with_a_missing_bucket_waits_alone_and_gets_its_events_exactly_
     assert all(k.startswith(prefix) for k in parked_keys)
 
     dashboard_shows_parked(worker.web_url, tenant)
+    listing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamapp",
+            "sink",
+            "parked",
+            "--json",
+            "--web",
+            worker.web_url,
+            "--token",
+            ADMIN_TOKEN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=PROJECT_ROOT,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout)[tenant]["backlog_objects"] == len(parked_keys)
 
     # SIGKILL while parked: the restarted worker finds the parked objects by listing.
     worker.kill()

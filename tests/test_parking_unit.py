@@ -231,3 +231,14 @@ def test_without_the_tenant_flag_every_error_is_retried() -> None:
         assert client.calls == ["put"] * 3
     finally:
         s3.close()
+
+
+def test_sink_parked_table_shows_reason_and_backlog() -> None:
+    from streamapp.operator_cli import render_parked
+
+    book = ParkingBook(retry_seconds=30)
+    book.parked(parked(1, "tenant", size=2048), "NoSuchBucket (404): gone", now=0)
+    table = render_parked(book.snapshot())
+    row = table.splitlines()[1]
+    assert row.startswith("tenant") and "2048" in row and "NoSuchBucket (404): gone" in row
+    assert "(no parked destinations)" in render_parked({})

@@ -407,6 +407,8 @@ class Parking:
             if notice is not None:
                 where = {"bucket": obj.bucket, "key": obj.key, "project_id": obj.project_id}
                 self._notify({**notice, **where, "status": "redelivered", "redelivered_at": time.time()}, obj.key)
+        if self.book.is_parked(project_id):
+            self.book.retry_now(project_id)  # objects parked during this pass: the destination works, go on
 
     async def _copy_home(self, obj: ParkedObject) -> dict[str, Any] | None:
         """Copy one parked object to its destination, then delete it; its notice (None if already gone)."""
