@@ -224,6 +224,15 @@ def parse_url(url: str | None) -> dict[str, Any]:
     """Keen's ``url_parser`` output; the parts a URL lacks are omitted (an empty object when malformed)."""
     if not url:
         return {}
+    cached = _parse_url_cached(url)
+    out = dict(cached)  # a copy: callers may mutate the event
+    if "query_string" in out:
+        out["query_string"] = dict(out["query_string"])
+    return out
+
+
+@lru_cache(maxsize=4096)  # pages repeat: most events of a site share a few hundred URLs
+def _parse_url_cached(url: str) -> dict[str, Any]:
     try:
         parts = urlsplit(url.strip())
         host = parts.hostname
@@ -248,13 +257,18 @@ def parse_url(url: str | None) -> dict[str, Any]:
 
 def parse_referrer(referrer_url: str | None, page_url: str | None) -> dict[str, Any]:
     """Keen's ``referrer_parser`` output: medium (upper case), source and search term."""
-    blank: dict[str, Any] = {"medium": None, "source": None, "term": None}
     if not referrer_url:
-        return blank
+        return {"medium": None, "source": None, "term": None}
+    return dict(_parse_referrer_cached(referrer_url, page_url or ""))  # a copy: callers may mutate it
+
+
+@lru_cache(maxsize=4096)  # (referrer, page) pairs repeat: a few search engines, a few hundred pages
+def _parse_referrer_cached(referrer_url: str, page_url: str) -> dict[str, Any]:
+    blank: dict[str, Any] = {"medium": None, "source": None, "term": None}
     from referer_parser import Referer
 
     try:
-        ref = Referer(referrer_url.strip(), (page_url or "").strip() or None)
+        ref = Referer(referrer_url.strip(), page_url.strip() or None)
     except (ValueError, AttributeError, TypeError):
         return blank
     if not ref.known:
