@@ -10,8 +10,9 @@ An event asks for add-ons in ``keen.addons``, a list of
   holds countries only: ``city``, ``province``, ``continent``, ``postal_code`` and
   ``coordinates`` are null. Private, reserved and malformed addresses give all-null values.
 * ``keen:ua_parser``: input ``ua_string`` -> ``{device: {family, type}, browser: {family, major,
-  minor, patch}, os: {family, major, minor, patch, patch_minor}}`` (the ``ua-parser`` package and
-  its ``ua-parser-builtins`` regexes; version numbers as numbers when they are numbers;
+  minor, patch}, os: {family, major, minor, patch, patch_minor}}`` (the ``ua-parser`` package, its
+  ``ua-parser-builtins`` regexes and its native ``ua-parser-rs`` matcher; the first 512 characters
+  of the string; version numbers as numbers when they are numbers;
   ``device.type`` is our coarse classification, absent when unknown, as Keen documents).
 * ``keen:url_parser``: input ``url`` -> ``{protocol, domain, path, anchor, query_string}``
   (urllib.parse; parts the URL lacks are omitted, as Keen documents).
@@ -45,8 +46,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 #: Add-ons one event may ask for: each costs CPU on the shared sink, so a hostile event is bounded.
 MAX_ADDONS_PER_EVENT = 10
-#: Longest input string parsed; longer ones are cut (user agents of real browsers are < 500 chars).
+#: Longest input string parsed; longer ones are cut.
 MAX_INPUT_CHARS = 2048
+#: Longest user agent parsed (real browsers' are < 300 chars): regex matching cost grows with length.
+MAX_USER_AGENT_CHARS = 512
 #: Longest dotted property path of an input or output.
 MAX_PATH_CHARS = 256
 
@@ -370,7 +373,8 @@ def _run_one(event: dict[str, Any], name: str, inputs: dict[str, Any], output: s
         if inputs.get("remove_ip_property"):
             delete_path(event, inputs["ip"])
     elif name == "keen:ua_parser":
-        result = parse_user_agent(_text(get_path(event, inputs["ua_string"])))
+        ua = _text(get_path(event, inputs["ua_string"]))
+        result = parse_user_agent(ua[:MAX_USER_AGENT_CHARS] if ua else ua)
     elif name == "keen:url_parser":
         result = parse_url(_text(get_path(event, inputs["url"])))
     elif name == "keen:referrer_parser":

@@ -67,6 +67,14 @@ def test_ua_parser_iphone() -> None:
     assert parsed["device"] == {"family": "iPhone", "type": "mobile phone"}
 
 
+def test_ua_parser_reads_only_the_first_512_characters() -> None:
+    """A hostile multi-kilobyte user agent costs what its first 512 characters cost."""
+    long_ua = IPHONE_UA + " x" * 5000
+    event = enriched({"ua": long_ua, "keen": {"addons": [addon("keen:ua_parser", "p", ua_string="ua")]}})
+    assert event["p"] == enrichment.parse_user_agent(long_ua[: enrichment.MAX_USER_AGENT_CHARS])
+    assert event["p"]["device"]["family"] == "iPhone"
+
+
 def test_ua_parser_missing_input_gives_other_and_no_device_type() -> None:
     event = enriched({"keen": {"addons": [addon("keen:ua_parser", "p", ua_string="nowhere")]}})
     assert event["p"]["browser"]["family"] == "Other"
