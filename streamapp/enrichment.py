@@ -356,8 +356,12 @@ def check_addons(addons: Any) -> list[tuple[str, dict[str, Any], str]]:
         for param in inputs:
             if param not in required and param not in optional:
                 raise AddonError(f"keen.addons[{n}] ({name}): unknown input {param!r}")
-        if "remove_ip_property" in inputs and type(inputs["remove_ip_property"]) is not bool:
-            raise AddonError(f"keen.addons[{n}] ({name}): input 'remove_ip_property' must be true or false")
+        if "remove_ip_property" in inputs:
+            if type(inputs["remove_ip_property"]) is not bool:
+                raise AddonError(f"keen.addons[{n}] ({name}): input 'remove_ip_property' must be true or false")
+            ip_path = inputs["ip"]
+            if inputs["remove_ip_property"] and (ip_path == "keen" or ip_path.startswith("keen.")):
+                raise AddonError(f"keen.addons[{n}] ({name}): remove_ip_property may not remove {ip_path!r}")
         output = _check_path(f"keen.addons[{n}] ({name}): 'output'", addon.get("output"))
         if output == "keen" or output.startswith("keen."):
             raise AddonError(f"keen.addons[{n}] ({name}): output {output!r} may not be inside 'keen'")

@@ -230,6 +230,10 @@ def test_date_time_parser() -> None:
             "true or false",
         ),
         ([{"name": "keen:url_parser", "input": {"url": "u"}, "output": "o"}] * 11, "over the limit"),
+        (
+            [{"name": "keen:ip_to_geo", "input": {"ip": "keen", "remove_ip_property": True}, "output": "o"}],
+            "may not remove",
+        ),
     ],
 )
 def test_bad_configuration_is_a_clear_error(addons: Any, why: str) -> None:
@@ -264,6 +268,35 @@ def test_any_addons_value_enriches_or_raises_addon_error(addons: Any, event: dic
         assert exc.reason
     else:
         assert "addons" not in event["keen"]
+        orjson.dumps(event)
+
+
+PATHS = st.sampled_from(["v", "v.x", "keen", "keen.timestamp", "keen.id", "missing.deep", "a..b", ""])
+PARAMS = st.sampled_from(["ip", "ua_string", "url", "referrer_url", "page_url", "date_time", "remove_ip_property"])
+STRUCTURED_ADDONS = st.lists(
+    st.fixed_dictionaries(
+        {
+            "name": st.sampled_from(sorted(enrichment.ADDON_INPUTS)) | st.text(max_size=5),
+            "input": st.dictionaries(PARAMS, PATHS | st.booleans() | JSON, max_size=4),
+            "output": PATHS | JSON,
+        }
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(addons=STRUCTURED_ADDONS, v=JSON)
+def test_near_valid_addons_keep_the_keen_object_or_raise_addon_error(addons: Any, v: Any) -> None:
+    """Configurations close to valid ones (real names, paths into keen, remove_ip_property):
+    enriched with keen.id/timestamp intact, or AddonError."""
+    event = {"v": v, "keen": {"timestamp": "2026-01-01T00:00:00Z", "id": "abc", "addons": addons}}
+    try:
+        run_addons(event)
+    except AddonError as exc:
+        assert exc.reason
+    else:
+        assert event["keen"] == {"timestamp": "2026-01-01T00:00:00Z", "id": "abc"}
         orjson.dumps(event)
 
 

@@ -348,3 +348,70 @@ def test_hostile_addons_get_201_or_a_keen_400_never_a_5xx(stack: Stack, addons: 
     if reply.status == 400:
         assert reply.json()["error_code"] == "InvalidEventError"
     assert http("GET", f"{stack.web}/healthz").status == 200
+
+
+PROPERTY_NAMES = st.sampled_from(["v", "v.x", "marker", "keen.timestamp", "keen", "missing", "a..b", ""])
+HOSTILE_ADDON = st.fixed_dictionaries(
+    {
+        "name": ADDON_NAMES,
+        "input": st.dictionaries(
+            st.sampled_from(["ip", "ua_string", "url", "referrer_url", "page_url", "date_time", "remove_ip_property"]),
+            PROPERTY_NAMES | ANY_JSON,
+            max_size=3,
+        ),
+        "output": PROPERTY_NAMES | ANY_JSON,
+    }
+)
+
+
+def test_hostile_addons_from_kafka_are_written_or_dead_lettered_exactly_once(stack: Stack) -> None:
+    """Random add-on configurations and values from a raw producer: each event lands in S3 or in
+    events-invalid (with a reason), exactly once; the partition keeps flowing."""
+    sent: list[str] = []
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        events=st.lists(
+            st.fixed_dictionaries({"v": ANY_JSON, "addons": st.lists(HOSTILE_ADDON, max_size=3) | ANY_JSON}),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    def produce_examples(events: list[dict[str, Any]]) -> None:
+        batch = []
+        for drawn in events:
+            marker = f"h-{uuid.uuid4().hex[:12]}"
+            sent.append(marker)
+            batch.append({"marker": marker, "v": drawn["v"], "keen": {"addons": drawn["addons"]}})
+        produce(stack, [orjson.dumps({"project_id": stack.project, "collection": "hostilekafka", "events": batch})])
+
+    produce_examples()
+    canary = f"canary-{uuid.uuid4().hex[:8]}"
+    produce(
+        stack, [orjson.dumps({"project_id": stack.project, "collection": "hostilekafka", "event": {"marker": canary}})]
+    )
+
+    def dead_lettered() -> Counter[str]:
+        found: Counter[str] = Counter()
+        for letter in topic_records(stack.bootstrap, f"{stack.events_topic}-invalid", stack.project):
+            value = orjson.loads(letter["value"]) if letter.get("value", "").startswith("{") else {}
+            if isinstance(value, dict) and str(value.get("marker", "")).startswith("h-"):
+                assert letter["reason"], letter
+                found[value["marker"]] += 1
+        return found
+
+    def written() -> Counter[str]:
+        return Counter(str(e.get("marker")) for e in in_s3(stack, "hostilekafka"))
+
+    wait_until(lambda: written()[canary] == 1, 90, what="the canary after the hostile records in S3")
+    wait_until(lambda: set(sent) <= set(written()) | set(dead_lettered()), 60, what="every hostile event accounted")
+    in_s3_counts, invalid_counts = written(), dead_lettered()
+    for marker in sent:
+        assert in_s3_counts[marker] + invalid_counts[marker] == 1, (
+            marker,
+            in_s3_counts[marker],
+            invalid_counts[marker],
+        )
+    for event in in_s3(stack, "hostilekafka"):
+        assert "addons" not in event["keen"], event
+    assert http("GET", f"{stack.web}/healthz").status == 200
