@@ -412,6 +412,7 @@ def test_hostile_addons_from_kafka_are_written_or_dead_lettered_exactly_once(sta
             in_s3_counts[marker],
             invalid_counts[marker],
         )
+    assert any(in_s3_counts[m] for m in sent) and any(invalid_counts[m] for m in sent), "both outcomes exercised"
     for event in in_s3(stack, "hostilekafka"):
         assert "addons" not in event["keen"], event
     assert http("GET", f"{stack.web}/healthz").status == 200
