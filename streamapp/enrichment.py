@@ -44,6 +44,8 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import orjson
+
 #: Add-ons one event may ask for: each costs CPU on the shared sink, so a hostile event is bounded.
 MAX_ADDONS_PER_EVENT = 10
 #: Longest input string parsed; longer ones are cut.
@@ -407,29 +409,35 @@ def run_addons(event: dict[str, Any]) -> None:
     del keen["addons"]
 
 
+def dead_letter_bytes(event: dict[str, Any], record_value: bytes | None) -> bytes | None:
+    """The event's JSON for the dead letter; the whole record's bytes when it cannot be encoded
+    (orjson refuses nesting deeper than 255, which its decoder accepts)."""
+    try:
+        return orjson.dumps(event)
+    except TypeError:
+        return record_value
+
+
 # --------------------------------------------------------------------------- API placeholders
 
 
 def fill_placeholders(value: Any, ip: str, user_agent: str) -> Any:
-    """Replace ``${keen.ip}`` and ``${keen.user_agent}`` string values (anywhere in the event) in place."""
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(item) is str:
-                if item == IP_PLACEHOLDER:
-                    value[key] = ip
-                elif item == USER_AGENT_PLACEHOLDER:
-                    value[key] = user_agent
-            elif type(item) in (dict, list):
-                fill_placeholders(item, ip, user_agent)
-    elif type(value) is list:
-        for n, item in enumerate(value):
-            if type(item) is str:
-                if item == IP_PLACEHOLDER:
-                    value[n] = ip
-                elif item == USER_AGENT_PLACEHOLDER:
-                    value[n] = user_agent
-            elif type(item) in (dict, list):
-                fill_placeholders(item, ip, user_agent)
+    """Replace ``${keen.ip}`` and ``${keen.user_agent}`` string values (anywhere in the event) in place.
+
+    Iterative, not recursive: a hostile body nested 1,000 levels deep must not raise RecursionError.
+    """
+    replacements = {IP_PLACEHOLDER: ip, USER_AGENT_PLACEHOLDER: user_agent}
+    pending: list[Any] = [value]
+    while pending:
+        node = pending.pop()
+        items = node.items() if type(node) is dict else enumerate(node)
+        for key, item in items:
+            kind = type(item)
+            if kind is str:
+                if item in replacements:
+                    node[key] = replacements[item]
+            elif kind is dict or kind is list:
+                pending.append(item)
     return value
 
 

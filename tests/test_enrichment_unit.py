@@ -348,6 +348,15 @@ def test_partition_runs_addons_before_writing_and_dead_letters_bad_ones() -> Non
     assert len(w.invalid) == 1 and "event 1: keen.addons[0]: unknown add-on 'keen:unknown'" in w.invalid[0].reason
 
 
+def test_bad_addons_on_a_too_deep_event_dead_letter_the_record_bytes() -> None:
+    w = windows()
+    # orjson decodes up to 1024 levels but encodes only 255.
+    deep = b"[" * 300 + b"1" + b"]" * 300
+    value = b'{"project_id":"p1","collection":"c","event":{"deep":' + deep + b',"keen":{"addons":"not a list"}}}'
+    w.process(0, 1_764_000_000_000, b"p1", value)
+    assert len(w.invalid) == 1 and w.invalid[0].value == value and "must be a list" in w.invalid[0].reason
+
+
 # --------------------------------------------------------------------------- API pieces
 
 
@@ -355,6 +364,16 @@ def test_placeholders_are_filled_anywhere_in_the_event() -> None:
     event = {"ip": "${keen.ip}", "ctx": {"ua": "${keen.user_agent}", "list": ["${keen.ip}", 3]}, "other": "${keen.x}"}
     enrichment.fill_placeholders(event, "203.0.113.7", CHROME_UA)
     assert event == {"ip": "203.0.113.7", "ctx": {"ua": CHROME_UA, "list": ["203.0.113.7", 3]}, "other": "${keen.x}"}
+
+
+def test_placeholders_in_a_deeply_nested_body_do_not_recurse() -> None:
+    deep: Any = ["${keen.ip}"]
+    for _ in range(5000):
+        deep = [deep]
+    enrichment.fill_placeholders({"d": deep}, "203.0.113.7", "ua")
+    for _ in range(5000):
+        deep = deep[0]
+    assert deep == ["203.0.113.7"]
 
 
 def test_client_ip_believes_x_forwarded_for_only_from_trusted_proxies() -> None:

@@ -37,7 +37,7 @@ from streamapp.contract import (
     position_offset,
     record_stamps,
 )
-from streamapp.enrichment import AddonError, run_addons
+from streamapp.enrichment import AddonError, dead_letter_bytes, run_addons
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import (
     KIND_LATE,
@@ -260,7 +260,8 @@ class PartitionWindows:
                 try:
                     run_addons(event)
                 except AddonError as exc:
-                    self.invalid.append(InvalidItem(offset, key, dumps(event), f"event {index}: {exc.reason}"))
+                    line = dead_letter_bytes(event, value)
+                    self.invalid.append(InvalidItem(offset, key, line, f"event {index}: {exc.reason}"))
                     continue
             line = dumps(event, option=newline)
             if len(line) > self.max_event_bytes:
