@@ -159,8 +159,13 @@ def test_image_beacon_answers_a_gif_and_writes_once(stack: Stack) -> None:
     # The Authorization header works for GET too (Keen accepts the key either way).
     reply = http("GET", events_url(stack, "pixels", data=beacon_data({"n": 2})), headers={"Authorization": stack.key})
     assert reply.status == 200 and reply.body == PIXEL_GIF, reply
-    events = wait_for(stack, "pixels", 2)
-    assert sorted(e["n"] for e in events) == [1, 2], events
+    # Keen's SDK sends image beacons of up to 16,000 URL characters.
+    long_url = events_url(stack, "pixels", api_key=stack.key, data=beacon_data({"n": 3, "pad": "p" * 11_500}))
+    assert 15_000 < len(long_url) < 16_000
+    reply = http("GET", long_url)
+    assert reply.status == 200 and reply.body == PIXEL_GIF, reply
+    events = wait_for(stack, "pixels", 3)
+    assert sorted(e["n"] for e in events) == [1, 2, 3], events
     assert next(e for e in events if e["n"] == 1)["text"] == event["text"]
 
 

@@ -349,9 +349,23 @@ async def ensure_control_topic(runtime: Runtime) -> None:
         log.warning("could not declare the control topic: %r", exc)
 
 
+#: Keen's JavaScript SDK sends image beacons of up to 16,000 URL characters; aiohttp's default
+#: request line limit is 8,190 bytes.
+MAX_REQUEST_LINE_BYTES = 16 * 1024 + 64
+
+
+def allow_long_beacon_urls(app: faust.App) -> None:
+    """Raise the web server's request line limit to what Keen's SDK sends (faust's aiohttp driver
+    keeps the server options in its runner; a driver without one keeps aiohttp's 8 KiB)."""
+    kwargs = getattr(getattr(app.web, "_runner", None), "_kwargs", None)
+    if isinstance(kwargs, dict):
+        kwargs.setdefault("max_line_size", MAX_REQUEST_LINE_BYTES)
+
+
 def register_api(app: faust.App, runtime: Runtime) -> IngestApi:
     api = IngestApi(runtime)
     runtime.api = api  # type: ignore[attr-defined]
+    allow_long_beacon_urls(app)
 
     @app.page("/3.0/projects/{project_id}/events/{collection}")
     class KeenEvent(faust.web.View):
