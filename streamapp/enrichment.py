@@ -371,6 +371,19 @@ def check_addons(addons: Any) -> list[tuple[str, dict[str, Any], str]]:
     return checked
 
 
+def check_event_addons(event: dict[str, Any]) -> None:
+    """The API's check of one event's ``keen.addons``: the configuration, and that no output goes
+    through a property of the event that is not an object (the sink would dead-letter it)."""
+    for _, _, output in check_addons(event["keen"]["addons"]):
+        target: Any = event
+        for part in output.split(".")[:-1]:
+            target = target.get(part)
+            if target is None:
+                break
+            if type(target) is not dict:
+                raise AddonError(f"output {output!r}: property {part!r} exists and is not an object")
+
+
 def _run_one(event: dict[str, Any], name: str, inputs: dict[str, Any], output: str) -> None:
     if name == "keen:ip_to_geo":
         ip = _text(get_path(event, inputs["ip"]))

@@ -248,6 +248,15 @@ def test_output_through_a_non_object_is_an_error() -> None:
         run_addons(
             {"u": "http://a.example", "o": 5, "keen": {"addons": [addon("keen:url_parser", "o.parsed", url="u")]}}
         )
+    # The API sees it before accepting the event (else the client's 201 would end in a dead letter).
+    with pytest.raises(keen.EventRejected, match="is not an object"):
+        keen.enrich(
+            {"o": {"x": "text"}, "keen": {"addons": [addon("keen:url_parser", "o.x.parsed", url="u")]}},
+            keen.Clock(1_764_000_000_000),
+            lambda: "id",
+        )
+    ok = {"o": {"x": {}}, "keen": {"addons": [addon("keen:url_parser", "o.x.parsed", url="u")]}}
+    keen.enrich(ok, keen.Clock(1_764_000_000_000), lambda: "id")
 
 
 JSON = st.recursive(

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from streamapp.contract import NAME_PATTERN, is_valid_name, iso_from_ms, parse_iso_seconds
-from streamapp.enrichment import AddonError, check_addons
+from streamapp.enrichment import AddonError, check_event_addons
 from streamapp.metering.bucket import TokenBucket
 from streamapp.metering.shed import ShedState, retry_after_seconds
 
@@ -274,7 +274,7 @@ def enrich(event: Any, clock: Clock, new_id: Callable[[], str] = new_event_id) -
         raise EventRejected(INVALID_EVENT, "the 'keen' property must be an object")
     if "addons" in keen:  # a bad add-on configuration is this event's 400, not the sink's surprise
         try:
-            check_addons(keen["addons"])
+            check_event_addons(event)
         except AddonError as exc:
             raise EventRejected(INVALID_EVENT, exc.reason) from None
     if parse_iso_seconds(keen.get("timestamp")) is None:
