@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from streamapp.enrichment import parse_trusted_proxies
+
 ENV_PREFIX = "STREAMAPP_"
 
 
@@ -33,7 +35,7 @@ class Settings:
     topic_partitions: int = _doc("Partitions of the events topic and all co-partitioned topics", default=4)
     topic_replicas: int = _doc("Replication factor of topics the app creates", default=1)
     max_record_bytes: int = _doc("Largest accepted Kafka record value; larger ones are invalid", default=1_000_000)
-    max_event_bytes: int = _doc("Largest accepted single event (JSON bytes)", default=100_000)
+    max_event_bytes: int = _doc("Largest accepted single event (JSON bytes; Keen: 900,000)", default=900_000)
     # --- S3 ---
     s3_endpoint_url: str = _doc("S3 endpoint URL; empty means AWS", default="")
     s3_region: str = _doc("S3 region", default="us-east-1")
@@ -74,6 +76,10 @@ class Settings:
     api_max_inflight: int = _doc("In-flight Kafka produce requests before the API answers 503", default=256)
     api_max_body_bytes: int = _doc("Largest HTTP request body", default=10 * 1024 * 1024)
     api_produce_timeout_seconds: float = _doc("Produce wait before the API answers 503", default=5.0)
+    trusted_proxies: str = _doc(
+        "Comma-separated addresses/CIDRs of our own proxies: only their X-Forwarded-For sets ${keen.ip}",
+        default="",
+    )
     # --- worker ---
     rebalance_timeout_seconds: float = _doc(
         "Consumer group rebalance timeout (Tansu makes a first join wait this long)", default=5.0
@@ -130,6 +136,10 @@ class Settings:
         need(bool(self.s3_bucket), "s3_bucket", "must not be empty")
         need(":" in self.kafka_bootstrap, "kafka_bootstrap", "must be host:port")
         need(self.window_seconds <= 86400, "window_seconds", "must be <= 86400")
+        try:
+            parse_trusted_proxies(self.trusted_proxies)
+        except ValueError as exc:
+            need(False, "trusted_proxies", f"must be comma-separated IP addresses or CIDR networks ({exc})")
 
     @property
     def broker_url(self) -> str:

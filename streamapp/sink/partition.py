@@ -37,6 +37,7 @@ from streamapp.contract import (
     position_offset,
     record_stamps,
 )
+from streamapp.enrichment import AddonError, dead_letter_bytes, run_addons
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import (
     KIND_LATE,
@@ -255,6 +256,13 @@ class PartitionWindows:
             if stamps is None:
                 stamps = record_stamps(self.partition, offset, timestamp_ms)
             event_time = enrich_event(event, index, stamps)
+            if "addons" in event["keen"]:  # one dict lookup: events without add-ons pay nothing more
+                try:
+                    run_addons(event)
+                except AddonError as exc:
+                    line = dead_letter_bytes(event, value)
+                    self.invalid.append(InvalidItem(offset, key, line, f"event {index}: {exc.reason}"))
+                    continue
             line = dumps(event, option=newline)
             if len(line) > self.max_event_bytes:
                 self.invalid.append(

@@ -4,6 +4,12 @@ Routes (every worker is an API node):
 
 * ``POST /3.0/projects/{project_id}/events/{collection}``: one event -> 201 ``{"created": true}``
 * ``POST /3.0/projects/{project_id}/events``: ``{collection: [event, ...]}`` -> 200 with per-event results
+* ``GET /3.0/projects/{project_id}/events/{collection}?api_key=&data=``: the image beacon (base64
+  event JSON in ``data``) -> a 1x1 GIF; the same checks as the POST;
+* ``OPTIONS`` on both: CORS preflight (Keen's SDKs send ``keen-sdk``); every answer carries CORS headers.
+
+``api_key`` works as a query parameter on every write route; ``${keen.ip}`` / ``${keen.user_agent}``
+are filled here (see :mod:`streamapp.enrichment`).
 
 Checks, cheapest first; everything up to the body read is a pure in-memory decision:
 
@@ -36,6 +42,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
+from streamapp import enrichment
 from streamapp.control import ProjectSettings
 from streamapp.metering.bucket import TokenBucket
 from streamapp.runtime import Runtime
@@ -51,11 +58,10 @@ STALL_SECONDS = 1.0
 START_WAIT_SECONDS = 2.0
 SERVER_TIME_HEADER = "X-Streamapp-Server-Ms"
 CREATED = b'{"created":true}'
-CORS_HEADERS = {
+#: On every answer of the write routes (errors too), so a browser SDK can read the error.
+CORS_ANSWER_HEADERS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type",
-    "Access-Control-Max-Age": "86400",
+    "Access-Control-Expose-Headers": "Retry-After, " + SERVER_TIME_HEADER,
 }
 
 
@@ -77,6 +83,7 @@ class IngestApi:
         self._last_progress = 0.0  # monotonic time of the last ack (or of inflight going 0 -> 1)
         self.failing = False  # the last write timed out or failed, and none succeeded since
         self.buckets: dict[str, TokenBucket] = {}
+        self.trusted_proxies = enrichment.parse_trusted_proxies(settings.trusted_proxies)
         registry = runtime.metrics.registry
         self.m_requests = Counter(
             "streamapp_api_requests", "API requests by endpoint and status", ["endpoint", "status"], registry=registry
@@ -233,7 +240,10 @@ class IngestApi:
             self.m_inflight.dec()
 
     # ----------------------------------------------------------------- endpoints
-    async def record_one(self, request: web.Request, project_id: str, collection: str) -> web.Response:
+    async def record_one(
+        self, request: web.Request, project_id: str, collection: str, body: bytes | None = None
+    ) -> web.Response:
+        """One event; ``body`` is given by the image beacon (GET), else read from the request."""
         started = time.perf_counter()
         try:
             project = self.project(request, project_id)
@@ -243,7 +253,8 @@ class IngestApi:
             if shed is not None and not keen.can_admit_any(shed[1], now):
                 raise keen.shed_error(project_id, shed[0])
             self.check_capacity()
-            event = keen.parse_object(await self.read_body(request))
+            raw = await self.read_body(request) if body is None else body
+            event = self.fill_placeholders(request, raw, keen.parse_object(raw))
             clock = keen.Clock.at(time.time())
             settings = self.settings
             limit = keen.max_event_bytes_for(
@@ -272,7 +283,8 @@ class IngestApi:
             if shed is not None and not keen.can_admit_any(shed[1], now):
                 raise keen.shed_error(project_id, shed[0])
             self.check_capacity()
-            doc = keen.parse_object(await self.read_body(request))
+            raw = await self.read_body(request)
+            doc = self.fill_placeholders(request, raw, keen.parse_object(raw))
             count = keen.check_batch(doc)
             if shed is not None and count and not keen.admit(shed[1], time.monotonic(), count):
                 raise keen.shed_error(project_id, shed[0])
@@ -291,11 +303,37 @@ class IngestApi:
         self.m_events.inc(sum(plan.accepted for plan in plans))
         return self.respond("batch", 200, orjson.dumps(keen.batch_response(plans)), started)
 
+    def fill_placeholders(self, request: web.Request, raw: bytes, doc: dict[str, Any]) -> dict[str, Any]:
+        """``${keen.ip}`` / ``${keen.user_agent}`` -> this request's client address and User-Agent
+        (a byte search first: bodies without placeholders are not walked)."""
+        if enrichment.PLACEHOLDER_MARK in raw:
+            ip = enrichment.client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies)
+            enrichment.fill_placeholders(doc, ip, request.headers.get("User-Agent", ""))
+        return doc
+
+    async def record_pixel(self, request: web.Request, project_id: str, collection: str) -> web.Response:
+        """The image beacon: ``GET ...?api_key=&data=<URL-encoded base64 of the event JSON>`` ->
+        a 1x1 transparent GIF, or the error status with Keen's JSON error body."""
+        started = time.perf_counter()
+        try:
+            body = keen.decode_beacon_data(request.query.get("data"), self.settings.api_max_body_bytes)
+        except ApiError as exc:
+            return self.respond("event", exc.status, exc.body(), started, exc.headers)
+        answer = await self.record_one(request, project_id, collection, body)
+        if answer.status != 201:
+            return answer
+        return web.Response(
+            body=keen.PIXEL_GIF,
+            status=200,
+            content_type="image/gif",
+            headers={**CORS_ANSWER_HEADERS, "Cache-Control": "no-store"},
+        )
+
     def respond(
         self, endpoint: str, status: int, body: bytes, started: float, headers: Mapping[str, str] | None = None
     ) -> web.Response:
         elapsed = time.perf_counter() - started
-        out = {SERVER_TIME_HEADER: f"{elapsed * 1000:.3f}", "Access-Control-Allow-Origin": "*"}
+        out = {SERVER_TIME_HEADER: f"{elapsed * 1000:.3f}", **CORS_ANSWER_HEADERS}
         if headers:
             out.update(headers)
         self.m_requests.labels(endpoint, str(status)).inc()
@@ -311,17 +349,34 @@ async def ensure_control_topic(runtime: Runtime) -> None:
         log.warning("could not declare the control topic: %r", exc)
 
 
+#: Keen's JavaScript SDK sends image beacons of up to 16,000 URL characters; aiohttp's default
+#: request line limit is 8,190 bytes.
+MAX_REQUEST_LINE_BYTES = 16 * 1024 + 64
+
+
+def allow_long_beacon_urls(app: faust.App) -> None:
+    """Raise the web server's request line limit to what Keen's SDK sends (faust's aiohttp driver
+    keeps the server options in its runner; a driver without one keeps aiohttp's 8 KiB)."""
+    kwargs = getattr(getattr(app.web, "_runner", None), "_kwargs", None)
+    if isinstance(kwargs, dict):
+        kwargs.setdefault("max_line_size", MAX_REQUEST_LINE_BYTES)
+
+
 def register_api(app: faust.App, runtime: Runtime) -> IngestApi:
     api = IngestApi(runtime)
     runtime.api = api  # type: ignore[attr-defined]
+    allow_long_beacon_urls(app)
 
     @app.page("/3.0/projects/{project_id}/events/{collection}")
     class KeenEvent(faust.web.View):
         async def post(self, request: web.Request, project_id: str, collection: str) -> web.Response:
             return await api.record_one(request, project_id, collection)
 
+        async def get(self, request: web.Request, project_id: str, collection: str) -> web.Response:
+            return await api.record_pixel(request, project_id, collection)
+
         async def options(self, request: web.Request, **kwargs: Any) -> web.Response:
-            return web.Response(status=204, headers=CORS_HEADERS)
+            return web.Response(status=204, headers=keen.preflight_headers(request.headers))
 
     @app.page("/3.0/projects/{project_id}/events")
     class KeenBatch(faust.web.View):
@@ -329,7 +384,7 @@ def register_api(app: faust.App, runtime: Runtime) -> IngestApi:
             return await api.record_batch(request, project_id)
 
         async def options(self, request: web.Request, **kwargs: Any) -> web.Response:
-            return web.Response(status=204, headers=CORS_HEADERS)
+            return web.Response(status=204, headers=keen.preflight_headers(request.headers))
 
     @app.task
     async def api_producer() -> None:
