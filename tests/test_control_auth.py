@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -26,6 +29,7 @@ from hypothesis import strategies as st
 
 from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY
 from streamapp.control_records import ShedMarker, Tick, control_headers, parse_control, verify_control
+from streamapp.devstack import PROJECT_ROOT
 from streamapp.metrics import Metrics
 from streamapp.settings import Settings
 from streamapp.sink.partition import PartitionWindows
@@ -283,3 +287,18 @@ def test_forged_control_records_are_refused_counted_and_dead_lettered(
     metrics = _json(f"{worker.web_url}/metrics")
     assert f"streamapp_control_records_rejected_total {float(forged)}" in metrics
     assert worker.is_running()
+
+
+def test_a_worker_without_the_secret_refuses_to_start(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAPP_")}
+    env["STREAMAPP_DATA_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamapp", "worker"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "STREAMAPP_CONTROL_SECRET is not set" in result.stderr

@@ -141,3 +141,14 @@ def test_dev_exits_when_its_worker_dies_and_stale_local_state_is_rebuilt(
     assert "rebuilding them from the changelog" in rebuilt[0]
     assert "ConsistencyError" not in log and "Traceback" not in log
     assert not (PROJECT_ROOT / "data").exists() or (PROJECT_ROOT / "data").stat().st_mtime < time.time() - 600
+
+
+def test_reset_local_state_deletes_the_table_stores(tmp_path: Path) -> None:
+    from streamapp.local_state import reset_local_state
+
+    tables = tmp_path / "v1" / "tables"
+    (tables / "meter-rates-0.db").mkdir(parents=True)
+    (tables / "meter-rates-0.db" / "CURRENT").write_text("x")
+    assert reset_local_state(tables) is True
+    assert not tables.exists() and (tmp_path / "v1").exists()
+    assert reset_local_state(tables) is False

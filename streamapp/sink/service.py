@@ -175,7 +175,7 @@ class S3Sink:
         for record in records:
             key = record.key
             if key is not None and key[:1] == b"\x00":
-                self._control(windows, record.offset, key, record.value, record.headers)
+                self._control(windows, record.offset, key, record.value, getattr(record, "headers", None))
             else:
                 process(record.offset, record.timestamp, key, record.value)
             if windows.outbox or windows.diverted or windows.invalid:
