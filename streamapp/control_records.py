@@ -8,7 +8,8 @@ to ``events`` could write such a key, so a worker obeys one only if its
 value. So a forged record is refused, and a genuine one copied into another partition or topic
 is refused too (its signature names where it belongs). The check depends only on the record's
 bytes and the secret: a record valid once is valid on every replay, as long as the secret is
-kept (a new secret makes the control records still in the log invalid: see the README).
+kept. To rotate, set ``new,old`` on every worker (the first signs, each one verifies), and drop
+``old`` once the log holds no record it signed (see the README).
 
 Pure functions, no clock: the sink and the meter sign when they write and verify when they read.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,11 @@ from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY
 
 _VERSION = b"streamapp-control-v1"
 SHED_MODES = ("divert", "drop", "shadow")
+
+
+def control_secrets(setting: str) -> tuple[bytes, ...]:
+    """The secrets of ``STREAMAPP_CONTROL_SECRET`` (``new,old`` while rotating): the first signs."""
+    return tuple(part.strip().encode() for part in setting.split(",") if part.strip())
 
 
 def control_signature(secret: bytes, topic: str, partition: int, key: bytes, value: bytes) -> bytes:
@@ -58,18 +64,27 @@ def header_value(headers: Iterable[Any] | None, name: str) -> bytes | None:
 
 
 def verify_control(
-    secret: bytes, topic: str, partition: int, key: bytes, value: bytes | None, headers: Iterable[Any] | None
+    secrets: bytes | Sequence[bytes],
+    topic: str,
+    partition: int,
+    key: bytes,
+    value: bytes | None,
+    headers: Iterable[Any] | None,
 ) -> str | None:
-    """None when the record is a genuine control record for this partition, else why it is not."""
-    if not secret:
+    """None when the record is a genuine control record for this partition, else why it is not.
+
+    ``secrets``: one secret, or those of :func:`control_secrets` (any of them may have signed).
+    """
+    candidates = (secrets,) if isinstance(secrets, bytes) else tuple(secrets)
+    if not any(candidates):
         return "no control secret configured"
     signature = header_value(headers, CONTROL_SIG_HEADER)
     if signature is None:
         return f"control record without a {CONTROL_SIG_HEADER} header"
-    expected = control_signature(secret, topic, partition, key, value or b"")
-    if not hmac.compare_digest(signature, expected):
-        return "control record with a bad signature (forged, or written for another partition or secret)"
-    return None
+    for secret in candidates:
+        if secret and hmac.compare_digest(signature, control_signature(secret, topic, partition, key, value or b"")):
+            return None
+    return "control record with a bad signature (forged, or written for another partition or secret)"
 
 
 @dataclass(frozen=True, slots=True)

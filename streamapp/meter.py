@@ -37,7 +37,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from streamapp.contract import SHED_KEY, is_valid_name
-from streamapp.control_records import control_headers
+from streamapp.control_records import control_headers, control_secrets
 from streamapp.metering import (
     Quota,
     SecondCounts,
@@ -182,7 +182,8 @@ class Meter:
         self.health = {"factor": 1.0, "backlog_age_seconds": 0.0, "produce_latency_ms": float("nan")}
         self.tightened: dict[str, float] = {}  # project -> health factor applied to its quota
         self.markers_written = 0
-        self._control_secret = settings.control_secret.encode()  # signs shed markers (control_records)
+        # Signs shed markers: the first of the cluster's secrets (control_records.control_secrets).
+        self._control_secret = (control_secrets(settings.control_secret) or (b"",))[0]
         self.batches = 0
         self.events_in = 0
         self.replayed = 0  # records skipped as counted before the last reload

@@ -80,7 +80,7 @@ class Settings:
     store: str = _doc("Faust table store URL", default="rocksdb://")
     log_level: str = _doc("Worker log level", default="info")
     control_secret: str = _doc(
-        "Cluster secret that signs control records (watermark ticks, shed markers); required by a worker",
+        "Cluster secret that signs control records (ticks, shed markers); required; `new,old` while rotating",
         default="",
         repr=False,
     )

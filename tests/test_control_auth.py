@@ -28,7 +28,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY
-from streamapp.control_records import ShedMarker, Tick, control_headers, parse_control, verify_control
+from streamapp.control_records import (
+    ShedMarker,
+    Tick,
+    control_headers,
+    control_secrets,
+    parse_control,
+    verify_control,
+)
 from streamapp.devstack import PROJECT_ROOT
 from streamapp.metrics import Metrics
 from streamapp.settings import Settings
@@ -55,6 +62,17 @@ def test_signature_binds_topic_partition_key_and_value_and_is_deterministic() ->
     assert "without" in verify_control(SECRET, TOPIC, 2, TICK_KEY, value, None)
     assert "without" in verify_control(SECRET, TOPIC, 2, TICK_KEY, value, [("x", b"y")])
     assert verify_control(b"", TOPIC, 2, TICK_KEY, value, headers) == "no control secret configured"
+
+
+def test_rotation_signs_with_the_first_secret_and_accepts_each() -> None:
+    keys = control_secrets(" new , old ")
+    assert keys == (b"new", b"old") and control_secrets("") == ()
+    value = b'{"watermark": 1}'
+    by_old = control_headers(b"old", TOPIC, 0, TICK_KEY, value)
+    assert verify_control(keys, TOPIC, 0, TICK_KEY, value, by_old) is None
+    assert verify_control((b"new",), TOPIC, 0, TICK_KEY, value, by_old) is not None
+    sink = new_sink("new,old")
+    assert sink._control_secret == b"new"
 
 
 @pytest.mark.parametrize(
@@ -85,8 +103,8 @@ def test_parse_control_never_raises(key: bytes, value: bytes | None, want: Any) 
 
 
 # ----------------------------------------------------------------- S3Sink._control
-def new_sink() -> S3Sink:
-    settings = Settings(control_secret=SECRET.decode(), events_topic=TOPIC)
+def new_sink(secret: str = SECRET.decode()) -> S3Sink:
+    settings = Settings(control_secret=secret, events_topic=TOPIC)
     runtime = SimpleNamespace(settings=settings, s3=None, metrics=Metrics())
     return S3Sink(runtime)  # type: ignore[arg-type]
 

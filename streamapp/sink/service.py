@@ -27,6 +27,7 @@ from streamapp.control_records import (
     ShedMarker,
     Tick,
     control_headers,
+    control_secrets,
     parse_control,
     verify_control,
 )
@@ -79,7 +80,9 @@ class S3Sink:
         self.invalid_out = 0
         self.objects_written = 0
         self.control_rejected = 0  # NUL-keyed records refused (unsigned, forged, misplaced)
-        self._control_secret = self.settings.control_secret.encode()
+        # The first signs this worker's ticks; any of them verifies (a rotation: control_records).
+        self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
+        self._control_secret = self._control_secrets[0]
 
     @property
     def events_in(self) -> int:
@@ -219,7 +222,7 @@ class S3Sink:
         Anything else is read past, counted and dead-lettered. Never raises, whatever the bytes.
         """
         try:
-            rejected = verify_control(self._control_secret, self.topic, windows.partition, key, value, headers)
+            rejected = verify_control(self._control_secrets, self.topic, windows.partition, key, value, headers)
             meaning = parse_control(key, value) if rejected is None else None
         except Exception as exc:  # noqa: BLE001 - a record's bytes must never stop the sink
             rejected, meaning = f"control record not understood: {exc!r}", None
