@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaProducer
 from streamapp.app import create_app
 from streamapp.settings import Settings
 from streamapp.transport import ISOLATION_LEVEL, StreamappConsumerThread
+from streamapp.web.views import merge_sink
 from tests.helpers import read_objects, wait_until
 
 CODEC_OF_PARTITION = {0: "gzip", 1: "lz4", 2: "zstd", 3: "snappy"}
@@ -41,6 +42,12 @@ async def test_worker_consumer_reads_committed_only() -> None:
     client = thread._create_worker_consumer(app.transport)
     assert ISOLATION_LEVEL == "read_committed"
     assert client._isolation_level == "read_committed"  # what aiokafka gives its Fetcher in start()
+
+
+def test_cluster_sink_view_lists_every_workers_stopped_partitions() -> None:
+    a, b = {"topic": "e", "partition": 1, "offset": 5}, {"topic": "e", "partition": 3, "offset": 9}
+    merged = merge_sink([{"stopped_partitions": [a]}, {"stopped_partitions": []}, {"stopped_partitions": [b]}])
+    assert merged["stopped_partitions"] == [a, b]
 
 
 def _get(url: str) -> tuple[int, Any]:

@@ -171,6 +171,9 @@ def merge_sink(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         for key, value in payload.items():
             if key in ("partitions", "overflow", "worker", "workers", "partial"):
                 continue
+            if key == "stopped_partitions" and isinstance(value, list):  # each worker reports its own
+                out.setdefault(key, []).extend(value)
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 if value and not out.get(key):
                     out[key] = value
