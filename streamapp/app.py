@@ -60,6 +60,24 @@ def data_dir(settings: Settings, environ: Mapping[str, str] | None = None) -> st
     return env.get("F_DATADIR") or env.get("FAUST_DATADIR") or settings.data_dir
 
 
+def accept_worker_datadir() -> None:
+    """Let ``faust -A streamapp.app worker --datadir D`` through Faust's command-line parser.
+
+    Faust takes ``--datadir`` only before the command name and rejects it after. Its package
+    init reads ``--datadir`` from anywhere in argv into ``FAUST_DATADIR`` (which :func:`data_dir`
+    honours), and ``faust -A`` imports this module before it parses the worker's options, so
+    the worker command only has to accept the option.
+    """
+    import click
+    from faust.cli.base import cli
+
+    worker = cli.commands.get("worker")
+    if isinstance(worker, click.Command) and not any("--datadir" in p.opts for p in worker.params):
+        worker.params.append(
+            click.Option(["--datadir"], default=None, expose_value=False, help="Directory to keep application state.")
+        )
+
+
 def create_app(settings: Settings | None = None) -> StreamappApp:
     settings = settings or Settings.from_env()
     app = StreamappApp(
@@ -107,3 +125,4 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
 
 
 app = create_app()
+accept_worker_datadir()

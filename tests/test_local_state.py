@@ -2,7 +2,7 @@
 
 One scenario, as a developer meets it: ``streamapp dev`` runs, its worker dies, so dev exits
 non-zero with the worker's log tail. The developer starts again on a new (empty, in-memory)
-broker with the same data dir, through ``faust --datadir D -A streamapp.app worker``: the local
+broker with the same data dir, through ``faust -A streamapp.app worker --datadir D``: the local
 RocksDB stores are ahead of the new changelogs (stock Faust: ``ConsistencyError``, every start).
 The worker logs one line, rebuilds those partitions from the changelog, and works.
 """
@@ -123,7 +123,8 @@ def test_dev_exits_when_its_worker_dies_and_stale_local_state_is_rebuilt(
             allowed_lateness_seconds=1,
             idle_flush_seconds=1,
         )
-        faust = [sys.executable, "-m", "faust", "--datadir", str(worker_dir), "-A", "streamapp.app", "worker"]
+        # The issue's command, with --datadir after `worker` (Faust itself takes it only before).
+        faust = [sys.executable, "-m", "faust", "-A", "streamapp.app", "worker", "--datadir", str(worker_dir)]
         worker = WorkerProcess(settings, tmp_path / "logs", command=[*faust, "--web-port", str(port)])
         assert "STREAMAPP_DATA_DIR" not in worker.environment()
         worker.start()
