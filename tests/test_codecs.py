@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.consumer.fetcher import PartitionRecords
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.structs import TopicPartition
 
 from streamapp.app import create_app
 from streamapp.settings import Settings
-from streamapp.transport import ISOLATION_LEVEL, StreamappConsumerThread
+from streamapp.transport import ISOLATION_LEVEL, GuardedFetchResults, StreamappConsumerThread
 from streamapp.web.views import merge_sink
 from tests.helpers import read_objects, wait_until
 
@@ -42,6 +48,40 @@ async def test_worker_consumer_reads_committed_only() -> None:
     client = thread._create_worker_consumer(app.transport)
     assert ISOLATION_LEVEL == "read_committed"
     assert client._isolation_level == "read_committed"  # what aiokafka gives its Fetcher in start()
+
+
+def _batch(codec: int, base_offset: int, values: list[bytes]) -> bytes:
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=codec,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for i, value in enumerate(values):
+        builder.append(i, timestamp=1000, key=b"k", value=value, headers=[])
+    data = bytearray(builder.build())
+    struct.pack_into(">q", data, 0, base_offset)  # a batch's first 8 bytes: its base offset
+    return bytes(data)
+
+
+def test_an_undecodable_batch_ends_its_partitions_records_at_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the transport relies on inside aiokafka (pinned here, so an upgrade that moves it fails)."""
+    import aiokafka.codec
+
+    tp = TopicPartition("events", 3)
+    data = _batch(1, 0, [b"a", b"b", b"c"]) + _batch(2, 3, [b"d", b"e"]) + _batch(1, 5, [b"f"])  # gzip, snappy, gzip
+    monkeypatch.setattr(aiokafka.codec, "has_snappy", lambda: False)  # this process now lacks snappy
+    records = PartitionRecords(tp, MemoryRecords(data), [], 0, None, None, True, ISOLATION_LEVEL)
+    errors: list[tuple[Any, int, BaseException]] = []
+    fetched = GuardedFetchResults({}, lambda *error: errors.append(error))
+    fetched[tp] = SimpleNamespace(_partition_records=records)  # what Fetcher stores: a FetchResult
+    assert [r.value for r in records] == [b"a", b"b", b"c"]
+    assert records.next_fetch_offset == 3, "aiokafka's position stays at the batch: nothing is skipped"
+    ((where, offset, exc),) = errors
+    assert (where, offset) == (tp, 3) and "snappy" in str(exc)
 
 
 def test_cluster_sink_view_lists_every_workers_stopped_partitions() -> None:
