@@ -214,7 +214,8 @@ class StreamappConsumer(Consumer):
 
     def stopped(self) -> list[dict[str, Any]]:
         """The partitions stopped at an undecodable batch (for /healthz and /sink/)."""
-        return [dict(info) for _, info in sorted(self.stopped_partitions.items())]
+        stopped = self.stopped_partitions.copy()  # one C-level copy: the consumer thread writes it
+        return [dict(info) for _, info in sorted(stopped.items())]
 
     def _mark_sought(self, tp: TP, offset: int | None) -> None:
         self._seek_seq += 1
