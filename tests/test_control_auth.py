@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY
+from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY, invalid_record_value
 from streamapp.control_records import (
     ShedMarker,
     Tick,
@@ -194,6 +194,9 @@ def test_control_never_raises_and_never_obeys_unsigned(key: bytes, value: bytes 
     assert windows.watermark == float("-inf") and dict(windows.routes) == {}
     assert windows.read_offset == 1
     assert len(windows.invalid) == 1 and sink.control_rejected == 1
+    (item,) = windows.invalid  # the dead letter the sink will write can be encoded, whatever the bytes
+    letter = orjson.loads(invalid_record_value(item.reason, topic=TOPIC, partition=1, offset=0, key=key, value=value))
+    assert letter["reason"].startswith("control record") and letter["offset"] == 0
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
