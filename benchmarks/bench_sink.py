@@ -118,6 +118,7 @@ def sink_run(broker: BrokerProcess, s3: S3Process, topic: str, events: int, log_
             "STREAMAPP_WEB_PORT": str(port),
             "STREAMAPP_DATA_DIR": tempfile.mkdtemp(),
             "STREAMAPP_IDLE_FLUSH_SECONDS": "1",
+            "STREAMAPP_CONTROL_SECRET": "bench-control-secret",
             # The backlog was produced in seconds (up to ~2,000 events/s per project): with the
             # default 1,000 events/s quota the meter would shed every project and the sink would
             # divert most events to the overflow lane. This measures the real-time export path;

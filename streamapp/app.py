@@ -6,15 +6,25 @@ module-level ``app`` is built from ``STREAMAPP_*`` environment variables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import faust
 
 import streamapp.transport  # noqa: F401 - registers the streamapp:// broker scheme
+from streamapp.local_state import StreamappTableManager
 from streamapp.runtime import Runtime
-from streamapp.settings import Settings
+from streamapp.settings import ENV_PREFIX, Settings, SettingsError
 from streamapp.topics import declare_topics
+
+log = logging.getLogger(__name__)
+NO_SECRET = (
+    f"{ENV_PREFIX}CONTROL_SECRET is not set: a worker needs the cluster secret that signs control records "
+    "(watermark ticks, shed markers); give every worker of the cluster the same random value, "
+    "e.g. `python -c 'import secrets; print(secrets.token_hex(32))'` (`streamapp dev` makes one)"
+)
 
 
 class StreamappApp(faust.App):
@@ -26,10 +36,46 @@ class StreamappApp(faust.App):
         super().__init__(*args, **kwargs)
         self.before_consumer_stop: list[Callable[[], None]] = []
 
+    async def on_first_start(self) -> None:
+        # Refuse to run without the secret (`faust -A streamapp.app worker` too): a worker without
+        # one could not sign its ticks and markers, and would refuse everyone else's.
+        runtime = getattr(self, "streamapp", None)  # None: an app built by hand (benchmarks)
+        if runtime is not None and not runtime.settings.control_secret:
+            log.error(NO_SECRET)
+            raise SettingsError(NO_SECRET)
+        await super().on_first_start()
+
     async def _stop_consumer(self) -> None:
         for callback in self.before_consumer_stop:
             callback()
         await super()._stop_consumer()
+
+
+def data_dir(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
+    """Where local state lives: an explicit ``STREAMAPP_DATA_DIR`` (or a non-default setting) wins,
+    then ``faust --datadir`` (Faust passes it on as ``F_DATADIR``/``FAUST_DATADIR``), then the default."""
+    env = os.environ if environ is None else environ
+    if ENV_PREFIX + "DATA_DIR" in env or settings.data_dir != Settings.data_dir:
+        return settings.data_dir
+    return env.get("F_DATADIR") or env.get("FAUST_DATADIR") or settings.data_dir
+
+
+def accept_worker_datadir() -> None:
+    """Let ``faust -A streamapp.app worker --datadir D`` through Faust's command-line parser.
+
+    Faust takes ``--datadir`` only before the command name and rejects it after. Its package
+    init reads ``--datadir`` from anywhere in argv into ``FAUST_DATADIR`` (which :func:`data_dir`
+    honours), and ``faust -A`` imports this module before it parses the worker's options, so
+    the worker command only has to accept the option.
+    """
+    import click
+    from faust.cli.base import cli
+
+    worker = cli.commands.get("worker")
+    if isinstance(worker, click.Command) and not any("--datadir" in p.opts for p in worker.params):
+        worker.params.append(
+            click.Option(["--datadir"], default=None, expose_value=False, help="Directory to keep application state.")
+        )
 
 
 def create_app(settings: Settings | None = None) -> StreamappApp:
@@ -38,7 +84,8 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
         settings.app_id,
         broker=settings.broker_url,
         store=settings.store,
-        datadir=settings.data_dir,
+        datadir=data_dir(settings),
+        TableManager=StreamappTableManager,  # rebuilds local state that is ahead of its changelog
         # Faust reads its own settings from the environment too; a private prefix keeps a stray
         # WEB_PORT or BROKER from silently changing the app.
         env_prefix="STREAMAPP_FAUST_",
@@ -78,3 +125,4 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
 
 
 app = create_app()
+accept_worker_datadir()

@@ -42,12 +42,25 @@ def command(name: str, configure: Callable[[argparse.ArgumentParser], None]) -> 
 # ------------------------------------------------------------------ worker
 def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loglevel", default=None)
+    parser.add_argument("--datadir", default=None, help="local state directory (STREAMAPP_DATA_DIR wins if set)")
+    parser.add_argument(
+        "--reset-local-state",
+        action="store_true",
+        help="delete the local table stores before starting (they are rebuilt from the changelog topics)",
+    )
 
 
 @command("worker", _worker_args)
 def worker(args: argparse.Namespace) -> int:
     """Same as ``faust -A streamapp.app worker``, with uvloop."""
     settings = Settings.from_env()
+    if not settings.control_secret:
+        from streamapp.app import NO_SECRET
+
+        print(f"streamapp: configuration error: {NO_SECRET}", file=sys.stderr)
+        return 2
+    if args.datadir:
+        os.environ["F_DATADIR"] = args.datadir  # read by streamapp.app.data_dir, like `faust --datadir`
     os.environ.setdefault("STREAMAPP_FAUST_WEB_PORT", str(settings.web_port))
     argv = [
         "streamapp",
@@ -66,6 +79,11 @@ def worker(args: argparse.Namespace) -> int:
         pass
     from streamapp.app import app
 
+    if args.reset_local_state:
+        from streamapp.local_state import reset_local_state
+
+        if reset_local_state(app.conf.tabledir):
+            print(f"streamapp: deleted local table state in {app.conf.tabledir}", file=sys.stderr)
     sys.argv = argv
     app.main()
     return 0
@@ -86,7 +104,7 @@ def _dev_args(parser: argparse.ArgumentParser) -> None:
 @command("dev", _dev_args)
 def dev(args: argparse.Namespace) -> int:
     """Embedded stack: Tansu broker, moto S3 server, one worker; Ctrl-C or --duration stops all."""
-    from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
+    from streamapp.devstack import BrokerProcess, DevStackError, S3Process, WorkerProcess
 
     base = Settings.from_env()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="streamapp-dev-")
@@ -100,6 +118,8 @@ def dev(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     admin_token = base.admin_token or secrets.token_urlsafe(16)
+    # One secret per stack, shared by its workers: they sign and check control records with it.
+    control_secret = base.control_secret or secrets.token_hex(32)
     broker = BrokerProcess(port=args.kafka_port, log_dir=log_dir)
     s3 = S3Process(port=args.s3_port, log_dir=log_dir)
     worker_proc: WorkerProcess | None = None
@@ -114,6 +134,7 @@ def dev(args: argparse.Namespace) -> int:
             "STREAMAPP_WEB_PORT": str(args.web_port),
             "STREAMAPP_DATA_DIR": os.path.join(data_dir, "worker"),
             "STREAMAPP_ADMIN_TOKEN": admin_token,
+            "STREAMAPP_CONTROL_SECRET": control_secret,
         }
         if args.window_seconds:
             env["STREAMAPP_WINDOW_SECONDS"] = str(args.window_seconds)
@@ -141,7 +162,11 @@ def dev(args: argparse.Namespace) -> int:
         if args.info_file:
             with open(args.info_file, "w") as fh:
                 json.dump(info, fh, indent=2)
-        worker_proc.wait_ready(timeout=120)
+        try:
+            worker_proc.wait_ready(timeout=120)
+        except DevStackError as exc:  # it died starting: say why (the log tail), exit non-zero
+            print(f"streamapp dev: {exc}", flush=True)
+            return 1
         if args.demo:
             from streamapp.demo import DemoTraffic
 
@@ -152,8 +177,12 @@ def dev(args: argparse.Namespace) -> int:
         while not stop["now"]:
             if args.duration is not None and time.monotonic() - started >= args.duration:
                 break
-            if not worker_proc.is_running:
-                print("worker exited; log tail:\n" + worker_proc.log_tail(40), flush=True)
+            if not worker_proc.is_running():
+                print(
+                    f"streamapp dev: the worker exited with code {worker_proc.returncode}; log tail "
+                    f"({worker_proc.log_path}):\n" + worker_proc.log_tail(40),
+                    flush=True,
+                )
                 return 1
             time.sleep(0.2)
             if time.monotonic() >= next_status:

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -648,6 +649,8 @@ class DevStack:
     ) -> None:
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="streamapp-dev-"))
         self.bucket = bucket
+        # The stack's cluster secret: its workers sign and check control records with it.
+        self.control_secret = secrets.token_hex(32)
         self.broker = BrokerProcess(broker_port, self.log_dir)
         self.s3 = S3Process(s3_port, self.log_dir)
 
@@ -682,6 +685,7 @@ class DevStack:
                 "kafka_bootstrap": self.kafka_bootstrap,
                 "s3_endpoint_url": self.s3_endpoint_url,
                 "s3_bucket": self.bucket,
+                "control_secret": self.control_secret,
                 **overrides,
             }
         )

@@ -37,6 +37,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from streamapp.contract import SHED_KEY, is_valid_name
+from streamapp.control_records import control_headers, control_secrets
 from streamapp.metering import (
     Quota,
     SecondCounts,
@@ -181,6 +182,8 @@ class Meter:
         self.health = {"factor": 1.0, "backlog_age_seconds": 0.0, "produce_latency_ms": float("nan")}
         self.tightened: dict[str, float] = {}  # project -> health factor applied to its quota
         self.markers_written = 0
+        # Signs shed markers: the first of the cluster's secrets (control_records.control_secrets).
+        self._control_secret = (control_secrets(settings.control_secret) or (b"",))[0]
         self.batches = 0
         self.events_in = 0
         self.replayed = 0  # records skipped as counted before the last reload
@@ -606,8 +609,10 @@ class Meter:
                 body = {"project_id": pm.project_id, "mode": "ok"}
             else:
                 body = {"project_id": pm.project_id, "mode": route[0], "fraction": route[1]}
+            value = orjson.dumps(body)
+            headers = control_headers(self._control_secret, self.topic, pm.partition, SHED_KEY, value)
             try:
-                fut = await producer.send(self.topic, SHED_KEY, orjson.dumps(body), pm.partition, None, None)
+                fut = await producer.send(self.topic, SHED_KEY, value, pm.partition, None, headers)
             except Exception as exc:  # noqa: BLE001 - announced again on the next decision
                 log.warning("shed marker for %s not sent: %r", pm.project_id, exc)
                 failed.add(pm.project_id)

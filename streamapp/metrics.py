@@ -62,6 +62,11 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=self.registry,
         )
+        self.control_rejected = Counter(
+            "streamapp_control_records_rejected",
+            "NUL-keyed records in the events topic refused as control records (unsigned, forged, misplaced)",
+            registry=self.registry,
+        )
         self.projects = BoundedProjectCounters(top_n)
         self._bound = False
 

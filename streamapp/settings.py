@@ -88,6 +88,11 @@ class Settings:
     data_dir: str = _doc("Local state (RocksDB tables)", default="./data")
     store: str = _doc("Faust table store URL", default="rocksdb://")
     log_level: str = _doc("Worker log level", default="info")
+    control_secret: str = _doc(
+        "Cluster secret that signs control records (ticks, shed markers); required; `new,old` while rotating",
+        default="",
+        repr=False,
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

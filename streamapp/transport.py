@@ -26,6 +26,15 @@
    raw aiokafka records. Faust's per-record machinery (a message, an event, queue
    puts, stream steps: ~40 us a record here) then runs once per batch, and the
    agents walk the raw records themselves. Their order and offsets are unchanged.
+5. Isolation ``read_committed``: records of aborted transactions (a transactional producer
+   that failed half-way) are never delivered, so never exported. (Tansu has no transactions:
+   there it changes nothing; tests/test_codecs.py pins the setting.)
+6. A record batch that cannot be decoded (a compression codec this process lacks, a corrupt
+   batch) stops only its partition: the records before it are delivered, the partition is
+   paused at the batch's offset (nothing after it is read, so nothing is skipped), and the
+   error is kept in :attr:`StreamappConsumer.stopped_partitions` for /healthz, /sink/ and one
+   log line. Stock aiokafka raises out of the whole fetch instead: the worker exits, and records
+   already drained for other partitions in that fetch are dropped on the floor.
 
 Selected by the ``streamapp://`` broker URL scheme (see ``Settings.broker_url``).
 """
@@ -33,20 +42,29 @@ Selected by the ``streamapp://`` broker URL scheme (see ``Settings.broker_url``)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import collections
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import TRANSPORTS
-from faust.transport.drivers.aiokafka import Consumer, Transport
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
 from faust.types import TP
 from mode import Service
 
 TRANSPORTS.aliases.setdefault("streamapp", "streamapp.transport:StreamappTransport")
 
 
+log = logging.getLogger(__name__)
 DELIVER, RESEEK, ACCEPT_GAP = "deliver", "reseek", "accept-gap"
+ISOLATION_LEVEL = "read_committed"
+# What an operator does about a batch this worker cannot decode.
+UNDECODABLE_FIX = (
+    "install the codec libraries (pip install 'aiokafka[snappy,lz4,zstd]') or fix the producer, "
+    "then restart the worker; the partition resumes at this offset"
+)
 # Seeks again before a partition's first batch after a seek may start past the seek target.
 MAX_RESEEKS = 5
 
@@ -110,9 +128,71 @@ def bulk_records(records: Mapping[TP, list[Any]], bulk: set[str], next_offset: M
     return out
 
 
+OnUndecodable = Callable[[Any, int, BaseException], None]
+
+
+def _guarded(tp: Any, partition_records: Any, records: Iterator[Any], on_error: OnUndecodable) -> Iterator[Any]:
+    """``records`` until one fails to decode; then ``on_error(tp, offset, exc)`` and stop there.
+
+    aiokafka then moves the position to ``next_fetch_offset``: just past the last record
+    yielded, which is the start of the batch that failed. So nothing is skipped.
+    """
+    try:
+        yield from records
+    except Exception as exc:  # noqa: BLE001 - any decode failure stops only this partition
+        on_error(tp, partition_records.next_fetch_offset, exc)
+
+
+class GuardedFetchResults(collections.OrderedDict):  # type: ignore[type-arg]
+    """aiokafka ``Fetcher._records`` that guards each fetched partition's record iterator."""
+
+    def __init__(self, existing: Mapping[Any, Any], on_error: OnUndecodable) -> None:
+        super().__init__()
+        self.on_error = on_error
+        for tp, result in existing.items():
+            self[tp] = result
+
+    def __setitem__(self, tp: Any, result: Any) -> None:
+        partition_records = getattr(result, "_partition_records", None)
+        records = getattr(partition_records, "_records_iterator", None)
+        if records is not None:
+            partition_records._records_iterator = _guarded(tp, partition_records, records, self.on_error)
+        super().__setitem__(tp, result)
+
+
+class StreamappConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread: ``read_committed`` (point 5) and per-partition decode errors (point 6)."""
+
+    def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # Faust reads committed only under exactly_once processing; we want it always. aiokafka
+        # hands this attribute to its Fetcher in start(), which has not run yet.
+        assert consumer._isolation_level in ("read_uncommitted", ISOLATION_LEVEL)
+        consumer._isolation_level = ISOLATION_LEVEL
+        return consumer
+
+    async def _fetch_records(
+        self, consumer: AIOKafkaConsumer, active_partitions: Any, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and not isinstance(fetcher._records, GuardedFetchResults):
+            fetcher._records = GuardedFetchResults(fetcher._records, self._undecodable(consumer))
+        return await super()._fetch_records(consumer, active_partitions, timeout=timeout, **kwargs)
+
+    def _undecodable(self, client: AIOKafkaConsumer) -> OnUndecodable:
+        def on_error(tp: Any, offset: int, exc: BaseException) -> None:
+            # Runs in this thread, inside the fetch: pause here, so the batch is not fetched again.
+            client.pause(TopicPartition(tp.topic, tp.partition))
+            cast(StreamappConsumer, self.consumer).partition_stopped(TP(tp.topic, tp.partition), offset, exc)
+
+        return on_error
+
+
 class StreamappConsumer(Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # tp -> {"topic", "partition", "offset", "error"}: partitions stopped at a batch they cannot decode
+        self.stopped_partitions: dict[TP, dict[str, Any]] = {}
         self._seek_seq = 0
         self._sought_seq: dict[TP, int] = {}  # tp -> sequence number of its latest seek
         self._resume: dict[TP, list[int]] = {}  # tp -> [seek target, re-seeks] until its first batch
@@ -120,6 +200,22 @@ class StreamappConsumer(Consumer):
         self._unsought: set[TP] = set()  # assigned, not sought yet: their records are not delivered
         self._fetched_from: dict[TP, int] = {}  # tp -> first offset fetched since its last seek
         self.stale_records_dropped = 0
+
+    def _new_consumer_thread(self) -> AIOKafkaConsumerThread:
+        return StreamappConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def partition_stopped(self, tp: TP, offset: int, exc: BaseException) -> None:
+        """A batch of ``tp`` at ``offset`` cannot be decoded: the partition stays there (point 6)."""
+        error = f"{tp.topic}[{tp.partition}] stopped at offset {offset}: cannot decode the record batch ({exc!r})"
+        known = self.stopped_partitions.get(tp)
+        self.stopped_partitions[tp] = {"topic": tp.topic, "partition": tp.partition, "offset": offset, "error": error}
+        if known is None or known["offset"] != offset:  # once, not on every refetch after a resume
+            log.error("%s; the other partitions go on; fix: %s", error, UNDECODABLE_FIX)
+
+    def stopped(self) -> list[dict[str, Any]]:
+        """The partitions stopped at an undecodable batch (for /healthz and /sink/)."""
+        stopped = self.stopped_partitions.copy()  # one C-level copy: the consumer thread writes it
+        return [dict(info) for _, info in sorted(stopped.items())]
 
     def _mark_sought(self, tp: TP, offset: int | None) -> None:
         self._seek_seq += 1
@@ -198,6 +294,7 @@ class StreamappConsumer(Consumer):
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         self._unsought.difference_update(revoked)
         for tp in revoked:
+            self.stopped_partitions.pop(tp, None)  # its next owner reports it
             self._fetched_from.pop(tp, None)
             self._sought_seq.pop(tp, None)
             self._resume.pop(tp, None)

@@ -12,6 +12,8 @@ import pytest
 from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
 from streamapp.devstack import s3_client as make_s3_client
 
+# The cluster secret of every test worker (tests that forge control records sign with others).
+CONTROL_SECRET = "test-control-secret-" + uuid.uuid4().hex
 # Key under which each phase's report is kept on the test item, so teardown can tell a failed test.
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -100,6 +102,7 @@ def worker_env(broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: s
             web_host="127.0.0.1",
             web_port=free_port(),
             data_dir=tmp_path / f"worker-data-{calls}",
+            control_secret=CONTROL_SECRET,
         )
         env.update(settings_env(overrides))
         return env

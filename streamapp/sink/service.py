@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from faust.types import TP, StreamT
 
-from streamapp.contract import SHED_KEY, TICK_KEY, invalid_record_value, position
+from streamapp.contract import TICK_KEY, invalid_record_value, position
+from streamapp.control_records import (
+    SHED_MODES,
+    ShedMarker,
+    Tick,
+    control_headers,
+    control_secrets,
+    parse_control,
+    verify_control,
+)
 from streamapp.sink.drain import overflow_record
 from streamapp.sink.layout import (
     KIND_MANIFEST_PART,
@@ -29,7 +38,7 @@ from streamapp.sink.layout import (
     manifest_key,
     manifest_parts_prefix,
 )
-from streamapp.sink.partition import PartitionWindows, PendingObject, Route, Target
+from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route, Target
 from streamapp.sink.s3 import S3Writer
 
 if TYPE_CHECKING:
@@ -70,6 +79,10 @@ class S3Sink:
         self._manifest_checks: set[int] = set()
         self.invalid_out = 0
         self.objects_written = 0
+        self.control_rejected = 0  # NUL-keyed records refused (unsigned, forged, misplaced)
+        # The first signs this worker's ticks; any of them verifies (a rotation: control_records).
+        self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
+        self._control_secret = self._control_secrets[0]
 
     @property
     def events_in(self) -> int:
@@ -165,7 +178,7 @@ class S3Sink:
         for record in records:
             key = record.key
             if key is not None and key[:1] == b"\x00":
-                self._control(windows, record.offset, key, record.value)
+                self._control(windows, record.offset, key, record.value, getattr(record, "headers", None))
             else:
                 process(record.offset, record.timestamp, key, record.value)
             if windows.outbox or windows.diverted or windows.invalid:
@@ -201,19 +214,44 @@ class S3Sink:
             self._drained.clear()
             await self._drained.wait()
 
-    def _control(self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None) -> None:
+    def _control(
+        self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None, headers: Any = None
+    ) -> None:
+        """A NUL-keyed record: obeyed only when signed for this partition (streamapp.control_records).
+
+        Anything else is read past, counted and dead-lettered. Never raises, whatever the bytes.
+        """
         try:
-            body = orjson.loads(value or b"{}")
-        except orjson.JSONDecodeError:
-            body = {}
-        if key == TICK_KEY and isinstance(body.get("watermark"), int | float):
-            windows.tick(offset, float(body["watermark"]))
-        elif key == SHED_KEY and isinstance(body.get("project_id"), str):
-            mode = body.get("mode")
-            route = Route(mode, float(body.get("fraction", 1.0))) if mode in ("divert", "drop", "shadow") else None
-            windows.marker(offset, body["project_id"], route)
+            rejected = verify_control(self._control_secrets, self.topic, windows.partition, key, value, headers)
+            meaning = parse_control(key, value) if rejected is None else None
+        except Exception as exc:  # noqa: BLE001 - a record's bytes must never stop the sink
+            rejected, meaning = f"control record not understood: {exc!r}", None
+        if isinstance(meaning, Tick):
+            windows.tick(offset, meaning.watermark)
+        elif isinstance(meaning, ShedMarker):
+            mode = meaning.mode
+            route = Route(mode, meaning.fraction) if mode in SHED_MODES else None
+            windows.marker(offset, meaning.project_id, route)
+        elif meaning == "unknown control record key":
+            windows.skip_record(offset)  # signed by a (newer) worker: not for this version
         else:
-            windows.skip_record(offset)  # unknown control record
+            # Forged, copied from another partition, or (signed yet) malformed: never obeyed.
+            fresh = position(offset + 1) > windows.next_pos and position(offset) >= windows.skip_pos
+            windows.skip_record(offset)
+            if fresh:  # not dead-lettered again when a redelivery is read past
+                reason = rejected if rejected is not None else str(meaning)
+                windows.invalid.append(InvalidItem(offset, key, value, reason))
+                self.control_rejected += 1
+                self.runtime.metrics.control_rejected.inc()
+                if self.control_rejected <= 10 or self.control_rejected % 1000 == 0:
+                    log.warning(
+                        "sink partition %s offset %s: control record %r refused (%s); %d so far",
+                        windows.partition,
+                        offset,
+                        key[:32],
+                        reason,
+                        self.control_rejected,
+                    )
 
     def _dispatch(self, partition: int, windows: PartitionWindows) -> None:
         producer = self.runtime.app.producer
@@ -381,7 +419,8 @@ class S3Sink:
                 continue  # not caught up: real events will move the watermark
             status.last_message_at = now
             value = orjson.dumps({"watermark": time.time()})
-            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, None)
+            headers = control_headers(self._control_secret, self.topic, partition, TICK_KEY, value)
+            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
 
     # ----------------------------------------------------------------- views
     def backlog(self) -> dict[str, Any]:

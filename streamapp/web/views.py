@@ -150,6 +150,12 @@ def _received(entry: Mapping[str, Any]) -> int:
 _MAX_FIELDS = ("age_seconds", "_at", "watermark")
 
 
+def _stopped_partitions(app: Any) -> list[dict[str, Any]]:
+    """Partitions the transport stopped at an undecodable batch (streamapp.transport, point 6)."""
+    stopped = getattr(app.consumer, "stopped", None)
+    return stopped() if callable(stopped) else []
+
+
 def merge_sink(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Cluster-wide /sink/ from per-worker ones: partitions united, counters summed, ages and times maxed."""
     out: dict[str, Any] = {}
@@ -167,6 +173,9 @@ def merge_sink(payloads: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             overflow.append(payload["overflow"])
         for key, value in payload.items():
             if key in ("partitions", "overflow", "worker", "workers", "partial", "parked"):
+                continue
+            if key == "stopped_partitions" and isinstance(value, list):  # each worker reports its own
+                out.setdefault(key, []).extend(value)
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 if value and not out.get(key):
@@ -458,6 +467,8 @@ class Views:
             "pending_bytes": sink.pending_bytes,
             "events_in": sink.events_in,
             "invalid": sink.invalid_out,
+            "control_rejected": sink.control_rejected,
+            "stopped_partitions": _stopped_partitions(self.app),
             "overflow": runtime.meter.drain_status(),
             **parked_view(runtime),
         }
@@ -596,6 +607,12 @@ def register_views(app: faust.App, runtime: Runtime) -> Views:
     @app.page("/healthz")
     class Healthz(View):
         async def get(self, request: Request) -> Response:
+            # A partition stopped at a batch it cannot decode is reported, and stays 200: the
+            # process serves the rest, and a restart would meet the same batch again.
+            stopped = _stopped_partitions(app)
+            if stopped:
+                errors = [s["error"] for s in stopped]
+                return self.json({"status": "degraded", "worker": views.url, "errors": errors, "stopped": stopped})
             return self.json({"status": "ok", "worker": views.url})
 
     @app.page("/readyz")
