@@ -71,6 +71,7 @@ def stack(
         web_port=free_port(),
         data_dir=tmp / "data",
         trusted_proxies="127.0.0.1/32",
+        control_secret="keen-parity-" + uuid.uuid4().hex,
     )
     worker = WorkerProcess(env, tmp / "logs")
     worker.start()
