@@ -31,7 +31,9 @@ from streamapp.contract import (
     MAX_FUTURE_SKEW_SECONDS,
     InvalidRecord,
     RecordStamps,
+    check_identity,
     enrich_event,
+    event_time_in_range,
     parse_record,
     position,
     position_offset,
@@ -40,6 +42,7 @@ from streamapp.contract import (
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import (
     KIND_LATE,
+    KIND_LATE_OLDER,
     KIND_MANIFEST_PART,
     KIND_ON_TIME,
     describe_object,
@@ -52,6 +55,12 @@ Target = tuple[str, str]  # (bucket, prefix) of an exported project
 _NEG_INF = float("-inf")
 # Windows closed in one watermark jump that still get an (empty) manifest part.
 MAX_EMPTY_PARTS_PER_ADVANCE = 12
+# Late events of the most recent closed windows get one object per window at each flush; late
+# events of older windows share one "late-older" object (per project and collection), filed
+# under the oldest of those windows: a flush writes at most LATE_WINDOWS + 1 late objects per
+# project and collection, however many past windows the events are spread over.
+LATE_WINDOWS = 8
+DEFAULT_MAX_FUTURE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +187,7 @@ class PartitionWindows:
         target: Callable[[str], Target | None],
         manifest_target: Target,
         checkpoint: Mapping[str, Any] | None = None,
+        max_future_seconds: float = DEFAULT_MAX_FUTURE_SECONDS,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -186,6 +196,7 @@ class PartitionWindows:
         self.max_object_bytes = max_object_bytes
         self.max_event_bytes = max_event_bytes
         self.max_record_bytes = max_record_bytes
+        self.max_future_seconds = max_future_seconds
         self.target = target
         self.manifest_target = manifest_target
         self.watermark = _NEG_INF
@@ -208,6 +219,8 @@ class PartitionWindows:
         self.counts: dict[str, RouteCounts] = {}
         self.events_in = 0
         self.offset_gaps = 0  # records skipped by the delivery (see _advance_read)
+        self.future_corrected = 0  # events stamped too far ahead, windowed at their record's time
+        self.records_failed = 0  # records whose handling raised (see reject)
         self.last_event_time = _NEG_INF
         if checkpoint:
             self._restore(checkpoint)
@@ -220,6 +233,7 @@ class PartitionWindows:
             return
         try:
             record = parse_record(value, self.max_record_bytes)
+            check_identity(key, record.project_id)
         except InvalidRecord as exc:
             if base >= self.skip_pos:
                 self.invalid.append(InvalidItem(offset, key, value, exc.reason))
@@ -234,6 +248,9 @@ class PartitionWindows:
         size = self.size
         late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
         time_cap = timestamp_ms / 1000.0 + MAX_FUTURE_SKEW_SECONDS
+        future_cap = timestamp_ms / 1000.0 + self.max_future_seconds
+        # Late windows at or before this share one object (see LATE_WINDOWS); none before any event.
+        older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
         diverted_events: list[bytes] | None = None
         diverted_positions: list[int] = []
@@ -255,6 +272,16 @@ class PartitionWindows:
             if stamps is None:
                 stamps = record_stamps(self.partition, offset, timestamp_ms)
             event_time = enrich_event(event, index, stamps)
+            if event_time > future_cap:
+                # A client clock far ahead: window it at the record's time, keep the client's value.
+                event["keen"]["window_timestamp"] = stamps.created_at
+                event_time = stamps.seconds
+                self.future_corrected += 1
+            if not event_time_in_range(event_time):
+                self.invalid.append(
+                    InvalidItem(offset, key, dumps(event), f"event {index} time {event_time} is outside 1970-9999")
+                )
+                continue
             line = dumps(event, option=newline)
             if len(line) > self.max_event_bytes:
                 self.invalid.append(
@@ -265,6 +292,9 @@ class PartitionWindows:
             if capped > max_time:
                 max_time = capped
             start = int(event_time // size) * size
+            late = start <= late_edge
+            if late and start <= older_start:
+                start = older_start  # a long-closed window: the shared "late-older" object
             # The diversion is decided before the skip check: ``skip`` says which admitted events
             # are in S3, not whether a diverted one reached the overflow lane, so the replay
             # diverts its excess again (the drain drops what it has delivered, by position).
@@ -287,12 +317,12 @@ class PartitionWindows:
             counts.admitted += 1
             if target is None:
                 continue
-            late = start <= late_edge
             buffers = self.late if late else self.open
             buf = buffers.get((project, collection, start))
             if buf is None:
+                kind = (KIND_LATE_OLDER if start == older_start else KIND_LATE) if late else KIND_ON_TIME
                 buf = buffers[(project, collection, start)] = Buffer(
-                    project, collection, start, KIND_LATE if late else KIND_ON_TIME, target, pos, self._snapshot()
+                    project, collection, start, kind, target, pos, self._snapshot()
                 )
                 if not late and start + size + self.lateness < self._next_close:
                     self._next_close = start + size + self.lateness
@@ -317,7 +347,19 @@ class PartitionWindows:
         """A watermark tick written into this partition when it was idle and caught up."""
         if not self._advance_read(offset):
             return
+        if not event_time_in_range(watermark):
+            return  # no worker writes such a tick: read past it, it must not close every window
         self._advance(watermark, self.next_pos, flush_late=True)
+
+    def reject(self, offset: int, key: bytes | None, value: bytes | None, reason: str) -> None:
+        """A record whose handling raised: read past it and dead-letter it (once, also on replay).
+
+        The sink's safety net: whatever a record contains, it costs only itself.
+        """
+        self._advance_read(offset)
+        self.records_failed += 1
+        if position(offset) >= self.skip_pos:
+            self.invalid.append(InvalidItem(offset, key, value, reason))
 
     def marker(self, offset: int, project_id: str, route: Route | None) -> None:
         """A shed marker: from here on, route ``project_id``'s events by ``route``."""
@@ -571,6 +613,8 @@ class PartitionWindows:
             "late_buffers": len(self.late),
             "inflight": len(self.inflight),
             "offset_gaps": self.offset_gaps,
+            "future_corrected": self.future_corrected,
+            "records_failed": self.records_failed,
             "buffered_bytes": sum(b.nbytes for b in self.open.values()) + sum(b.nbytes for b in self.late.values()),
             "watermark": self.watermark if self.watermark != _NEG_INF else None,
             "oldest_open_window": oldest,

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from streamapp.contract import NAME_PATTERN, is_valid_name, iso_from_ms, parse_iso_seconds
+from streamapp.contract import is_valid_name, iso_from_ms, name_rule, parse_iso_seconds, preview
 from streamapp.metering.bucket import TokenBucket
 from streamapp.metering.shed import ShedState, retry_after_seconds
 
@@ -63,6 +63,7 @@ NOT_FOUND = "ResourceNotFoundError"
 INVALID_EVENT = "InvalidEventError"
 INVALID_COLLECTION = "InvalidCollectionNameError"
 INVALID_JSON = "InvalidJsonError"
+INVALID_PROJECT_ID = "InvalidProjectIdError"
 TOO_LARGE = "RequestEntityTooLargeError"
 EVENT_TOO_LARGE = "EventTooLargeError"
 TOO_MANY_REQUESTS = "TooManyRequestsError"
@@ -115,7 +116,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
 
 def check_collection(name: str) -> None:
     if not is_valid_name(name):
-        raise ApiError(400, INVALID_COLLECTION, f"bad collection name {name!r}: must match {NAME_PATTERN}")
+        raise ApiError(400, INVALID_COLLECTION, f"bad collection name {preview(name)}: {name_rule(name)}")
 
 
 def check_batch(doc: dict[str, Any]) -> int:
@@ -315,7 +316,7 @@ def plan_batch(
         plan = CollectionPlan(str(collection))
         if not is_valid_name(collection):
             rejected = EventRejected(
-                INVALID_COLLECTION, f"bad collection name {collection!r}: must match {NAME_PATTERN}"
+                INVALID_COLLECTION, f"bad collection name {preview(collection)}: {name_rule(collection)}"
             )
             plan.results = [rejected.result() for _ in events]
             plans.append(plan)
