@@ -50,9 +50,9 @@ SHED_KEY = b"\x00shed"
 # Positions order events inside a partition: offset, then index inside a batch record.
 INDEX_BITS = 20
 MAX_BATCH_EVENTS = (1 << INDEX_BITS) - 1
-# Client clocks may run ahead; event times further in the future than this past the
-# record timestamp do not move the watermark (a bad clock must not close windows early).
-MAX_FUTURE_SKEW_SECONDS = 300.0
+# Client clocks may run ahead; event times past the record timestamp by more than this do not
+# move the watermark (one tenant's clock must not close anyone's windows early).
+MAX_FUTURE_SKEW_SECONDS = 1.0
 # Event times the layout can name (keys sort as text): 1970-01-01 up to the end of year 9999.
 MIN_EVENT_SECONDS = 0.0
 END_EVENT_SECONDS = 253402300800.0  # 10000-01-01T00:00:00Z

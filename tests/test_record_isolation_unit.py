@@ -37,7 +37,14 @@ from streamapp.contract import (
     value_names_project,
 )
 from streamapp.settings import Settings
-from streamapp.sink.layout import KIND_LATE, KIND_LATE_OLDER, KIND_ON_TIME, manifest_key, manifest_parts_prefix
+from streamapp.sink.layout import (
+    KIND_LATE,
+    KIND_LATE_OLDER,
+    KIND_ON_TIME,
+    manifest_key,
+    manifest_parts_prefix,
+    window_iso,
+)
 from streamapp.sink.partition import LATE_WINDOWS, PartitionWindows
 from streamapp.sink.service import PartitionStatus, S3Sink, _manifest_part
 from streamapp.web.admin import AdminApi
@@ -281,16 +288,33 @@ def test_a_future_timestamp_is_windowed_at_the_record_time_and_counted() -> None
     windows = new_windows(max_future_seconds=60)
     future = iso(T0 + 7200)
     windows.process(0, T0_MS, b"p", event_record("p", "future", future))
-    windows.process(1, T0_MS, b"p", event_record("p", "soon", iso(T0 + 12)))  # within the bound: its own time
+    windows.process(1, T0_MS, b"p", event_record("p", "now", iso(T0)))
     assert windows.future_corrected == 1
     assert windows.backlog()["future_corrected"] == 1
-    starts = sorted(k[2] for k in windows.open)
-    assert starts == [T0 // WINDOW * WINDOW, (T0 + 12) // WINDOW * WINDOW]
+    assert sorted(k[2] for k in windows.open) == [T0 // WINDOW * WINDOW]  # both at the record's time
+    assert windows.watermark == T0  # the client's clock moved nothing
     windows.tick(2, T0 + 100)
     events = {e["n"]: e for objs in written(windows).values() for e in objs}
     assert events["future"]["keen"]["timestamp"] == future  # the client's value is kept
     assert events["future"]["keen"]["window_timestamp"] == iso_from_ms(T0_MS)
-    assert "window_timestamp" not in events["soon"]["keen"]
+    assert "window_timestamp" not in events["now"]["keen"]
+
+
+def test_an_event_stamped_ahead_within_the_bound_never_holds_the_commit_point() -> None:
+    """It keeps its own window but is written at the next flush, in an "-early" object."""
+    windows = new_windows(max_future_seconds=3600)
+    windows.process(0, T0_MS, b"p", event_record("p", "ahead", iso(T0 + 1800)))
+    windows.process(1, T0_MS, b"p", event_record("p", "now", iso(T0)))
+    assert windows.future_corrected == 0 and windows.watermark <= T0 + 1  # a second of clock skew
+    assert [k[2] for k in windows.open] == [T0 // WINDOW * WINDOW]
+    # The partition's time passes the record's window: everything is written and committable.
+    windows.process(2, (T0 + WINDOW + LATENESS + 1) * 1000, b"p", event_record("p", "later"))
+    objects = written(windows)
+    early = [k for k in objects if k.endswith("-early.json.gz")]
+    assert len(early) == 1 and [e["n"] for e in objects[early[0]]] == ["ahead"]
+    assert window_iso((T0 + 1800) // WINDOW * WINDOW) in early[0]
+    assert windows.commit_point()[0] == 2  # only "later" (an open window) holds it now
+    assert sum(b.events for b in windows.open.values()) == 1
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from streamapp.contract import (
 )
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import (
+    KIND_EARLY,
     KIND_LATE,
     KIND_LATE_OLDER,
     KIND_MANIFEST_PART,
@@ -249,6 +250,9 @@ class PartitionWindows:
         late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
         time_cap = timestamp_ms / 1000.0 + MAX_FUTURE_SKEW_SECONDS
         future_cap = timestamp_ms / 1000.0 + self.max_future_seconds
+        # Windows starting past this are ahead of the record: their events are written at the next
+        # flush (like late ones), so an event stamped ahead never holds the commit point open.
+        early_edge = timestamp_ms / 1000.0 + self.lateness
         # Late windows at or before this share one object (see LATE_WINDOWS); none before any event.
         older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
@@ -295,6 +299,7 @@ class PartitionWindows:
             late = start <= late_edge
             if late and start <= older_start:
                 start = older_start  # a long-closed window: the shared "late-older" object
+            early = not late and start > early_edge
             # The diversion is decided before the skip check: ``skip`` says which admitted events
             # are in S3, not whether a diverted one reached the overflow lane, so the replay
             # diverts its excess again (the drain drops what it has delivered, by position).
@@ -317,14 +322,17 @@ class PartitionWindows:
             counts.admitted += 1
             if target is None:
                 continue
-            buffers = self.late if late else self.open
+            buffers = self.late if late or early else self.open
             buf = buffers.get((project, collection, start))
             if buf is None:
-                kind = (KIND_LATE_OLDER if start == older_start else KIND_LATE) if late else KIND_ON_TIME
+                if late:
+                    kind = KIND_LATE_OLDER if start == older_start else KIND_LATE
+                else:
+                    kind = KIND_EARLY if early else KIND_ON_TIME
                 buf = buffers[(project, collection, start)] = Buffer(
                     project, collection, start, kind, target, pos, self._snapshot()
                 )
-                if not late and start + size + self.lateness < self._next_close:
+                if not (late or early) and start + size + self.lateness < self._next_close:
                     self._next_close = start + size + self.lateness
             buf.data += line
             buf.events += 1
