@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from aiokafka.partitioner import murmur2
 
-from streamapp.contract import SHED_KEY, is_valid_name, value_names_project
+from streamapp.contract import SHED_KEY, is_valid_name, project_prefixes, value_names_project
 from streamapp.metering import (
     Quota,
     SecondCounts,
@@ -135,13 +135,11 @@ def batch_event_count(value: bytes) -> int:
 
 
 def events_for_key(value: bytes, key: bytes) -> int:
-    """Events a record counts for the project ``key``: -1 when its value names another project.
+    """Events a batch record counts for the project ``key``: -1 when its value names another project.
 
-    A batch record is decoded anyway (to count its events), so its ``project_id`` is read from
-    the document; a one-event record goes through the byte scans of ``value_names_project``.
+    A batch record is decoded anyway (to count its events), so its ``project_id`` is read from the
+    document (one-event records: ``contract.value_names_project``, inline in ``Meter.observe``).
     """
-    if b'"events"' not in value:
-        return 1 if value_names_project(value, key) else -1
     try:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError:
@@ -209,6 +207,7 @@ class Meter:
         self.replayed = 0  # records skipped as counted before the last reload
         self.not_ready = 0  # records seen while not ready (counted by the next owner)
         self.foreign = 0  # records whose value does not name their key's project: counted for nobody
+        self._prefixes: dict[bytes, tuple[bytes, bytes]] = {}  # key -> contract.project_prefixes(key)
         self._out = _Outbox()
         self._publish_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
@@ -311,6 +310,8 @@ class Meter:
         floors = self.floors
         floors_get = floors.get
         by_key = self.by_key
+        prefixes_of = self._prefixes
+        prefixes_get = prefixes_of.get
         n_events = 0
         for m in records:
             key = m.key
@@ -327,7 +328,15 @@ class Meter:
             if not value:
                 self.foreign += 1
                 continue  # invalid: the sink dead-letters it
-            n = events_for_key(value, key)
+            if b'"events"' in value:
+                n = events_for_key(value, key)
+            else:
+                prefixes = prefixes_get(key)
+                if prefixes is None:
+                    if len(prefixes_of) > 100_000:
+                        prefixes_of.clear()
+                    prefixes = prefixes_of[key] = project_prefixes(key)
+                n = 1 if value.startswith(prefixes) or value_names_project(value, key, prefixes) else -1
             if n < 0:
                 self.foreign += 1  # names another project (or none): invalid, counted against nobody
                 continue

@@ -261,7 +261,7 @@ def test_the_meters_byte_scan_agrees_with_the_sinks_parse(doc: dict[str, Any], k
     ("value", "counts_for_victim"),
     [
         (b'{"project_id":"mallory","project_id":"victim"}', True),  # duplicate: the last wins, in both
-        (b'{"project_id":"victim","project\\u005fid":"mallory"}', False),  # an escaped duplicate
+        (b'{"project_id":"mallory","project\\u005fid":"victim"}', True),  # an escaped duplicate
         (b'{"collection":"project_id","project_id":"mallory"}', False),
         (b'{"project_id":"mallory","event":{"project_id":"victim"}}', False),
         (b'{"project_id":"victimx"}', False),
@@ -269,6 +269,8 @@ def test_the_meters_byte_scan_agrees_with_the_sinks_parse(doc: dict[str, Any], k
         (b'["project_id","victim"]', False),
         (b'{"project_id": \n "victim", "collection": "c"}', True),
         (b'{"project_id":"mallory"', False),  # not JSON, names another project
+        (b'{"collection":"c","project_id":"mallory","event":{}}', False),  # decoded: not first
+        (b'{"collection":"c","project_id":"victim","event":{}}', True),
     ],
 )
 def test_tricky_values_are_decided_like_the_sink_decides(value: bytes, counts_for_victim: bool) -> None:
