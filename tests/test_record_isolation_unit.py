@@ -521,3 +521,43 @@ def new_sink(partitions: int = 4) -> tuple[S3Sink, Producer]:
     sink.partitions[0] = new_windows()
     sink.status[0] = PartitionStatus()
     return sink, producer
+
+
+def test_future_corrections_are_counted_in_metrics() -> None:
+    from streamapp.metrics import Metrics
+    from tests.test_metrics_unit import _runtime, _scrape
+
+    runtime = _runtime(3)
+    runtime.sink.backlog = lambda: {"0": {"future_corrected": 4}, "1": {"future_corrected": 0}}
+    metrics = Metrics(top_n=5)
+    metrics.bind(runtime)  # type: ignore[arg-type]
+    family = _scrape(metrics)["streamapp_sink_future_corrected"]
+    assert {s.labels["partition"]: s.value for s in family.samples if s.name.endswith("_total")} == {"0": 4, "1": 0}
+
+
+def test_the_drain_reads_past_overflow_records_it_cannot_use() -> None:
+    """Anyone can produce to the overflow topic: no field is used before it is checked."""
+    from streamapp.sink.drain import OverflowChunks, overflow_record
+
+    chunks = OverflowChunks(
+        "overflow", 0, window_seconds=WINDOW, max_events=50, max_bytes=1 << 20, target=lambda p: ("bucket", "pre")
+    )
+    bad = [
+        {"project_id": [1], "collection": "c", "source_partition": 0, "positions": [0], "events": [{}]},
+        {"project_id": "_manifests", "collection": "c", "source_partition": 0, "positions": [0], "events": [{}]},
+        {"project_id": "p", "collection": "c", "source_partition": 0, "positions": ["a"], "events": [{}]},
+        {"project_id": "p", "collection": "c", "source_partition": -1, "positions": [0], "events": [{}]},
+        {"project_id": "p", "collection": "c", "source_partition": 1e300, "positions": [0], "events": [{}]},
+        {"project_id": "p", "collection": "c", "source_partition": 0, "positions": [0], "events": [5]},
+    ]
+    for offset, doc in enumerate(bad):
+        chunks.process(offset, b"p", orjson.dumps(doc))
+    far = {"keen": {"timestamp": "9999-12-31T23:59:59-05:00"}, "n": "far"}
+    ahead = {"keen": {"timestamp": iso(T0 + 7200), "window_timestamp": iso(T0)}, "n": "ahead"}
+    good = overflow_record("p", "c", 0, [1 << 20, 2 << 20], [orjson.dumps(far), orjson.dumps(ahead)])
+    chunks.process(len(bad), b"p", good)
+    chunks.process(len(bad) + 1, TICK_KEY, b"{}")
+    assert chunks.invalid == 5  # the event that is not an object is skipped inside a good record
+    keys = sorted(obj.key for chunk in chunks.ready for obj in chunk.objects)
+    # Out-of-range times fall back to 1970; a corrected one goes where the sink windowed it.
+    assert [k.split("/")[2] for k in keys] == ["1970-01-01T00:00:00.000Z", window_iso(T0 // WINDOW * WINDOW)]

@@ -196,8 +196,10 @@ class OverflowChunks:
             if not (isinstance(positions, list) and isinstance(events, list) and len(positions) == len(events)):
                 raise ValueError("positions and events differ")
             # Anyone may produce to the overflow topic: check every field before it is used.
-            if not (is_valid_name(project) and is_valid_name(collection) and source >= 0):
-                raise ValueError("bad project, collection or source partition")
+            if not (is_valid_name(project) and is_valid_name(collection)):
+                raise ValueError("bad project or collection")
+            if type(doc["source_partition"]) is not int or not 0 <= source < 1 << 31:
+                raise ValueError("bad source partition")
             if not all(type(pos) is int and pos >= 0 for pos in positions):
                 raise ValueError("positions must be non-negative integers")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
