@@ -305,7 +305,7 @@ def test_a_future_timestamp_is_windowed_at_the_record_time_and_counted() -> None
 def test_an_event_stamped_ahead_within_the_bound_never_holds_the_commit_point() -> None:
     """It keeps its own window but is written at the next flush, in an "-early" object."""
     windows = new_windows(max_future_seconds=3600)
-    windows.process(0, T0_MS, b"p", event_record("p", "ahead", iso(T0 + 1800)))
+    windows.process(0, T0_MS, b"p", event_record("p", "ahead", iso(T0 + 3 * WINDOW)))
     windows.process(1, T0_MS, b"p", event_record("p", "now", iso(T0)))
     assert windows.future_corrected == 0 and windows.watermark <= T0 + 1  # a second of clock skew
     assert [k[2] for k in windows.open] == [T0 // WINDOW * WINDOW]
@@ -314,7 +314,7 @@ def test_an_event_stamped_ahead_within_the_bound_never_holds_the_commit_point() 
     objects = written(windows)
     early = [k for k in objects if k.endswith("-early.json.gz")]
     assert len(early) == 1 and [e["n"] for e in objects[early[0]]] == ["ahead"]
-    assert window_iso((T0 + 1800) // WINDOW * WINDOW) in early[0]
+    assert window_iso((T0 + 3 * WINDOW) // WINDOW * WINDOW) in early[0]
     assert windows.commit_point()[0] == 2  # only "later" (an open window) holds it now
     assert sum(b.events for b in windows.open.values()) == 1
 
@@ -561,3 +561,18 @@ def test_the_drain_reads_past_overflow_records_it_cannot_use() -> None:
     keys = sorted(obj.key for chunk in chunks.ready for obj in chunk.objects)
     # Out-of-range times fall back to 1970; a corrected one goes where the sink windowed it.
     assert [k.split("/")[2] for k in keys] == ["1970-01-01T00:00:00.000Z", window_iso(T0 // WINDOW * WINDOW)]
+
+
+def test_events_stamped_ahead_over_many_windows_make_a_bounded_number_of_objects() -> None:
+    windows = new_windows(max_future_seconds=3600)
+    for offset, ahead in enumerate(range(WINDOW, 3000, WINDOW)):  # ~300 future windows
+        windows.process(offset, T0_MS, b"p", event_record("p", ahead, iso(T0 + ahead)))
+    windows.tick(offset + 1, T0 + WINDOW + LATENESS + 1)
+    objects = written(windows)
+    early = {k: v for k, v in objects.items() if "-early" in k}
+    assert len(early) <= LATE_WINDOWS + 1
+    later = [k for k in early if k.endswith("-early-later.json.gz")]
+    assert len(later) == 1 and window_iso(T0 // WINDOW * WINDOW + LATE_WINDOWS * WINDOW) in later[0]
+    assert sorted(e["n"] for v in early.values() for e in v) == list(range(WINDOW, 3000, WINDOW))
+    assert all(e["keen"]["timestamp"] == iso(T0 + e["n"]) for v in early.values() for e in v)
+    assert windows.commit_point()[0] == offset + 2

@@ -11,6 +11,7 @@ from streamapp.contract import INDEX_BITS
 KIND_ON_TIME = "on_time"
 KIND_LATE = "late"
 KIND_EARLY = "early"  # events stamped ahead of their record: flushed with the late ones, not held open
+KIND_EARLY_LATER = "early_later"  # events stamped further ahead, grouped (sink.partition.LATE_WINDOWS)
 KIND_LATE_OLDER = "late_older"  # late events of long-closed windows, grouped (sink.partition.LATE_WINDOWS)
 KIND_DELAYED = "delayed"
 KIND_MANIFEST_PART = "manifest_part"
@@ -36,6 +37,8 @@ def object_suffix(kind: str, lane_partition: int, first_pos: int) -> str:
         suffix += "-late-older"
     elif kind == KIND_EARLY:
         suffix += "-early"
+    elif kind == KIND_EARLY_LATER:
+        suffix += "-early-later"
     elif kind == KIND_DELAYED:
         suffix += "-delayed"
     return suffix

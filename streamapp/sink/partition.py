@@ -42,6 +42,7 @@ from streamapp.contract import (
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import (
     KIND_EARLY,
+    KIND_EARLY_LATER,
     KIND_LATE,
     KIND_LATE_OLDER,
     KIND_MANIFEST_PART,
@@ -58,8 +59,10 @@ _NEG_INF = float("-inf")
 MAX_EMPTY_PARTS_PER_ADVANCE = 12
 # Late events of the most recent closed windows get one object per window at each flush; late
 # events of older windows share one "late-older" object (per project and collection), filed
-# under the oldest of those windows: a flush writes at most LATE_WINDOWS + 1 late objects per
-# project and collection, however many past windows the events are spread over.
+# under the window before those: a flush writes at most LATE_WINDOWS + 1 late objects per
+# project and collection, however many past windows the events are spread over. Likewise for
+# events stamped ahead ("early", within max_future_seconds): LATE_WINDOWS windows past their
+# record's own, then one "early-later" object filed under the window LATE_WINDOWS ahead.
 LATE_WINDOWS = 8
 DEFAULT_MAX_FUTURE_SECONDS = 3600.0
 
@@ -253,6 +256,8 @@ class PartitionWindows:
         # Windows starting past this are ahead of the record: their events are written at the next
         # flush (like late ones), so an event stamped ahead never holds the commit point open.
         early_edge = timestamp_ms / 1000.0 + self.lateness
+        # ... and those more than LATE_WINDOWS windows ahead share one "early-later" object.
+        later_start = int(timestamp_ms / 1000.0 // size) * size + LATE_WINDOWS * size
         # Late windows at or before this share one object (see LATE_WINDOWS); none before any event.
         older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
@@ -300,6 +305,8 @@ class PartitionWindows:
             if late and start <= older_start:
                 start = older_start  # a long-closed window: the shared "late-older" object
             early = not late and start > early_edge
+            if early and start >= later_start:
+                start = later_start
             # The diversion is decided before the skip check: ``skip`` says which admitted events
             # are in S3, not whether a diverted one reached the overflow lane, so the replay
             # diverts its excess again (the drain drops what it has delivered, by position).
@@ -328,7 +335,7 @@ class PartitionWindows:
                 if late:
                     kind = KIND_LATE_OLDER if start == older_start else KIND_LATE
                 else:
-                    kind = KIND_EARLY if early else KIND_ON_TIME
+                    kind = (KIND_EARLY_LATER if start == later_start else KIND_EARLY) if early else KIND_ON_TIME
                 buf = buffers[(project, collection, start)] = Buffer(
                     project, collection, start, kind, target, pos, self._snapshot()
                 )
