@@ -576,3 +576,22 @@ def test_events_stamped_ahead_over_many_windows_make_a_bounded_number_of_objects
     assert sorted(e["n"] for v in early.values() for e in v) == list(range(WINDOW, 3000, WINDOW))
     assert all(e["keen"]["timestamp"] == iso(T0 + e["n"]) for v in early.values() for e in v)
     assert windows.commit_point()[0] == offset + 2
+
+
+def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_view_holds_it() -> None:
+    from types import SimpleNamespace
+
+    from streamapp.control import ProjectSettings
+    from streamapp.web.api import IngestApi
+
+    ready = asyncio.Event()
+    ready.set()
+    projects = {"_manifests": ProjectSettings(project_id="_manifests", write_key="k")}
+    control = SimpleNamespace(caught_up=ready, view=SimpleNamespace(projects=projects))
+    api = object.__new__(IngestApi)  # only the checks: no producer, no metrics
+    api.control = control  # type: ignore[assignment]
+    request = SimpleNamespace(headers={"Authorization": "k"}, query={})
+    with pytest.raises(ApiError) as error:
+        api.project(request, "_manifests")  # type: ignore[arg-type]
+    assert error.value.status == 400 and "reserved" in error.value.message
+    assert orjson.loads(error.value.body())["error_code"] == "InvalidProjectIdError"
