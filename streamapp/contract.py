@@ -311,7 +311,7 @@ def invalid_record_value(
     original stays in the source topic at the given partition and offset.
     """
     doc: dict[str, Any] = {
-        "reason": reason[:1000],
+        "reason": reason[:1000].encode("utf-8", "replace").decode(),  # never a lone surrogate
         "topic": topic,
         "partition": partition,
         "offset": offset,

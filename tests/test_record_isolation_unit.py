@@ -215,7 +215,7 @@ def test_an_oversized_dead_letter_is_cut_to_a_preview_with_size_and_sha256() -> 
     assert dead["value_sha256"] == hashlib.sha256(value).hexdigest()
     assert dead["value"] == "\x00" * DEAD_LETTER_PREVIEW_BYTES
     assert dead["key_bytes"] == 10_000 and len(dead["key"]) == 256
-    small = orjson.loads(invalid_record_value("r", topic="events", partition=0, offset=0, key=b"p", value=b"{}"))
+    small = orjson.loads(invalid_record_value("r \ud800", topic="events", partition=0, offset=0, key=b"p", value=b"{}"))
     assert small["value"] == "{}" and "value_truncated" not in small
 
 
