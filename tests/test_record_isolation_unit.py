@@ -595,3 +595,12 @@ def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_
         api.project(request, "_manifests")  # type: ignore[arg-type]
     assert error.value.status == 400 and "reserved" in error.value.message
     assert orjson.loads(error.value.body())["error_code"] == "InvalidProjectIdError"
+
+
+@pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z"])
+def test_the_http_api_rejects_an_event_time_outside_1970_to_9999(stamp: str) -> None:
+    from streamapp.web.keen import Clock, EventRejected, enrich
+
+    with pytest.raises(EventRejected, match="outside the years 1970-9999"):
+        enrich({"keen": {"timestamp": stamp}}, Clock.at(T0))
+    assert enrich({"keen": {"timestamp": "9999-12-31T23:59:59Z"}}, Clock.at(T0))["keen"]["timestamp"].startswith("9999")

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from streamapp.contract import is_valid_name, iso_from_ms, name_rule, parse_iso_seconds, preview
+from streamapp.contract import event_time_in_range, is_valid_name, iso_from_ms, name_rule, parse_iso_seconds, preview
 from streamapp.metering.bucket import TokenBucket
 from streamapp.metering.shed import ShedState, retry_after_seconds
 
@@ -210,8 +210,13 @@ def enrich(event: Any, clock: Clock, new_id: Callable[[], str] = new_event_id) -
         keen = event["keen"] = {}
     elif not isinstance(keen, dict):
         raise EventRejected(INVALID_EVENT, "the 'keen' property must be an object")
-    if parse_iso_seconds(keen.get("timestamp")) is None:
+    seconds = parse_iso_seconds(keen.get("timestamp"))
+    if seconds is None:
         keen["timestamp"] = clock.iso
+    elif not event_time_in_range(seconds):  # the sink would dead-letter it: say so at the door
+        raise EventRejected(
+            INVALID_EVENT, f"keen.timestamp {preview(keen['timestamp'])} is outside the years 1970-9999"
+        )
     keen["created_at"] = clock.iso
     keen["id"] = new_id()
     return event
