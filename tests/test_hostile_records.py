@@ -376,10 +376,15 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
         honest.stop()
     ended_at = honest.ended_at
 
-    # Committed offsets pass the end of the honest stream within window + lateness + idle flush + 10 s.
+    # Committed offsets pass the end of the honest stream (and every hostile record before it: none
+    # may pin a partition) within window + lateness + idle flush + 10 s.
+    end = dict(honest.last_offset)
+    for partition, offset, _, _ in hostile.records:
+        end[partition] = max(end.get(partition, -1), offset)
+
     def committed_past_honest() -> bool:
         parts = sink_partitions(worker)
-        return all(parts.get(p, {}).get("committed_offset", 0) > offset for p, offset in honest.last_offset.items())
+        return all(parts.get(p, {}).get("committed_offset", 0) > offset for p, offset in end.items())
 
     wait_until(committed_past_honest, COMMIT_BOUND + 30, what="commits past the honest stream")
     committed_after = time.time() - ended_at
