@@ -604,3 +604,16 @@ def test_the_http_api_rejects_an_event_time_outside_1970_to_9999(stamp: str) -> 
     with pytest.raises(EventRejected, match="outside the years 1970-9999"):
         enrich({"keen": {"timestamp": stamp}}, Clock.at(T0))
     assert enrich({"keen": {"timestamp": "9999-12-31T23:59:59Z"}}, Clock.at(T0))["keen"]["timestamp"].startswith("9999")
+
+
+def test_a_quiet_partitions_first_close_writes_parts_for_every_window_since_its_first_event() -> None:
+    """An idle partition's first tick can come windows after its only event (a worker under load):
+    the windows in between need this partition's manifest part, or their manifests never complete."""
+    from streamapp.sink.layout import KIND_MANIFEST_PART
+
+    windows = new_windows()
+    windows.process(0, T0_MS, b"p", event_record("p", 1, iso(T0)))
+    windows.tick(1, T0 + 4 * WINDOW + LATENESS)
+    parts = sorted(obj.start for obj in windows.outbox if obj.kind == KIND_MANIFEST_PART)
+    w0 = T0 // WINDOW * WINDOW
+    assert parts == [w0 + i * WINDOW for i in range(4)]

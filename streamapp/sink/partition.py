@@ -444,7 +444,13 @@ class PartitionWindows:
             self._emit(buf, at)
         # Manifest parts: every window the watermark passed, with or without data here.
         last_edge_start = int(edge // self.size) * self.size
-        first = self._last_closed_start + self.size if self._last_closed_start is not None else last_edge_start
+        if self._last_closed_start is not None:
+            first = self._last_closed_start + self.size
+        else:
+            # The first close (e.g. an idle partition's first tick, well after its only events): the
+            # windows between its first events and the edge need parts too, or their manifests
+            # never complete.
+            first = min(starts, default=last_edge_start)
         first = max(first, last_edge_start - (MAX_EMPTY_PARTS_PER_ADVANCE - 1) * self.size)
         starts.update(range(first, last_edge_start + 1, self.size))
         if starts:
