@@ -158,6 +158,7 @@ def test_any_json_in_any_envelope_field_is_exported_or_dead_lettered_never_raise
     windows.process(0, T0_MS, b"p", event_record("p", "before"))  # a finite watermark: late paths too
     windows.process(1, timestamp_ms, key, value)
     windows.tick(2, T0 + 1000)
+    first_outbox = list(windows.outbox)
     exported = [e for events in written(windows).values() for e in events if e.get("n") != "before"]
     invalid = [item for item in windows.invalid if item.offset == 1]
     assert exported or invalid or _no_events(envelope), (envelope, key)
@@ -168,6 +169,15 @@ def test_any_json_in_any_envelope_field_is_exported_or_dead_lettered_never_raise
         assert dead["reason"]
     # Whatever it was, the partition moved past it: nothing pins the commit point.
     assert windows.commit_point()[0] == 3
+    # And the decision is a function of the log: a replay writes the same bytes, dead-letters the same.
+    replay = new_windows()
+    replay.process(0, T0_MS, b"p", event_record("p", "before"))
+    replay.process(1, timestamp_ms, key, value)
+    replay.tick(2, T0 + 1000)
+    assert [(o.key, o.body()) for o in replay.outbox] == [(o.key, o.body()) for o in first_outbox]
+    assert [(i.offset, i.reason, i.value) for i in replay.invalid] == [
+        (i.offset, i.reason, i.value) for i in windows.invalid
+    ]
 
 
 def _no_events(envelope: dict[str, Any]) -> bool:
