@@ -18,10 +18,23 @@ workers themselves (watermark ticks, shed markers); no project id can start with
 one, so they can never be confused with events. A worker obeys one only when its
 ``CONTROL_SIG_HEADER`` header signs it for its partition with the cluster secret
 (see ``streamapp.control_records``); any other NUL-keyed record is dead-lettered.
+
+Hostile input costs only its sender (each rule is checked before a field is used):
+
+* identity: the key must equal the value's ``project_id`` (:func:`check_identity`), so the
+  meter (which counts by key) and the sink (which routes by value) agree on whose record it is;
+* names: project ids and collections match :data:`NAME_PATTERN`; a leading ``_`` is reserved
+  (``_manifests``, ``_checkpoints`` live beside the projects in the export prefix);
+* event time: years 1970-9999 only (:func:`event_time_in_range`); a ``keen.timestamp`` more than
+  ``max_future_seconds`` ahead of the record's timestamp is windowed at the record's time, the
+  client's value kept and the correction noted in ``keen.window_timestamp``;
+* dead letters are bounded (:func:`invalid_record_value`): key and value are cut to a preview
+  plus their size and sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from dataclasses import dataclass
@@ -30,7 +43,8 @@ from typing import Any
 
 import orjson
 
-NAME_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+# A leading "_" is reserved for the service's own prefixes (``_manifests``, ``_checkpoints``).
+NAME_PATTERN = r"[A-Za-z0-9-][A-Za-z0-9_-]{0,63}"
 _NAME = re.compile(NAME_PATTERN)
 CONTROL_KEY_PREFIX = b"\x00"
 TICK_KEY = b"\x00tick"
@@ -39,9 +53,18 @@ CONTROL_SIG_HEADER = "streamapp-control-sig"  # HMAC of a control record (stream
 # Positions order events inside a partition: offset, then index inside a batch record.
 INDEX_BITS = 20
 MAX_BATCH_EVENTS = (1 << INDEX_BITS) - 1
-# Client clocks may run ahead; event times further in the future than this past the
-# record timestamp do not move the watermark (a bad clock must not close windows early).
-MAX_FUTURE_SKEW_SECONDS = 300.0
+# Client clocks may run ahead; event times past the record timestamp by more than this do not
+# move the watermark (one tenant's clock must not close anyone's windows early).
+MAX_FUTURE_SKEW_SECONDS = 1.0
+# Event times the layout can name (keys sort as text): 1970-01-01 up to the end of year 9999.
+MIN_EVENT_SECONDS = 0.0
+END_EVENT_SECONDS = 253402300800.0  # 10000-01-01T00:00:00Z
+# Dead letters carry at most this much of a record's key and value (JSON escaping can grow a
+# byte sixfold: 64 KiB stays far below the producer's 1 MB request limit).
+DEAD_LETTER_PREVIEW_BYTES = 64 * 1024
+DEAD_LETTER_KEY_BYTES = 256
+# Longest text of a hostile field quoted in a reason.
+REASON_PREVIEW_CHARS = 80
 
 
 class InvalidRecord(ValueError):
@@ -72,10 +95,13 @@ _valid_names: set[str] = set()
 
 
 def is_valid_name(name: object) -> bool:
+    # Type first: a list or dict in a record must not reach the set lookup (TypeError).
+    if type(name) is not str:
+        return False
     # Hot path: the same few project ids and collections arrive over and over.
     if name in _valid_names:
         return True
-    if isinstance(name, str) and _NAME.fullmatch(name) is not None:
+    if _NAME.fullmatch(name) is not None:
         if len(_valid_names) > 100_000:
             _valid_names.clear()
         _valid_names.add(name)
@@ -97,10 +123,10 @@ def parse_record(value: bytes | None, max_record_bytes: int) -> ParsedRecord:
         raise InvalidRecord(f"value is a JSON {type(doc).__name__}, not an object")
     project_id = doc.get("project_id")
     if not is_valid_name(project_id):
-        raise InvalidRecord(f"bad project_id {project_id!r}: must match {NAME_PATTERN}")
+        raise InvalidRecord(f"bad project_id {preview(project_id)}: {name_rule(project_id)}")
     collection = doc.get("collection")
     if not is_valid_name(collection):
-        raise InvalidRecord(f"bad collection {collection!r}: must match {NAME_PATTERN}")
+        raise InvalidRecord(f"bad collection {preview(collection)}: {name_rule(collection)}")
     if "events" in doc:
         events = doc["events"]
         if not isinstance(events, list):
@@ -112,6 +138,58 @@ def parse_record(value: bytes | None, max_record_bytes: int) -> ParsedRecord:
     else:
         raise InvalidRecord("record has neither 'event' nor 'events'")
     return ParsedRecord(project_id, collection, events)
+
+
+def name_rule(name: object) -> str:
+    """Why ``name`` is not a valid project id or collection (for error messages)."""
+    if isinstance(name, str) and name.startswith("_"):
+        return "names starting with '_' are reserved"
+    return f"must be a string matching {NAME_PATTERN}"
+
+
+def preview(value: object) -> str:
+    """A bounded repr of a hostile value for a reason or an error message."""
+    text = repr(value)
+    if len(text) > REASON_PREVIEW_CHARS:
+        return f"{text[:REASON_PREVIEW_CHARS]}... ({len(text)} chars)"
+    return text
+
+
+def check_identity(key: bytes | None, project_id: str) -> None:
+    """One identity per record: the key must be the value's project id (raise InvalidRecord).
+
+    The meter counts a record against its key and the sink routes it by its value; a record
+    whose two disagree would let one project's events be counted (and shed) as another's.
+    """
+    if key is None or key != project_id.encode():
+        shown = preview(key.decode("utf-8", "replace")) if key is not None else "no key"
+        raise InvalidRecord(f"key {shown} is not the value's project_id {project_id!r}")
+
+
+def project_prefixes(key: bytes) -> tuple[bytes, bytes]:
+    """How a value naming ``key`` first usually starts (compact, and Python's json.dumps spacing)."""
+    return (b'{"project_id":"' + key + b'"', b'{"project_id": "' + key + b'"')
+
+
+def value_names_project(value: bytes, key: bytes, prefixes: tuple[bytes, ...] | None = None) -> bool:
+    """Whether a record's value names the key's project, for the meter's hot path.
+
+    O(1) for the usual record (``project_id`` first, as the API and most producers write it:
+    ``prefixes`` from :func:`project_prefixes`, cached by the caller); any other layout is decoded
+    like the sink decodes it. Exact for any JSON object without duplicate members; a value that
+    *starts* by naming the key but repeats ``project_id`` later is counted for the key (the sink
+    dead-letters it: the key's own producer pays for its garbage, as for any invalid record).
+    """
+    if value.startswith(prefixes or project_prefixes(key)):
+        return True
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    if type(doc) is not dict:
+        return False
+    project_id = doc.get("project_id")
+    return type(project_id) is str and project_id.encode() == key
 
 
 def keen_id_prefix(partition: int, offset: int) -> str:
@@ -147,7 +225,7 @@ def parse_iso_seconds(text: object) -> float | None:
         return cached  # type: ignore[return-value]
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         value = None
     else:
         if parsed.tzinfo is None:
@@ -202,17 +280,45 @@ def encode_record(project_id: str, collection: str, events: list[dict[str, Any]]
     return orjson.dumps({"project_id": project_id, "collection": collection, "events": events})
 
 
+def event_time_in_range(seconds: float) -> bool:
+    """Event times the S3 layout can name: years 1970 to 9999 (keys sort as text)."""
+    return MIN_EVENT_SECONDS <= seconds < END_EVENT_SECONDS
+
+
+def _dead_letter_field(doc: dict[str, Any], name: str, data: bytes | None, limit: int) -> None:
+    """``data`` as text; cut to ``limit`` bytes plus its size and sha256 when longer."""
+    if data is None:
+        doc[name] = None
+        return
+    if len(data) <= limit:
+        doc[name] = data.decode("utf-8", "replace")
+        return
+    doc[name] = data[:limit].decode("utf-8", "replace")
+    doc[f"{name}_truncated"] = True
+    doc[f"{name}_bytes"] = len(data)
+    doc[f"{name}_sha256"] = hashlib.sha256(data).hexdigest()
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The key a dead letter is produced with: the record's, cut to a bounded length."""
+    return key[:DEAD_LETTER_KEY_BYTES] if key is not None else None
+
+
 def invalid_record_value(
     reason: str, *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
 ) -> bytes:
-    """The dead-letter record: the reason, where the record came from, and its bytes."""
-    return orjson.dumps(
-        {
-            "reason": reason,
-            "topic": topic,
-            "partition": partition,
-            "offset": offset,
-            "key": key.decode("utf-8", "replace") if key is not None else None,
-            "value": value.decode("utf-8", "replace") if value is not None else None,
-        }
-    )
+    """The dead-letter record: the reason, where the record came from, and its bytes.
+
+    Bounded whatever the record: a key over 256 bytes or a value over 64 KiB is cut to that
+    preview plus ``{key,value}_truncated``, ``_bytes`` (original size) and ``_sha256``; the
+    original stays in the source topic at the given partition and offset.
+    """
+    doc: dict[str, Any] = {
+        "reason": reason[:1000].encode("utf-8", "replace").decode(),  # never a lone surrogate
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+    }
+    _dead_letter_field(doc, "key", key, DEAD_LETTER_KEY_BYTES)
+    _dead_letter_field(doc, "value", value, DEAD_LETTER_PREVIEW_BYTES)
+    return orjson.dumps(doc)

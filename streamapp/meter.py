@@ -6,9 +6,11 @@ cooldown and health-aware limits follow the sink. Everything here is synchronous
 sending what was decided (shed markers into the events topic, shed states to the control
 topic), so a decision and its table write can never interleave with another one.
 
-Hot path (``observe``): the project id is the record *key*; one-event records are never
-JSON-decoded, batch records (value containing ``"events"``) are decoded only to count their
-events; bytes are ``len(value)``. Counts are aggregated per (project, record-timestamp
+Hot path (``observe``): the project id is the record *key*, counted only when the value names
+the same project (``contract.value_names_project``: a few byte scans for the usual one-event
+record; the sink dead-letters the others, so a record keyed ``victim`` carrying ``mallory``'s
+events is counted against nobody); batch records (value containing ``"events"``) are decoded only
+to count their events; bytes are ``len(value)``. Counts are aggregated per (project, record-timestamp
 second) over the batch, then added to the project's ring once per second-bucket; the ring
 is written to the rates table at most once per project per second (``write_rates``), never
 per event.
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from aiokafka.partitioner import murmur2
 
-from streamapp.contract import SHED_KEY, is_valid_name
+from streamapp.contract import SHED_KEY, is_valid_name, project_prefixes, value_names_project
 from streamapp.control_records import control_headers, control_secrets
 from streamapp.metering import (
     Quota,
@@ -133,6 +135,25 @@ def batch_event_count(value: bytes) -> int:
     return 1
 
 
+def events_for_key(value: bytes, key: bytes) -> int:
+    """Events a batch record counts for the project ``key``: -1 when its value names another project.
+
+    A batch record is decoded anyway (to count its events), so its ``project_id`` is read from the
+    document (one-event records: ``contract.value_names_project``, inline in ``Meter.observe``).
+    """
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return -1
+    if type(doc) is not dict:
+        return -1
+    project_id = doc.get("project_id")
+    if type(project_id) is not str or project_id.encode() != key:
+        return -1
+    events = doc.get("events")
+    return len(events) if type(events) is list else 1
+
+
 def default_partition(project_id: str, partitions: int) -> int:
     """The partition Kafka's default partitioner picks for a project id key (murmur2)."""
     return (murmur2(project_id.encode()) & 0x7FFFFFFF) % partitions
@@ -188,6 +209,8 @@ class Meter:
         self.events_in = 0
         self.replayed = 0  # records skipped as counted before the last reload
         self.not_ready = 0  # records seen while not ready (counted by the next owner)
+        self.foreign = 0  # records whose value does not name their key's project: counted for nobody
+        self._prefixes: dict[bytes, tuple[bytes, bytes]] = {}  # key -> contract.project_prefixes(key)
         self._out = _Outbox()
         self._publish_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
@@ -290,6 +313,8 @@ class Meter:
         floors = self.floors
         floors_get = floors.get
         by_key = self.by_key
+        prefixes_of = self._prefixes
+        prefixes_get = prefixes_of.get
         n_events = 0
         for m in records:
             key = m.key
@@ -303,11 +328,22 @@ class Meter:
                     self.replayed += 1
                     continue  # counted before the restart/rebalance
             value = m.value
-            if value:
-                nbytes = len(value)
-                n = batch_event_count(value) if b'"events"' in value else 1
+            if not value:
+                self.foreign += 1
+                continue  # invalid: the sink dead-letters it
+            if b'"events"' in value:
+                n = events_for_key(value, key)
             else:
-                nbytes, n = 0, 1
+                prefixes = prefixes_get(key)
+                if prefixes is None:
+                    if len(prefixes_of) > 100_000:
+                        prefixes_of.clear()
+                    prefixes = prefixes_of[key] = project_prefixes(key)
+                n = 1 if value.startswith(prefixes) or value_names_project(value, key, prefixes) else -1
+            if n < 0:
+                self.foreign += 1  # names another project (or none): invalid, counted against nobody
+                continue
+            nbytes = len(value)
             k = (key, m.timestamp // 1000)  # raw records: timestamps in milliseconds
             a = acc_get(k)
             if a is None:
@@ -761,6 +797,7 @@ class Meter:
             "events_in": self.events_in,
             "replayed": self.replayed,
             "not_ready": self.not_ready,
+            "foreign": self.foreign,
             "markers_written": self.markers_written,
             "health": {**self.health, "tightened": self.tightened},
         }

@@ -258,7 +258,13 @@ class RuntimeCollector:
             labels=["partition"],
         )
         windows = GaugeMetricFamily("streamapp_open_windows", "Open windows of a partition", labels=["partition"])
+        corrected = CounterMetricFamily(
+            "streamapp_sink_future_corrected",
+            "Events stamped more than STREAMAPP_MAX_FUTURE_SECONDS ahead, windowed at their record's time",
+            labels=["partition"],
+        )
         for partition, info in backlog.items():
+            corrected.add_metric([partition], float(info.get("future_corrected", 0)))
             lag.add_metric([partition], float(info.get("read_lag", 0)))
             behind.add_metric([partition], float(info.get("offsets_behind", 0)))
             age.add_metric([partition], float(info.get("oldest_unflushed_age_seconds", 0.0)))
@@ -270,7 +276,7 @@ class RuntimeCollector:
         events.add_metric([], float(sink.events_in))
         invalid = CounterMetricFamily("streamapp_sink_invalid", "Records dead-lettered by the sink")
         invalid.add_metric([], float(sink.invalid_out))
-        return [lag, behind, age, windows, pending, events, invalid]
+        return [lag, behind, age, windows, pending, events, invalid, corrected]
 
     def _s3_families(self) -> list[Metric]:
         stats = self.runtime.s3.stats

@@ -264,11 +264,11 @@ async def create_project_via_topic(args: _pj_argparse.Namespace) -> dict[str, _P
     """Publish a new project with a fresh write key; refuses one that already has a key."""
     from dataclasses import asdict
 
-    from streamapp.contract import is_valid_name
+    from streamapp.contract import is_valid_name, name_rule
     from streamapp.control import ProjectSettings, new_write_key, project_record, publish_records, read_view
 
     if not is_valid_name(args.project_id):
-        raise AdminApiError(0, f"{args.project_id!r} is not a valid project id ([A-Za-z0-9_-]{{1,64}})")
+        raise AdminApiError(0, f"{args.project_id!r} is not a valid project id ({name_rule(args.project_id)})")
     if args.quota_eps is not None and not args.quota_eps > 0:
         raise AdminApiError(0, "--quota-eps must be > 0")
     bootstrap, topic = _pj_target(args)
@@ -366,10 +366,10 @@ def _qt_publish(args: _qt_argparse.Namespace, records: list[dict[str, _QtAny]]) 
 
 
 def _qt_project_id(text: str) -> str:
-    from streamapp.contract import is_valid_name
+    from streamapp.contract import is_valid_name, name_rule
 
     if not is_valid_name(text):
-        raise _qt_argparse.ArgumentTypeError(f"{text!r} is not a valid project id ([A-Za-z0-9_-]{{1,64}})")
+        raise _qt_argparse.ArgumentTypeError(f"{text!r} is not a valid project id ({name_rule(text)})")
     return text
 
 

@@ -55,6 +55,9 @@ class Settings:
         "Wall-clock idle time after which a quiet partition is ticked forward", default=10.0
     )
     max_object_bytes: int = _doc("Uncompressed bytes after which a window object is rotated", default=64 * 1024 * 1024)
+    max_future_seconds: float = _doc(
+        "An event time further ahead of its record's timestamp is windowed at the record's time", default=3600.0
+    )
     # --- metering / shedding ---
     default_eps_limit: float = _doc("Default per-project quota, events/s", default=1000.0)
     default_bps_limit: float = _doc("Default per-project quota, bytes/s", default=2_000_000.0)
@@ -134,6 +137,7 @@ class Settings:
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.s3_parked_retry_seconds > 0, "s3_parked_retry_seconds", "must be > 0")
         need(self.allowed_lateness_seconds >= 0, "allowed_lateness_seconds", "must be >= 0")
+        need(self.max_future_seconds >= 0, "max_future_seconds", "must be >= 0")
         need(self.default_eps_limit > 0, "default_eps_limit", "must be > 0")
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")
         need(0 < self.shed_exit_ratio <= 1, "shed_exit_ratio", "must be in (0, 1]")

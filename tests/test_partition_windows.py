@@ -260,7 +260,7 @@ def test_invalid_records_are_reported_not_raised() -> None:
     windows.process(0, T0 * 1000, b"x", b"garbage")
     windows.process(1, T0 * 1000, b"x", b"[1, 2]")
     windows.process(2, T0 * 1000, b"x", orjson.dumps({"project_id": "../x", "collection": "c", "event": {}}))
-    windows.process(3, T0 * 1000, b"x", orjson.dumps({"project_id": "p", "collection": "c", "events": [{}, 5]}))
+    windows.process(3, T0 * 1000, b"p", orjson.dumps({"project_id": "p", "collection": "c", "events": [{}, 5]}))
     reasons = [item.reason for item in windows.invalid]
     assert len(reasons) == 4
     assert "not valid JSON" in reasons[0]

@@ -190,7 +190,7 @@ def test_late_event_lands_in_a_late_object_of_its_own_window(
     env = worker_env(**{**FAST_WINDOWS, "STREAMAPP_WINDOW_SECONDS": "2"})
     start_worker(env)
     topic = env["STREAMAPP_EVENTS_TOPIC"]
-    old = time.time() - 30
+    old = time.time() - 10  # 5 windows ago: late, and within the 8 windows that keep their own late objects
     old_iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(old)) + ".500Z"
     window = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(old // 2) * 2)) + ".000Z"
 

@@ -109,7 +109,17 @@ class Drainer:
             chunks = touched.get(message.partition)
             if chunks is None:
                 chunks = touched[message.partition] = await self.partition(message.tp)
-            chunks.process(message.offset, message.key, message.value)
+            try:
+                chunks.process(message.offset, message.key, message.value)
+            except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
+                chunks.invalid += 1
+                log.warning(
+                    "drain: overflow record at %s offset %s failed (%s: %.200s); skipped",
+                    message.tp,
+                    message.offset,
+                    type(exc).__name__,
+                    exc,
+                )
             self.last_record_at[message.partition] = now
         for partition, chunks in touched.items():
             ready, chunks.ready = chunks.ready, []

@@ -33,7 +33,15 @@ from typing import Any
 
 import orjson
 
-from streamapp.contract import CONTROL_KEY_PREFIX, INDEX_BITS, TICK_KEY, parse_iso_seconds, position
+from streamapp.contract import (
+    CONTROL_KEY_PREFIX,
+    INDEX_BITS,
+    TICK_KEY,
+    event_time_in_range,
+    is_valid_name,
+    parse_iso_seconds,
+    position,
+)
 from streamapp.sink.layout import KIND_DELAYED, describe_object, gzip_lines, object_key, window_start
 
 Target = tuple[str, str]
@@ -187,7 +195,14 @@ class OverflowChunks:
             events = doc["events"]
             if not (isinstance(positions, list) and isinstance(events, list) and len(positions) == len(events)):
                 raise ValueError("positions and events differ")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            # Anyone may produce to the overflow topic: check every field before it is used.
+            if not (is_valid_name(project) and is_valid_name(collection)):
+                raise ValueError("bad project or collection")
+            if type(doc["source_partition"]) is not int or not 0 <= source < 1 << 31:
+                raise ValueError("bad source partition")
+            if not all(type(pos) is int and pos >= 0 for pos in positions):
+                raise ValueError("positions must be non-negative integers")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
             self.invalid += 1  # not written by the sink: nothing to deliver
             return
         seen = self.seen.get(source)
@@ -209,8 +224,13 @@ class OverflowChunks:
                 self.untargeted += 1  # the project does not export (any more): the excess goes nowhere
                 continue
             keen = event.get("keen")
-            event_time = parse_iso_seconds(keen.get("timestamp")) if isinstance(keen, dict) else None
-            start = window_start(event_time if event_time is not None else 0.0, self.size)
+            event_time = None
+            if isinstance(keen, dict):
+                # Where the sink windowed it: keen.window_timestamp when it corrected a future time.
+                event_time = parse_iso_seconds(keen.get("window_timestamp") or keen.get("timestamp"))
+            if event_time is None or not event_time_in_range(event_time):
+                event_time = 0.0
+            start = window_start(event_time, self.size)
             line = dumps(event, option=newline)
             gkey = (project, collection, start)
             group = self.groups.get(gkey)

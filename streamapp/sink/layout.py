@@ -10,6 +10,9 @@ from streamapp.contract import INDEX_BITS
 
 KIND_ON_TIME = "on_time"
 KIND_LATE = "late"
+KIND_EARLY = "early"  # events stamped ahead of their record: flushed with the late ones, not held open
+KIND_EARLY_LATER = "early_later"  # events stamped further ahead, grouped (sink.partition.LATE_WINDOWS)
+KIND_LATE_OLDER = "late_older"  # late events of long-closed windows, grouped (sink.partition.LATE_WINDOWS)
 KIND_DELAYED = "delayed"
 KIND_MANIFEST_PART = "manifest_part"
 
@@ -30,6 +33,12 @@ def object_suffix(kind: str, lane_partition: int, first_pos: int) -> str:
     suffix = f"{lane}{lane_partition}-o{offset}" + (f"-i{index}" if index else "")
     if kind == KIND_LATE:
         suffix += "-late"
+    elif kind == KIND_LATE_OLDER:
+        suffix += "-late-older"
+    elif kind == KIND_EARLY:
+        suffix += "-early"
+    elif kind == KIND_EARLY_LATER:
+        suffix += "-early-later"
     elif kind == KIND_DELAYED:
         suffix += "-delayed"
     return suffix

@@ -31,7 +31,9 @@ from streamapp.contract import (
     MAX_FUTURE_SKEW_SECONDS,
     InvalidRecord,
     RecordStamps,
+    check_identity,
     enrich_event,
+    event_time_in_range,
     parse_record,
     position,
     position_offset,
@@ -40,7 +42,10 @@ from streamapp.contract import (
 from streamapp.enrichment import AddonError, dead_letter_bytes, run_addons
 from streamapp.metering.shed import admit_event
 from streamapp.sink.layout import (
+    KIND_EARLY,
+    KIND_EARLY_LATER,
     KIND_LATE,
+    KIND_LATE_OLDER,
     KIND_MANIFEST_PART,
     KIND_ON_TIME,
     describe_object,
@@ -53,6 +58,14 @@ Target = tuple[str, str]  # (bucket, prefix) of an exported project
 _NEG_INF = float("-inf")
 # Windows closed in one watermark jump that still get an (empty) manifest part.
 MAX_EMPTY_PARTS_PER_ADVANCE = 12
+# Late events of the most recent closed windows get one object per window at each flush; late
+# events of older windows share one "late-older" object (per project and collection), filed
+# under the window before those: a flush writes at most LATE_WINDOWS + 1 late objects per
+# project and collection, however many past windows the events are spread over. Likewise for
+# events stamped ahead ("early", within max_future_seconds): LATE_WINDOWS windows past their
+# record's own, then one "early-later" object filed under the window LATE_WINDOWS ahead.
+LATE_WINDOWS = 8
+DEFAULT_MAX_FUTURE_SECONDS = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +192,7 @@ class PartitionWindows:
         target: Callable[[str], Target | None],
         manifest_target: Target,
         checkpoint: Mapping[str, Any] | None = None,
+        max_future_seconds: float = DEFAULT_MAX_FUTURE_SECONDS,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -187,6 +201,7 @@ class PartitionWindows:
         self.max_object_bytes = max_object_bytes
         self.max_event_bytes = max_event_bytes
         self.max_record_bytes = max_record_bytes
+        self.max_future_seconds = max_future_seconds
         self.target = target
         self.manifest_target = manifest_target
         self.watermark = _NEG_INF
@@ -209,6 +224,8 @@ class PartitionWindows:
         self.counts: dict[str, RouteCounts] = {}
         self.events_in = 0
         self.offset_gaps = 0  # records skipped by the delivery (see _advance_read)
+        self.future_corrected = 0  # events stamped too far ahead, windowed at their record's time
+        self.records_failed = 0  # records whose handling raised (see reject)
         self.last_event_time = _NEG_INF
         if checkpoint:
             self._restore(checkpoint)
@@ -221,6 +238,7 @@ class PartitionWindows:
             return
         try:
             record = parse_record(value, self.max_record_bytes)
+            check_identity(key, record.project_id)
         except InvalidRecord as exc:
             if base >= self.skip_pos:
                 self.invalid.append(InvalidItem(offset, key, value, exc.reason))
@@ -235,6 +253,14 @@ class PartitionWindows:
         size = self.size
         late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
         time_cap = timestamp_ms / 1000.0 + MAX_FUTURE_SKEW_SECONDS
+        future_cap = timestamp_ms / 1000.0 + self.max_future_seconds
+        # Windows starting past this are ahead of the record: their events are written at the next
+        # flush (like late ones), so an event stamped ahead never holds the commit point open.
+        early_edge = timestamp_ms / 1000.0 + self.lateness
+        # ... and those more than LATE_WINDOWS windows ahead share one "early-later" object.
+        later_start = int(timestamp_ms / 1000.0 // size) * size + LATE_WINDOWS * size
+        # Late windows at or before this share one object (see LATE_WINDOWS); none before any event.
+        older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
         diverted_events: list[bytes] | None = None
         diverted_positions: list[int] = []
@@ -256,6 +282,16 @@ class PartitionWindows:
             if stamps is None:
                 stamps = record_stamps(self.partition, offset, timestamp_ms)
             event_time = enrich_event(event, index, stamps)
+            if event_time > future_cap:
+                # A client clock far ahead: window it at the record's time, keep the client's value.
+                event["keen"]["window_timestamp"] = stamps.created_at
+                event_time = stamps.seconds
+                self.future_corrected += 1
+            if not event_time_in_range(event_time):
+                self.invalid.append(
+                    InvalidItem(offset, key, dumps(event), f"event {index} time {event_time} is outside 1970-9999")
+                )
+                continue
             if "addons" in event["keen"]:  # one dict lookup: events without add-ons pay nothing more
                 try:
                     run_addons(event)
@@ -273,6 +309,12 @@ class PartitionWindows:
             if capped > max_time:
                 max_time = capped
             start = int(event_time // size) * size
+            late = start <= late_edge
+            if late and start <= older_start:
+                start = older_start  # a long-closed window: the shared "late-older" object
+            early = not late and start > early_edge
+            if early and start >= later_start:
+                start = later_start
             # The diversion is decided before the skip check: ``skip`` says which admitted events
             # are in S3, not whether a diverted one reached the overflow lane, so the replay
             # diverts its excess again (the drain drops what it has delivered, by position).
@@ -295,14 +337,17 @@ class PartitionWindows:
             counts.admitted += 1
             if target is None:
                 continue
-            late = start <= late_edge
-            buffers = self.late if late else self.open
+            buffers = self.late if late or early else self.open
             buf = buffers.get((project, collection, start))
             if buf is None:
+                if late:
+                    kind = KIND_LATE_OLDER if start == older_start else KIND_LATE
+                else:
+                    kind = (KIND_EARLY_LATER if start == later_start else KIND_EARLY) if early else KIND_ON_TIME
                 buf = buffers[(project, collection, start)] = Buffer(
-                    project, collection, start, KIND_LATE if late else KIND_ON_TIME, target, pos, self._snapshot()
+                    project, collection, start, kind, target, pos, self._snapshot()
                 )
-                if not late and start + size + self.lateness < self._next_close:
+                if not (late or early) and start + size + self.lateness < self._next_close:
                     self._next_close = start + size + self.lateness
             buf.data += line
             buf.events += 1
@@ -325,7 +370,19 @@ class PartitionWindows:
         """A watermark tick written into this partition when it was idle and caught up."""
         if not self._advance_read(offset):
             return
+        if not event_time_in_range(watermark):
+            return  # no worker writes such a tick: read past it, it must not close every window
         self._advance(watermark, self.next_pos, flush_late=True)
+
+    def reject(self, offset: int, key: bytes | None, value: bytes | None, reason: str) -> None:
+        """A record whose handling raised: read past it and dead-letter it (once, also on replay).
+
+        The sink's safety net: whatever a record contains, it costs only itself.
+        """
+        self._advance_read(offset)
+        self.records_failed += 1
+        if position(offset) >= self.skip_pos:
+            self.invalid.append(InvalidItem(offset, key, value, reason))
 
     def marker(self, offset: int, project_id: str, route: Route | None) -> None:
         """A shed marker: from here on, route ``project_id``'s events by ``route``."""
@@ -395,7 +452,13 @@ class PartitionWindows:
             self._emit(buf, at)
         # Manifest parts: every window the watermark passed, with or without data here.
         last_edge_start = int(edge // self.size) * self.size
-        first = self._last_closed_start + self.size if self._last_closed_start is not None else last_edge_start
+        if self._last_closed_start is not None:
+            first = self._last_closed_start + self.size
+        else:
+            # The first close (e.g. an idle partition's first tick, well after its only events): the
+            # windows between its first events and the edge need parts too, or their manifests
+            # never complete.
+            first = min(starts, default=last_edge_start)
         first = max(first, last_edge_start - (MAX_EMPTY_PARTS_PER_ADVANCE - 1) * self.size)
         starts.update(range(first, last_edge_start + 1, self.size))
         if starts:
@@ -579,6 +642,8 @@ class PartitionWindows:
             "late_buffers": len(self.late),
             "inflight": len(self.inflight),
             "offset_gaps": self.offset_gaps,
+            "future_corrected": self.future_corrected,
+            "records_failed": self.records_failed,
             "buffered_bytes": sum(b.nbytes for b in self.open.values()) + sum(b.nbytes for b in self.late.values()),
             "watermark": self.watermark if self.watermark != _NEG_INF else None,
             "oldest_open_window": oldest,

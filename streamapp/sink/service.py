@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from faust.types import TP, StreamT
 
-from streamapp.contract import TICK_KEY, invalid_record_value, position
+from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value, position
 from streamapp.control_records import (
     SHED_MODES,
     ShedMarker,
@@ -134,6 +134,7 @@ class S3Sink:
             target=self.target,
             manifest_target=self.manifest_target(),
             checkpoint=checkpoint,
+            max_future_seconds=self.settings.max_future_seconds,
         )
         self.partitions[tp.partition] = windows
         self.status[tp.partition] = PartitionStatus(committed_offset=committed or 0)
@@ -177,10 +178,13 @@ class S3Sink:
         yield_at = windows.events_in + YIELD_EVERY_EVENTS
         for record in records:
             key = record.key
-            if key is not None and key[:1] == b"\x00":
-                self._control(windows, record.offset, key, record.value, getattr(record, "headers", None))
-            else:
-                process(record.offset, record.timestamp, key, record.value)
+            try:
+                if key is not None and key[:1] == b"\x00":
+                    self._control(windows, record.offset, key, record.value, getattr(record, "headers", None))
+                else:
+                    process(record.offset, record.timestamp, key, record.value)
+            except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself
+                self._record_failed(windows, tp.partition, record, exc)
             if windows.outbox or windows.diverted or windows.invalid:
                 # Start the uploads now (they run while the rest of the batch is processed).
                 self._dispatch_if_owned(tp.partition, windows)
@@ -197,6 +201,22 @@ class S3Sink:
             log.warning("sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.read_offset)
         self._dispatch_if_owned(tp.partition, windows)
         await self.wait_for_s3()
+
+    def _record_failed(self, windows: PartitionWindows, partition: int, record: Any, exc: Exception) -> None:
+        """The safety net: a record whose handling raised is dead-lettered and read past.
+
+        The contract checks should have caught it (``InvalidRecord``); reaching here is a bug to
+        fix, but it must not stop the partition, nor crash-loop a replay (the decision is the same
+        on replay, and records before the checkpoint are not dead-lettered twice).
+        """
+        log.warning(
+            "sink partition %s: record at offset %s failed (%s: %.200s); dead-lettered",
+            partition,
+            record.offset,
+            type(exc).__name__,
+            exc,
+        )
+        windows.reject(record.offset, record.key, record.value, f"record failed: {type(exc).__name__}: {exc}"[:500])
 
     def _dispatch_if_owned(self, partition: int, windows: PartitionWindows) -> None:
         if not (windows.outbox or windows.diverted or windows.invalid):
@@ -266,7 +286,8 @@ class S3Sink:
                     key=item.key,
                     value=item.value,
                 )
-                self.runtime.spawn(producer.send(topics.invalid.get_topic_name(), item.key, value, None, None, None))
+                key = dead_letter_key(item.key)
+                self.runtime.spawn(producer.send(topics.invalid.get_topic_name(), key, value, None, None, None))
             self.invalid_out += len(windows.invalid)
             windows.invalid.clear()
         for batch in windows.diverted:
@@ -342,7 +363,10 @@ class S3Sink:
             self._commit_wanted.clear()
             started = time.monotonic()
             await self.commit_once()
-            await self._compose_manifests()
+            try:
+                await self._compose_manifests()
+            except Exception:  # never stop the commit loop: the next round checks again
+                log.exception("sink: composing manifests failed")
             # At most one commit (one checkpoint PUT per partition) per interval: during a
             # catch-up uploads finish constantly, and a checkpoint per upload would double the writes.
             await asyncio.sleep(max(0.0, COMMIT_INTERVAL_SECONDS - (time.monotonic() - started)))
@@ -373,15 +397,21 @@ class S3Sink:
         """A window is complete when every partition wrote its part: then write the manifest."""
         bucket, prefix = self.manifest_target()
         for start in sorted(self._manifest_checks):
-            keys = await self.s3.list_keys(bucket, manifest_parts_prefix(prefix, start))
-            if len(keys) < self.settings.topic_partitions:
+            parts_prefix = manifest_parts_prefix(prefix, start)
+            # Only the parts this service writes count: any other object under the prefix is ignored.
+            expected = {
+                f"{parts_prefix}{self.topic}-{partition}.json" for partition in range(self.settings.topic_partitions)
+            }
+            keys = [key for key in await self.s3.list_keys(bucket, parts_prefix) if key in expected]
+            if len(keys) < len(expected):
                 continue
             self._manifest_checks.discard(start)
             parts = []
             for key in sorted(keys):
                 body = await self.s3.get(bucket, key)
-                if body is not None:
-                    parts.append(orjson.loads(body))
+                part = _manifest_part(key, body)
+                if part is not None:
+                    parts.append(part)
             objects = sorted((o for p in parts for o in p["objects"]), key=lambda o: o["key"])
             manifest = {
                 "window_start": start,
@@ -444,3 +474,21 @@ class S3Sink:
                 "last_flush_at": status.last_flush_at,
             }
         return partitions
+
+
+def _manifest_part(key: str, body: bytes | None) -> dict[str, Any] | None:
+    """A manifest part as the sink writes it, or None (logged) when the object is not one."""
+    if body is None:
+        return None
+    try:
+        part = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        part = None
+    objects = part.get("objects") if type(part) is dict else None
+    if type(objects) is not list or not all(
+        type(o) is dict and type(o.get("key")) is str and type(o.get("events")) is int and type(o.get("bytes")) is int
+        for o in objects
+    ):
+        log.warning("sink: ignoring %s: not a manifest part", key)
+        return None
+    return part

@@ -30,7 +30,7 @@ import faust
 import orjson
 from aiohttp import web
 
-from streamapp.contract import NAME_PATTERN, is_valid_name
+from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import ProjectSettings, new_write_key, override_record, project_record, quota_record
 from streamapp.metering.shed import MODES
 from streamapp.runtime import Runtime
@@ -104,7 +104,9 @@ class AdminApi:
     @staticmethod
     def project_id(project_id: object) -> str:
         if not is_valid_name(project_id):
-            raise ApiError(400, "InvalidProjectIdError", f"bad project_id {project_id!r}: must match {NAME_PATTERN}")
+            raise ApiError(
+                400, "InvalidProjectIdError", f"bad project_id {preview(project_id)}: {name_rule(project_id)}"
+            )
         return str(project_id)
 
     # ----------------------------------------------------------------- operations

@@ -43,6 +43,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from streamapp import enrichment
+from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import ProjectSettings
 from streamapp.metering.bucket import TokenBucket
 from streamapp.runtime import Runtime
@@ -128,6 +129,10 @@ class IngestApi:
         """404 / 401 / 503 checks; the project's settings when the write key matches."""
         if not self.control.caught_up.is_set():
             raise keen.unavailable("the control plane is still loading project settings")
+        if not is_valid_name(project_id):  # e.g. "_manifests": reserved, whatever the control view holds
+            raise ApiError(
+                400, keen.INVALID_PROJECT_ID, f"bad project id {preview(project_id)}: {name_rule(project_id)}"
+            )
         project = self.control.view.projects.get(project_id)
         if project is None:
             raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")

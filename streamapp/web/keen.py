@@ -25,7 +25,14 @@ from typing import Any
 
 import orjson
 
-from streamapp.contract import NAME_PATTERN, is_valid_name, iso_from_ms, parse_iso_seconds
+from streamapp.contract import (
+    event_time_in_range,
+    is_valid_name,
+    iso_from_ms,
+    name_rule,
+    parse_iso_seconds,
+    preview,
+)
 from streamapp.enrichment import AddonError, check_event_addons
 from streamapp.metering.bucket import TokenBucket
 from streamapp.metering.shed import ShedState, retry_after_seconds
@@ -66,6 +73,7 @@ NOT_FOUND = "ResourceNotFoundError"
 INVALID_EVENT = "InvalidEventError"
 INVALID_COLLECTION = "InvalidCollectionNameError"
 INVALID_JSON = "InvalidJsonError"
+INVALID_PROJECT_ID = "InvalidProjectIdError"
 TOO_LARGE = "RequestEntityTooLargeError"
 EVENT_TOO_LARGE = "EventTooLargeError"
 TOO_MANY_REQUESTS = "TooManyRequestsError"
@@ -118,7 +126,7 @@ def parse_object(body: bytes) -> dict[str, Any]:
 
 def check_collection(name: str) -> None:
     if not is_valid_name(name):
-        raise ApiError(400, INVALID_COLLECTION, f"bad collection name {name!r}: must match {NAME_PATTERN}")
+        raise ApiError(400, INVALID_COLLECTION, f"bad collection name {preview(name)}: {name_rule(name)}")
 
 
 def check_batch(doc: dict[str, Any]) -> int:
@@ -277,8 +285,13 @@ def enrich(event: Any, clock: Clock, new_id: Callable[[], str] = new_event_id) -
             check_event_addons(event)
         except AddonError as exc:
             raise EventRejected(INVALID_EVENT, exc.reason) from None
-    if parse_iso_seconds(keen.get("timestamp")) is None:
+    seconds = parse_iso_seconds(keen.get("timestamp"))
+    if seconds is None:
         keen["timestamp"] = clock.iso
+    elif not event_time_in_range(seconds):  # the sink would dead-letter it: say so at the door
+        raise EventRejected(
+            INVALID_EVENT, f"keen.timestamp {preview(keen['timestamp'])} is outside the years 1970-9999"
+        )
     keen["created_at"] = clock.iso
     keen["id"] = new_id()
     return event
@@ -383,7 +396,7 @@ def plan_batch(
         plan = CollectionPlan(str(collection))
         if not is_valid_name(collection):
             rejected = EventRejected(
-                INVALID_COLLECTION, f"bad collection name {collection!r}: must match {NAME_PATTERN}"
+                INVALID_COLLECTION, f"bad collection name {preview(collection)}: {name_rule(collection)}"
             )
             plan.results = [rejected.result() for _ in events]
             plans.append(plan)
