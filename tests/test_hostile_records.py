@@ -276,6 +276,7 @@ def hostile(broker: BrokerProcess, s3: S3Process, tmp_path_factory: pytest.TempP
         window_seconds=WINDOW,
         allowed_lateness_seconds=LATENESS,
         idle_flush_seconds=IDLE_FLUSH,
+        control_secret="hostile-" + uuid.uuid4().hex,
     )
     worker = WorkerProcess(env, tmp / "logs")
     worker.start()
