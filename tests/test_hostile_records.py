@@ -13,8 +13,9 @@ overflow topic. After the run:
 * the committed offsets pass the end of the honest stream within window + lateness + idle flush
   + 10 s;
 * every hostile events-topic record is in ``events-invalid`` with a reason, or (only when the
-  contract holds it valid) exported under its own project; NUL-keyed records are never obeyed
-  (they are generated so that obeying one would hurt the honest projects: the checks above fail);
+  contract holds it valid) exported under its own project; NUL-keyed records (unsigned, so forged)
+  are dead-lettered too and never obeyed: some are generated so that obeying one would hurt the
+  honest projects (a shed marker dropping them, a tick far ahead), and the checks above would fail;
 * manifests are still written.
 """
 
@@ -114,23 +115,19 @@ RAW_VALUES = st.sampled_from(
         b"",
     ]
 )
-# Records a worker would obey if they were authentic; generated so they never are (see module doc).
+# NUL-keyed records: forged control records (no valid signature), some of them harmful if obeyed.
 NUL_KEYS = st.one_of(st.sampled_from([b"\x00tick", b"\x00shed", b"\x00"]), st.binary(max_size=8).map(b"\x00".__add__))
 RECORD_TIMES = st.sampled_from([None, None, None, None, 0, 1, 253402300800001])  # None: the producer's clock
 
 
-def _obeyable(key: bytes, value: bytes) -> bool:
-    """A NUL-keyed value the worker could act on against the honest projects (never generated)."""
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return False
-    if type(doc) is not dict:
-        return False
-    watermark = doc.get("watermark")
-    if isinstance(watermark, int | float):
-        return True
-    return doc.get("project_id") in HONEST
+HARMFUL_CONTROL = st.sampled_from(
+    [
+        (b"\x00shed", {"project_id": HONEST[0], "mode": "drop", "fraction": 0}),
+        (b"\x00shed", {"project_id": HONEST[1], "mode": "divert", "fraction": 0}),
+        (b"\x00tick", {"watermark": 1e12}),
+        (b"\x00tick", {"watermark": time.time() + 3600}),
+    ]
+)
 
 
 @st.composite
@@ -138,10 +135,11 @@ def hostile_records(draw: st.DrawFn) -> tuple[bytes | None, bytes, int | None]:
     """(key, value, record timestamp ms) of one hostile events-topic record."""
     shape = draw(st.sampled_from(["envelope", "envelope", "envelope", "raw", "bytes", "nul"]))
     if shape == "nul":
+        if draw(st.booleans()):
+            key, doc = draw(HARMFUL_CONTROL)
+            return key, orjson.dumps(doc), None
         key = draw(NUL_KEYS)
         value = draw(st.one_of(ENVELOPE.map(orjson.dumps), JSON.map(orjson.dumps), st.binary(max_size=32)))
-        if _obeyable(key, value):
-            value = b"[]"
         return key, value, None
     if shape == "envelope":
         doc = draw(ENVELOPE)
@@ -409,7 +407,8 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
         e["keen"]["id"][:18] for events in objects.values() for e in events if isinstance(e.get("keen"), dict)
     }
     hostile_events = [(p, o, k, v) for p, o, k, v in hostile.records if not (k or b"x").startswith(b"\x00")]
-    must_dead_letter = {(p, o) for p, o, k, v in hostile_events if not contract_valid(k, v)}
+    forged_control = {(p, o) for p, o, k, v in hostile.records if (k or b"x").startswith(b"\x00")}
+    must_dead_letter = {(p, o) for p, o, k, v in hostile_events if not contract_valid(k, v)} | forged_control
     dead = asyncio.run(read_dead_letters(broker.bootstrap, f"{topic}-invalid", must_dead_letter, 60))
     assert must_dead_letter <= dead.keys(), f"not dead-lettered: {sorted(must_dead_letter - dead.keys())[:10]}"
     assert all(dead[pos]["reason"] for pos in must_dead_letter)
