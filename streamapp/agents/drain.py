@@ -27,6 +27,7 @@ import orjson
 from faust.types import TP, EventT, StreamT
 
 from streamapp.contract import TICK_KEY
+from streamapp.control_records import control_headers, control_secrets, verify_control
 from streamapp.meter import sink_backlog_age
 from streamapp.metering import Pacer
 from streamapp.sink.drain import Chunk, OverflowChunks
@@ -52,6 +53,7 @@ class Drainer:
         self.last_record_at: dict[int, float] = {}
         self.tick_sent_for: dict[int, int] = {}  # partition -> next_offset when the last tick was sent
         self.pacer = Pacer(self.settings.overflow_max_eps)
+        self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
         self.delayed_objects = 0
         self.events_delivered = 0
         self.chunks = 0
@@ -109,6 +111,22 @@ class Drainer:
             chunks = touched.get(message.partition)
             if chunks is None:
                 chunks = touched[message.partition] = await self.partition(message.tp)
+            forged = verify_control(
+                self._control_secrets,
+                self.topic,
+                message.partition,
+                message.key or b"",
+                message.value,
+                message.headers,
+            )
+            if forged is not None:
+                # Only the sink writes here (diversions, ticks): anything else could claim source
+                # positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
+                chunks.reject(message.offset)
+                if chunks.forged <= 10:
+                    log.warning("drain: %s at %s offset %s; skipped", forged, message.tp, message.offset)
+                self.last_record_at[message.partition] = now
+                continue
             try:
                 chunks.process(message.offset, message.key, message.value)
             except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
@@ -191,9 +209,9 @@ class Drainer:
             if highwater is not None and highwater > chunks.next_offset:
                 continue  # more records to read first
             self.tick_sent_for[partition] = chunks.next_offset
-            await self.runtime.app.producer.send(
-                self.topic, TICK_KEY, orjson.dumps({"at": time.time()}), partition, None, None
-            )
+            value = orjson.dumps({"at": time.time()})
+            headers = control_headers(self._control_secrets[0], self.topic, partition, TICK_KEY, value)
+            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
 
     # ---------------------------------------------------------------- views
     def status(self) -> dict[str, Any]:
@@ -209,6 +227,7 @@ class Drainer:
                 "offsets_behind": max(0, highwater - committed),
                 "pending_events": chunks.pending_events,
                 "duplicates_skipped": chunks.duplicates,
+                "forged_skipped": chunks.forged,
             }
         now = time.monotonic()
         recent = [(t, n) for t, n in self._rate_window if now - t <= 10.0]

@@ -169,6 +169,7 @@ class OverflowChunks:
         self.duplicates = 0
         self.untargeted = 0
         self.invalid = 0
+        self.forged = 0  # records without a worker's signature: never delivered
         if checkpoint:
             self.next_offset = int(checkpoint.get("offset", 0))
             self.seen = {int(k): SeenOffsets.from_json(v) for k, v in (checkpoint.get("seen") or {}).items()}
@@ -177,8 +178,15 @@ class OverflowChunks:
     def pending_events(self) -> int:
         return self.chunk_events
 
+    def reject(self, offset: int) -> None:
+        """A record not signed by a worker (forged into the overflow topic): read past it, count it."""
+        if offset < self.next_offset:
+            return
+        self.next_offset = offset + 1
+        self.forged += 1
+
     def process(self, offset: int, key: bytes | None, value: bytes | None) -> None:
-        """One overflow record, in log order."""
+        """One overflow record, in log order (its signature already checked by the drain)."""
         if offset < self.next_offset:
             return  # before the restore point: already delivered
         self.next_offset = offset + 1

@@ -309,9 +309,12 @@ class S3Sink:
     ) -> None:
         producer = self.runtime.app.producer
         topic = self.runtime.topics.overflow.get_topic_name()
+        key = project.encode()
+        # Signed like a control record: the drain delivers only what a worker diverted.
+        headers = control_headers(self._control_secret, topic, partition, key, value)
         while True:
             try:
-                fut = await producer.send(topic, project.encode(), value, partition, None, None)
+                fut = await producer.send(topic, key, value, partition, None, headers)
                 await fut
                 break
             except Exception as exc:  # noqa: BLE001 - Kafka hiccup: retry, never lose the excess
