@@ -36,6 +36,7 @@ class ProjectSettings:
     key_hash: str = ""  # "" = no valid key (revoked, or created by a quota record only)
     previous_key_hash: str = ""  # the key before the last rotation, valid until ...
     previous_key_expires_at: float | None = None  # ... this epoch time
+    key_revoked_at: float | None = None  # set by a revocation (until the next rotation)
     s3_streaming: bool = True
     bucket: str = ""  # empty: the global bucket
     prefix: str | None = None  # None: the global prefix
@@ -88,18 +89,23 @@ def key_matches(project: ProjectSettings | None, provided: str, now: float) -> b
 def key_record(
     project_id: str, key_hash: str, previous_key_hash: str = "", previous_key_expires_at: float | None = None
 ) -> dict[str, Any]:
-    """A ``key`` record: replaces only the key fields of a project (rotation, revocation)."""
+    """A ``key`` record: replaces only the key fields of a project (rotation; an empty ``key_hash``
+    is a revocation)."""
+    now = time.time()
     return {
         "type": "key",
         "project_id": project_id,
         "key_hash": key_hash,
         "previous_key_hash": previous_key_hash,
         "previous_key_expires_at": previous_key_expires_at,
-        "at": time.time(),
+        "key_revoked_at": None if key_hash else now,
+        "at": now,
     }
 
 
-KEY_FIELDS = ("key_hash", "previous_key_hash", "previous_key_expires_at")
+#: The key fields of ProjectSettings: changed only by ``key`` records; hashes never leave the view.
+KEY_FIELDS = ("key_hash", "previous_key_hash", "previous_key_expires_at", "key_revoked_at")
+SECRET_KEY_FIELDS = ("key_hash", "previous_key_hash")
 
 
 class ControlView:

@@ -303,11 +303,11 @@ async def create_project_via_topic(args: _pj_argparse.Namespace) -> dict[str, _P
     try:
         view = await read_view(bootstrap, topic)
         existing = view.projects.get(args.project_id)
-        if existing is not None and (existing.key_hash or existing.previous_key_hash):
+        if existing is not None and (existing.key_hash or existing.previous_key_hash or existing.key_revoked_at):
             raise AdminApiError(0, f"project {args.project_id!r} already exists (a new key: project rotate-key)")
         fields = asdict(existing) if existing is not None else {}  # keeps a quota set before
         fields.update(project_id=args.project_id, s3_streaming=args.s3_streaming, key_hash=hash_key(key))
-        fields.update(previous_key_hash="", previous_key_expires_at=None)
+        fields.update(previous_key_hash="", previous_key_expires_at=None, key_revoked_at=None)
         if args.quota_eps is not None:
             fields["quota_eps"] = float(args.quota_eps)
         project = ProjectSettings(**{**fields, "created_at": _pj_time.time()})
@@ -361,7 +361,7 @@ async def list_projects_via_topic(args: _pj_argparse.Namespace) -> dict[str, _Pj
     """The projects as the control topic has them, in the admin API's shape (no keys, no hashes)."""
     from dataclasses import asdict
 
-    from streamapp.control import KEY_FIELDS, read_view
+    from streamapp.control import SECRET_KEY_FIELDS, read_view
 
     bootstrap, topic = _pj_target(args)
     try:
@@ -370,7 +370,7 @@ async def list_projects_via_topic(args: _pj_argparse.Namespace) -> dict[str, _Pj
         raise AdminApiError(0, f"control topic {topic} on {bootstrap}: {exc!r}") from None
     projects = []
     for pid, p in sorted(view.projects.items()):
-        listed = {k: v for k, v in asdict(p).items() if k not in KEY_FIELDS}
+        listed = {k: v for k, v in asdict(p).items() if k not in SECRET_KEY_FIELDS}
         listed.update(has_key=bool(p.key_hash), previous_key_expires_at=p.previous_key_expires_at or None)
         projects.append({**listed, "shed_state": view.shed_states.get(pid), "override": view.overrides.get(pid)})
     return {"projects": projects}
@@ -382,7 +382,7 @@ def render_projects(projects: list[dict[str, _PjAny]]) -> str:
     now = _pj_time.time()
     for p in projects:
         expires = p.get("previous_key_expires_at")
-        shown = "set" if p.get("has_key") else "none"
+        shown = "set" if p.get("has_key") else "revoked" if p.get("key_revoked_at") else "none"
         if isinstance(expires, int | float) and expires > now:
             shown += f", old key valid {expires - now:.0f}s more"
         state = (p.get("shed_state") or {}).get("state") or "ok"

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from streamapp.contract import NAME_PATTERN, is_valid_name
 from streamapp.control import (
-    KEY_FIELDS,
+    SECRET_KEY_FIELDS,
     ProjectSettings,
     hash_key,
     key_record,
@@ -108,7 +108,7 @@ class AdminApi:
 
     def describe(self, project: ProjectSettings) -> dict[str, Any]:
         """A project for an admin answer: no key and no key hash, only whether one is set."""
-        settings = {k: v for k, v in asdict(project).items() if k not in KEY_FIELDS}
+        settings = {k: v for k, v in asdict(project).items() if k not in SECRET_KEY_FIELDS}
         expires = project.previous_key_expires_at if project.previous_key_hash else None
         return {
             **settings,
@@ -137,7 +137,7 @@ class AdminApi:
         if not isinstance(bucket, str) or (prefix is not None and not isinstance(prefix, str)):
             raise ApiError(400, "InvalidParameterError", "bucket and prefix must be strings")
         existing = self.view.projects.get(project_id)
-        if existing is not None and (existing.key_hash or existing.previous_key_hash):
+        if existing is not None and (existing.key_hash or existing.previous_key_hash or existing.key_revoked_at):
             raise ApiError(
                 409,
                 "ProjectExistsError",
@@ -148,7 +148,7 @@ class AdminApi:
         base.update(project_id=project_id, s3_streaming=s3_streaming, bucket=bucket, prefix=prefix)
         base.update(quota)
         key = new_write_key()
-        base.update(key_hash=hash_key(key), previous_key_hash="", previous_key_expires_at=None)
+        base.update(key_hash=hash_key(key), previous_key_hash="", previous_key_expires_at=None, key_revoked_at=None)
         base["created_at"] = time.time()
         project = ProjectSettings(**base)
 
