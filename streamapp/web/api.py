@@ -163,7 +163,9 @@ class IngestApi:
     @staticmethod
     def new_parser() -> ProcessPoolExecutor:
         # "spawn": the worker has threads (Kafka clients, RocksDB) that fork would copy half-way.
-        return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=keen.parse_process_init
+        )
 
     async def stop(self) -> None:
         producer, self.producer = self.producer, None

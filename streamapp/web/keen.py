@@ -14,6 +14,7 @@ The web views in :mod:`streamapp.web.api` only glue these to aiohttp and Kafka.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import os
@@ -418,6 +419,13 @@ def plan_request(
 
 def warm_up() -> None:
     """Run once in the parse process at start: importing this module there is the slow part."""
+
+
+def parse_process_init() -> None:
+    """Initializer of the parse process: a lower CPU priority, so parsing a hostile body yields the
+    CPU to the worker's event loop (and its honest requests) rather than competing with it."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
 
 
 # --------------------------------------------------------------------------- admission
