@@ -43,6 +43,7 @@ from typing import Any
 import faust
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
@@ -280,9 +281,13 @@ class IngestApi:
                 f"request body not received within {self.settings.api_body_read_timeout_seconds:g}s",
                 headers={"Connection": "close"},
             ) from None
-        except HttpProcessingError as exc:  # e.g. a body that is not valid gzip
+        except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. a body that is not valid gzip
             self.budget.release(reserved)
-            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be decoded: {exc.message}") from None
+            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be decoded: {exc}") from None
+        except ConnectionResetError:
+            # The client went away mid-body: nobody reads this answer, but it is no server error.
+            self.budget.release(reserved)
+            raise ApiError(400, keen.INVALID_JSON, "the connection was closed before the body was complete") from None
         except BaseException:
             self.budget.release(reserved)
             raise
