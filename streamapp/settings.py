@@ -78,8 +78,10 @@ class Settings:
     api_max_inflight: int = _doc("In-flight Kafka produce requests before the API answers 503", default=256)
     api_max_body_bytes: int = _doc("Largest HTTP request body", default=10 * 1024 * 1024)
     api_produce_timeout_seconds: float = _doc("Produce wait before the API answers 503", default=5.0)
-    api_max_batch_events: int = _doc("Most events in one batch request (Keen: 5,000); more is a 413", default=5000)
-    api_max_batch_collections: int = _doc("Most collections in one batch request; more is a 413", default=100)
+    api_max_batch_events: int = _doc("Most events in one batch request; more is a 413 (nothing written)", default=5000)
+    api_max_batch_collections: int = _doc(
+        "Most collections in one batch request; more is a 413 (nothing written)", default=100
+    )
     api_body_read_timeout_seconds: float = _doc(
         "Deadline to receive a whole request body; a slower client gets 408", default=10.0
     )
