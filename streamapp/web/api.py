@@ -71,6 +71,10 @@ INLINE_PLAN_BYTES = 64 * 1024
 SMALL_BODY_BYTES = 64 * 1024
 #: Content encodings aiohttp decompresses for us (its decompressor works in bounded chunks).
 ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+#: Past its first 256 KiB, a compressed body may not expand more than this: decompression is CPU on
+#: the event loop, and a 20 KB gzip bomb would otherwise buy 10 MiB of it (JSON compresses ~5-20x).
+MAX_COMPRESSION_RATIO = 50
+COMPRESSION_RATIO_FREE_BYTES = 256 * 1024
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "POST, OPTIONS",
@@ -265,9 +269,18 @@ class IngestApi:
                             400, keen.INVALID_JSON, "request body is shorter than its Content-Length"
                         ) from None
                 chunks: list[bytes] = []
-                while chunk := await request.content.readany():
+                content = request.content
+                while chunk := await content.readany():
                     if reserved + len(chunk) > limit:
                         raise ApiError(413, keen.TOO_LARGE, f"request body is over the {limit} byte limit")
+                    wire = content.total_compressed_bytes
+                    if wire and reserved > COMPRESSION_RATIO_FREE_BYTES and reserved > MAX_COMPRESSION_RATIO * wire:
+                        raise ApiError(
+                            413,
+                            keen.TOO_LARGE,
+                            f"request body expands more than {MAX_COMPRESSION_RATIO}x when decompressed; "
+                            "send it uncompressed or in smaller batches",
+                        )
                     if not self.budget.reserve(len(chunk)):
                         raise keen.unavailable("too many request bodies are being received at once; retry")
                     reserved += len(chunk)
@@ -382,7 +395,10 @@ class IngestApi:
                     raise keen.shed_error(project_id, shed[0], keen.retry_after_for(shed[1], now, shed[0]))
             await self.produce(project_id, planned.records)
         except ApiError as exc:
-            return self.respond(endpoint, exc.status, exc.body(), started, exc.headers)
+            response = self.respond(endpoint, exc.status, exc.body(), started, exc.headers)
+            if not request.content.is_eof():
+                skip_lingering(request, response)
+            return response
         finally:
             self.budget.release(reserved)
         self.m_events.inc(planned.accepted)
@@ -397,6 +413,19 @@ class IngestApi:
             out.update(headers)
         self.m_requests.labels(endpoint, str(status)).inc()
         return web.Response(body=body, status=status, content_type="application/json", headers=out)
+
+
+def skip_lingering(request: web.Request, response: web.Response) -> None:
+    """Close the connection after this answer instead of reading the unread body.
+
+    aiohttp would otherwise read (and decompress) what is left of a refused body for up to 10 s to
+    keep the connection alive: a 20 KB gzip bomb answered 429 or 413 would still cost 10 MiB of
+    inflating on the event loop. Its lingering time is per connection; this connection closes.
+    """
+    response.force_close()
+    protocol = request.protocol
+    if protocol is not None and hasattr(protocol, "_lingering_time"):
+        protocol._lingering_time = 0.0
 
 
 async def ensure_control_topic(runtime: Runtime) -> None:
