@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -412,7 +413,13 @@ def test_gzip_and_deflate_bodies_are_accepted_with_a_decompressed_limit(api: Api
     bomb = gzip.compress(b'{"c": [' + b" " * (MAX_BODY + 1024) + b"]}", 9)
     assert len(bomb) < 100_000
     refused = write(web, "limits", key, bomb, headers=zipped)
-    assert refused.status == 413, refused
+    assert refused.status == 413 and b"expands more than" in refused.body, refused
+    # Ordinary JSON (compresses ~2x here) over the limit once decompressed: the size limit applies.
+    rows = [os.urandom(48).hex() for _ in range(MAX_BODY // 96 + 1000)]
+    large = gzip.compress(json.dumps({"c": rows}).encode(), 1)
+    assert len(large) < MAX_BODY
+    over = write(web, "limits", key, large, headers=zipped, timeout=60)
+    assert over.status == 413 and b"byte limit" in over.body, over
     broken = write(web, "limits", key, gzip.compress(b'{"mk": "gz-broken"}')[:-8] + b"xxxxxxxx", "c", headers=zipped)
     assert broken.status == 400, broken
     assert write(web, "limits", key, b"{}", "c", headers={"Content-Encoding": "br2"}).status == 415
