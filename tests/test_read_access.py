@@ -166,3 +166,51 @@ def test_no_token_or_key_appears_in_logs_or_views(worker: Any) -> None:
     assert "secretive" in log or "API producer started" in log  # the log is the worker's
     for secret in secrets:
         assert secret not in log
+
+
+def test_fan_out_sends_peers_the_peer_token_and_nothing_the_caller_sent() -> None:
+    """Views.fan_out against a real HTTP peer that records what it receives."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import aiohttp
+    from aiohttp import web
+
+    from streamapp.web.views import Views
+
+    received: list[dict[str, str]] = []
+
+    async def peer_shed(request: web.Request) -> web.Response:
+        received.append({**request.headers, "query": request.query_string})
+        return web.json_response({"worker": "peer", "shed": [], "episodes": [], "rates": {}})
+
+    async def scenario() -> None:
+        server = web.Application()
+        server.router.add_get("/shed/", peer_shed)
+        runner = web.AppRunner(server)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        peer = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            app = SimpleNamespace(
+                conf=SimpleNamespace(canonical_url="http://127.0.0.1:1"),
+                assignor=SimpleNamespace(external_topics_metadata=lambda: {peer: {}}, tables_metadata=lambda: {}),
+                http_client=session,
+            )
+            settings = Settings(read_token=READ_TOKEN, admin_token=ADMIN_TOKEN)
+            views = Views(app, SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+            caller = FakeRequest(
+                {"Authorization": f"Bearer {READ_TOKEN}", "Cookie": f"{READ_COOKIE}=x"}, {}, {READ_COOKIE: "x"}
+            )
+            answers, status = await views.fan_out(caller, "/shed/", {}, lambda: {"worker": "me"})
+        await runner.cleanup()
+        assert status[peer] == "ok" and len(answers) == 2, status
+
+    asyncio.run(scenario())
+    assert len(received) == 1
+    headers = received[0]
+    assert headers["Authorization"] == f"Bearer {peer_token(READ_TOKEN)}"
+    assert "Cookie" not in headers and headers["query"] == "local=1"
+    for secret in (READ_TOKEN, ADMIN_TOKEN, session_cookie_value(READ_TOKEN)):
+        assert all(secret not in value for value in headers.values())
