@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port
 
@@ -81,20 +81,31 @@ def write(web: str, project: str, key: str, body: Any, collection: str | None = 
     return request(web, "POST", path, body, headers, **kw)
 
 
-def topic_values(bootstrap: str, topic: str, idle_rounds: int = 3) -> list[bytes]:
-    """Every record value on ``topic`` from the beginning (until ``idle_rounds`` empty polls)."""
+def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes]:
+    """Every record value on ``topic`` from the beginning up to its end offsets at the call."""
 
     async def read() -> list[bytes]:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
         await consumer.start()
         try:
+            # topics() fetches fresh metadata; partitions_for_topic() only reads the cache.
+            partitions = consumer.partitions_for_topic(topic) if topic in await consumer.topics() else set()
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            if not tps:
+                return []
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
             found: list[bytes] = []
-            idle = 0
-            while idle < idle_rounds:
-                batch = await consumer.getmany(timeout_ms=500)
-                idle = 0 if batch else idle + 1
-                for records in batch.values():
-                    found.extend(r.value for r in records if r.value is not None)
+            deadline = time.monotonic() + timeout
+            pending = {tp for tp in tps if ends[tp] > 0}
+            while pending and time.monotonic() < deadline:
+                batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
+                for tp, records in batch.items():
+                    found.extend(r.value for r in records if r.value is not None and r.offset < ends[tp])
+                    if records and records[-1].offset + 1 >= ends[tp]:
+                        pending.discard(tp)
+            assert not pending, f"could not read {topic} to its end within {timeout}s"
             return found
         finally:
             await consumer.stop()
