@@ -70,6 +70,8 @@ def key_matches(project: ProjectSettings | None, provided: str, now: float) -> b
     """
     given = hash_key(provided).encode()
     if project is None:
+        # The same two comparisons as for a known project with a wrong key.
+        hmac.compare_digest(given, _NO_PROJECT_HASH.encode())
         hmac.compare_digest(given, _NO_PROJECT_HASH.encode())
         return False
     key_hash, previous_hash = project.key_hash, project.previous_key_hash
