@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
 from streamapp.web import keen
-from tests.api_helpers import Reply, admin, create_project, module_worker, request, topic_values, write
+from tests.api_helpers import ADMIN_TOKEN, Reply, admin, create_project, module_worker, request, topic_values, write
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +121,7 @@ def hostile_request(draw: st.DrawFn, keys: dict[str, str]) -> tuple[str, str, by
     # the "nothing of a refused request" check has both kinds); the rest are hostile everywhere.
     plausible = draw(st.booleans())
     project = "prop" if plausible else draw(st.sampled_from(["prop", "nope"]) | WEIRD)
-    shape = draw(st.sampled_from(["single", "batch"] if plausible else ["single", "batch", "other"]))
+    shape = draw(st.sampled_from(["single", "batch"] if plausible else ["single", "batch", "other", "admin"]))
     if shape == "single":
         path = f"/3.0/projects/{project}/events/{draw(NAMES if plausible else NAMES | WEIRD)}"
         doc: Any = event()
@@ -138,6 +138,15 @@ def hostile_request(draw: st.DrawFn, keys: dict[str, str]) -> tuple[str, str, by
             )
         ) + draw(st.sampled_from(["", "x", "/..", "%00", "/%2e%2e/admin"]))  # fmt: skip
         doc = event()
+    if shape == "admin":
+        # The admin API with its token and generated bodies, on its own project (never "prop").
+        suffix = draw(st.sampled_from(["", "/adm", "/adm/key", "/adm/quota", "/adm/shed", "/nope/key"]))
+        path = "/admin/projects" + suffix
+        fields = st.sampled_from(["project_id", "grace_seconds", "quota_eps", "burst", "shed_mode", "reason", "mode",
+                                  "s3_streaming", "clear", "bucket", "prefix"])  # fmt: skip
+        doc = draw(st.dictionaries(fields, JSON, max_size=4))
+        if suffix == "" and draw(st.booleans()):
+            doc["project_id"] = draw(st.sampled_from(["adm", "adm-2"]) | WEIRD)
     query_names = st.sampled_from(["api_key", "token", "local", "limit", "series", "x"]) | HEADER_TEXT
     query = draw(st.lists(st.tuples(query_names, HEADER_TEXT), max_size=0 if plausible else 3))
     if query:
@@ -146,7 +155,9 @@ def hostile_request(draw: st.DrawFn, keys: dict[str, str]) -> tuple[str, str, by
     method = draw(st.sampled_from(methods))
     headers: dict[str, str] = {}
     key = "valid" if plausible else draw(st.sampled_from(["valid", "wrong", "none", "bearer"]))
-    if key == "valid":
+    if shape == "admin" and draw(st.integers(0, 4)):
+        headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+    elif key == "valid":
         headers["Authorization"] = keys["prop"]
     elif key == "wrong":
         headers["Authorization"] = draw(HEADER_TEXT) or "x"
