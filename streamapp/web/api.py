@@ -263,8 +263,14 @@ class IngestApi:
             if not self.budget.reserve(declared):
                 raise keen.unavailable("too many request bodies are being received at once; retry")
             reserved = declared
+        # A body already received whole (the common case of a small write) cannot stall: no timer.
+        deadline: contextlib.AbstractAsyncContextManager[object] = (
+            contextlib.nullcontext()
+            if request.content.is_eof()
+            else asyncio.timeout(self.settings.api_body_read_timeout_seconds)
+        )
         try:
-            async with asyncio.timeout(self.settings.api_body_read_timeout_seconds):
+            async with deadline:
                 if declared is not None:
                     try:
                         return await request.content.readexactly(declared), reserved
@@ -313,7 +319,13 @@ class IngestApi:
         """:func:`keen.plan_request` on the loop for small bodies, in the parse process for big ones."""
         clock_ms = int(time.time() * 1000)
         parser = self.parser
-        if parser is None or (len(body) <= INLINE_PLAN_BYTES and body.count(b"{") <= INLINE_PLAN_OBJECTS):
+        size = len(body)
+        # (a body of up to 2 x INLINE_PLAN_OBJECTS bytes cannot hold more objects: no need to count)
+        if (
+            parser is None
+            or size <= 2 * INLINE_PLAN_OBJECTS
+            or (size <= INLINE_PLAN_BYTES and body.count(b"{") <= INLINE_PLAN_OBJECTS)
+        ):
             return keen.plan_request(body, project_id, collection, clock_ms, self.limits)
         loop = asyncio.get_running_loop()
         try:
