@@ -30,6 +30,8 @@ from typing import Any
 import faust
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from streamapp.contract import NAME_PATTERN, is_valid_name
 from streamapp.control import (
@@ -51,6 +53,7 @@ VIEW_WAIT_SECONDS = 2.0
 CONTROL_START_WAIT_SECONDS = 30.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
 MAX_ADMIN_BODY = 64 * 1024
+BODY_TIMEOUT_SECONDS = 10.0
 QUOTA_FIELDS = ("quota_eps", "quota_bps", "burst")
 DEFAULT_GRACE_SECONDS = 24 * 3600.0
 MAX_GRACE_SECONDS = 30 * 24 * 3600.0
@@ -77,11 +80,19 @@ class AdminApi:
             raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > MAX_ADMIN_BODY:
-                raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > MAX_ADMIN_BODY:
+                        raise ApiError(
+                            413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
+                        )
+                    chunks.append(chunk)
+        except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:  # e.g. broken gzip
+            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be read: {exc}") from None
+        except TimeoutError:
+            raise ApiError(408, keen.REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
         raw = b"".join(chunks)
         if not raw.strip() and not required:
             return {}
@@ -120,7 +131,8 @@ class AdminApi:
 
     @staticmethod
     def project_id(project_id: object) -> str:
-        if not is_valid_name(project_id):
+        # isinstance first: is_valid_name looks the value up in a set, and a JSON list is unhashable.
+        if not isinstance(project_id, str) or not is_valid_name(project_id):
             raise ApiError(400, "InvalidProjectIdError", f"bad project_id {project_id!r}: must match {NAME_PATTERN}")
         return str(project_id)
 
