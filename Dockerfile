@@ -18,6 +18,8 @@ RUN pip install . \
 USER streamapp
 
 # Per-container state (RocksDB tables): every scaled replica has its own filesystem.
+# The 0.0.0.0 bind needs STREAMAPP_READ_TOKEN at run time (no default baked into the image: the
+# worker refuses to start without one, naming the variable).
 ENV STREAMAPP_DATA_DIR=/var/lib/streamapp \
     STREAMAPP_WEB_HOST=0.0.0.0 \
     STREAMAPP_WEB_PORT=6066

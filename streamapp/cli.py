@@ -187,7 +187,7 @@ def dev(args: argparse.Namespace) -> int:
             time.sleep(0.2)
             if time.monotonic() >= next_status:
                 next_status += 3
-                print(status_line(web, admin_token), flush=True)
+                print(status_line(web, base.read_token), flush=True)  # the admin token is no read token
         return 0
     finally:
         if demo is not None:

@@ -10,6 +10,8 @@ source of truth; a restarted worker rebuilds its view by reading it again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -27,8 +29,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProjectSettings:
+    """A project as the control topic has it. Write keys are kept only as hashes (:func:`hash_key`):
+    the key itself is shown once, when it is made, and never written anywhere."""
+
     project_id: str
-    write_key: str = ""
+    key_hash: str = ""  # "" = no valid key (revoked, or created by a quota record only)
+    previous_key_hash: str = ""  # the key before the last rotation, valid until ...
+    previous_key_expires_at: float | None = None  # ... this epoch time
+    key_revoked_at: float | None = None  # set by a revocation (until the next rotation)
     s3_streaming: bool = True
     bucket: str = ""  # empty: the global bucket
     prefix: str | None = None  # None: the global prefix
@@ -41,6 +49,65 @@ class ProjectSettings:
 
 def new_write_key() -> str:
     return secrets.token_hex(32)
+
+
+KEY_HASH_PREFIX = "sha256:"
+#: Compared when a project is unknown, so that an unknown id costs the same as a wrong key.
+_NO_PROJECT_HASH = KEY_HASH_PREFIX + "0" * 64
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a write key. Plain SHA-256 is enough: keys are 256 random bits, so there
+    is nothing to brute-force that a slow hash would protect (and it keeps the write path cheap)."""
+    return KEY_HASH_PREFIX + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+
+
+def key_matches(project: ProjectSettings | None, provided: str, now: float) -> bool:
+    """Is ``provided`` the project's key, or its previous key within the rotation grace period?
+
+    Constant time in the key (hashes compared with hmac.compare_digest), and the same work for an
+    unknown project (None) as for a wrong key.
+    """
+    given = hash_key(provided).encode()
+    if project is None:
+        # The same two comparisons as for a known project with a wrong key.
+        hmac.compare_digest(given, _NO_PROJECT_HASH.encode())
+        hmac.compare_digest(given, _NO_PROJECT_HASH.encode())
+        return False
+    key_hash, previous_hash = project.key_hash, project.previous_key_hash
+    # Type checks: a malformed control record must read as "no key", never raise on the write path.
+    current = isinstance(key_hash, str) and hmac.compare_digest(given, key_hash.encode()) and bool(key_hash)
+    expires = project.previous_key_expires_at
+    previous = (
+        isinstance(previous_hash, str)
+        and hmac.compare_digest(given, previous_hash.encode())
+        and bool(previous_hash)
+        and isinstance(expires, int | float)
+        and now < expires
+    )
+    return current or previous
+
+
+def key_record(
+    project_id: str, key_hash: str, previous_key_hash: str = "", previous_key_expires_at: float | None = None
+) -> dict[str, Any]:
+    """A ``key`` record: replaces only the key fields of a project (rotation; an empty ``key_hash``
+    is a revocation)."""
+    now = time.time()
+    return {
+        "type": "key",
+        "project_id": project_id,
+        "key_hash": key_hash,
+        "previous_key_hash": previous_key_hash,
+        "previous_key_expires_at": previous_key_expires_at,
+        "key_revoked_at": None if key_hash else now,
+        "at": now,
+    }
+
+
+#: The key fields of ProjectSettings: changed only by ``key`` records; hashes never leave the view.
+KEY_FIELDS = ("key_hash", "previous_key_hash", "previous_key_expires_at", "key_revoked_at")
+SECRET_KEY_FIELDS = ("key_hash", "previous_key_hash")
 
 
 class ControlView:
@@ -60,7 +127,17 @@ class ControlView:
             return
         if kind == "project":
             data = {k: v for k, v in record.items() if k in ProjectSettings.__dataclass_fields__}
+            legacy_key = record.get("write_key")
+            if isinstance(legacy_key, str) and legacy_key and not data.get("key_hash"):
+                data["key_hash"] = hash_key(legacy_key)  # a record from before keys were hashed
             self.projects[project_id] = ProjectSettings(**data)
+        elif kind == "key":
+            project = self.projects.get(project_id)
+            if project is None:
+                return
+            for name in KEY_FIELDS:
+                if name in record:
+                    setattr(project, name, record[name])
         elif kind == "quota":
             project = self.projects.get(project_id) or ProjectSettings(project_id, s3_streaming=True)
             for name in ("quota_eps", "quota_bps", "burst", "shed_mode"):

@@ -132,9 +132,12 @@ class DemoTraffic:
                 payload: dict[str, Any] = await resp.json(content_type=None)
                 if resp.status == 201:
                     return str(payload["write_key"])
-                if resp.status == 409:  # already there (e.g. a restarted demo): reuse its key
-                    async with session.get(f"{self.web}/admin/projects/{project_id}", headers=headers) as got:
-                        return str((await got.json(content_type=None))["write_key"])
+                if resp.status == 409:  # already there (e.g. a restarted demo): keys are kept only
+                    # as hashes, so take a new one (the old one, if any client still has it, ends now)
+                    rotate = f"{self.web}/admin/projects/{project_id}/key"
+                    async with session.post(rotate, json={"grace_seconds": 0}, headers=headers) as got:
+                        if got.status == 200:
+                            return str((await got.json(content_type=None))["write_key"])
                 if resp.status != 503 or time.monotonic() > deadline:
                     raise RuntimeError(f"creating {project_id}: HTTP {resp.status} {payload}")
             await asyncio.sleep(1.0)

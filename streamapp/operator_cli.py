@@ -16,7 +16,7 @@ _SPARK = "▁▂▃▄▅▆▇█"
 
 def _status_args(parser: _st_argparse.ArgumentParser) -> None:
     parser.add_argument("--web", default=None, help="worker web URL (default http://127.0.0.1:$STREAMAPP_WEB_PORT)")
-    parser.add_argument("--token", default=None, help="read token (default $STREAMAPP_READ_TOKEN or admin token)")
+    parser.add_argument("--token", default=None, help="read token (default $STREAMAPP_READ_TOKEN)")
     parser.add_argument("--limit", type=int, default=10, help="top projects to show")
     parser.add_argument("--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS")
     parser.add_argument("--json", action="store_true", help="print the raw views as one JSON object")
@@ -31,7 +31,7 @@ def status(args: _st_argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     web = (args.web or f"http://127.0.0.1:{settings.web_port}").rstrip("/")
-    token = args.token if args.token is not None else (settings.read_token or settings.admin_token)
+    token = args.token if args.token is not None else settings.read_token  # the admin token is no read token
     while True:
         try:
             views = fetch_status(web, token, args.limit)
@@ -205,14 +205,21 @@ def admin_request(
 
 def _project_args(parser: _pj_argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="project_command", required=True)
-    create = sub.add_parser("create", help="create a project; prints its write key as JSON")
+    create = sub.add_parser("create", help="create a project; prints its write key (once) as JSON")
     create.add_argument("project_id")
     create.add_argument("--no-s3", dest="s3_streaming", action="store_false", help="do not export it to S3")
     create.add_argument("--quota-eps", type=float, default=None, help="events/s quota (default: the global one)")
-    listing = sub.add_parser("list", help="list projects with their quota and shed state")
-    listing.add_argument("--show-keys", action="store_true", help="print whole write keys")
+    listing = sub.add_parser("list", help="list projects with their quota, shed state and key state")
+    listing.add_argument("--show-keys", action="store_true", help=_pj_argparse.SUPPRESS)  # keys are not kept
     listing.add_argument("--json", action="store_true", help="print the admin API's JSON")
-    for p in (create, listing):
+    rotate = sub.add_parser("rotate-key", help="new write key (printed once); the old one stays valid for --grace")
+    rotate.add_argument("project_id")
+    rotate.add_argument(
+        "--grace", type=float, default=24 * 3600.0, help="seconds the old key stays valid (default 86400; 0 = none)"
+    )
+    revoke = sub.add_parser("revoke-key", help="no write key of the project is valid any more")
+    revoke.add_argument("project_id")
+    for p in (create, listing, rotate, revoke):
         p.add_argument("--web", default=None, help="go through this worker's admin API instead of the control topic")
         p.add_argument("--token", default=None, help="admin token for --web (default $STREAMAPP_ADMIN_TOKEN)")
         p.add_argument("--bootstrap", default=None, help="Kafka bootstrap (default $STREAMAPP_KAFKA_BOOTSTRAP)")
@@ -221,35 +228,55 @@ def _project_args(parser: _pj_argparse.ArgumentParser) -> None:
 
 @_pj_command("project", _project_args)
 def project(args: _pj_argparse.Namespace) -> int:
-    """Create or list projects (and their write keys): through the control topic, or a worker with --web."""
+    """Create, list, rotate or revoke projects' write keys: through the control topic, or a worker with --web.
+
+    Keys are stored only as SHA-256 hashes: create and rotate-key print the key once; list never can.
+    """
     from streamapp.web.keen import curl_example
 
+    command = args.project_command
     try:
         if args.web:
             web, token = admin_target(args.web, args.token)
-            if args.project_command == "create":
+            path = f"/admin/projects/{args.project_id}/key" if command in ("rotate-key", "revoke-key") else ""
+            if command == "create":
                 body: dict[str, _PjAny] = {"project_id": args.project_id, "s3_streaming": args.s3_streaming}
                 if args.quota_eps is not None:
                     body["quota_eps"] = args.quota_eps
-                created = admin_request(web, token, "POST", "/admin/projects", body)
+                result = admin_request(web, token, "POST", "/admin/projects", body)
+            elif command == "rotate-key":
+                result = admin_request(web, token, "POST", path, {"grace_seconds": args.grace})
+            elif command == "revoke-key":
+                result = admin_request(web, token, "DELETE", path)
             else:
-                listed = admin_request(web, token, "GET", "/admin/projects")
-        elif args.project_command == "create":
-            web = admin_target(None, "")[0]
-            created = _pj_asyncio.run(create_project_via_topic(args))
+                result = admin_request(web, token, "GET", "/admin/projects")
         else:
-            listed = _pj_asyncio.run(list_projects_via_topic(args))
+            web = admin_target(None, "")[0]
+            run = {
+                "create": create_project_via_topic,
+                "list": list_projects_via_topic,
+                "rotate-key": rotate_key_via_topic,
+                "revoke-key": revoke_key_via_topic,
+            }[command]
+            result = _pj_asyncio.run(run(args))
     except AdminApiError as exc:
-        print(f"streamapp project {args.project_command}: {exc}", file=_pj_sys.stderr)
+        print(f"streamapp project {command}: {exc}", file=_pj_sys.stderr)
         return 1
-    if args.project_command == "create":
-        print(_pj_json.dumps({"project_id": created["project_id"], "write_key": created["write_key"]}))
-        print("try: " + curl_example(web, created["project_id"], created["write_key"]), file=_pj_sys.stderr)
+    if command in ("create", "rotate-key"):
+        shown = {"project_id": result["project_id"], "write_key": result["write_key"]}
+        if command == "rotate-key":
+            shown["previous_key_expires_at"] = result.get("previous_key_expires_at")
+        print(_pj_json.dumps(shown))
+        print("the key is shown only now; try: " + curl_example(web, result["project_id"], result["write_key"]),
+              file=_pj_sys.stderr)  # fmt: skip
+        return 0
+    if command == "revoke-key":
+        print(_pj_json.dumps({"project_id": args.project_id, "revoked": True}))
         return 0
     if args.json:
-        print(_pj_json.dumps(listed, indent=2, sort_keys=True))
+        print(_pj_json.dumps(result, indent=2, sort_keys=True))
     else:
-        print(render_projects(listed.get("projects", []), show_keys=args.show_keys))
+        print(render_projects(result.get("projects", [])))
     return 0
 
 
@@ -261,24 +288,26 @@ def _pj_target(args: _pj_argparse.Namespace) -> tuple[str, str]:
 
 
 async def create_project_via_topic(args: _pj_argparse.Namespace) -> dict[str, _PjAny]:
-    """Publish a new project with a fresh write key; refuses one that already has a key."""
+    """Publish a new project with the hash of a fresh write key; refuses one that already has a key."""
     from dataclasses import asdict
 
     from streamapp.contract import is_valid_name, name_rule
-    from streamapp.control import ProjectSettings, new_write_key, project_record, publish_records, read_view
+    from streamapp.control import ProjectSettings, hash_key, new_write_key, project_record, publish_records, read_view
 
     if not is_valid_name(args.project_id):
         raise AdminApiError(0, f"{args.project_id!r} is not a valid project id ({name_rule(args.project_id)})")
     if args.quota_eps is not None and not args.quota_eps > 0:
         raise AdminApiError(0, "--quota-eps must be > 0")
     bootstrap, topic = _pj_target(args)
+    key = new_write_key()
     try:
         view = await read_view(bootstrap, topic)
         existing = view.projects.get(args.project_id)
-        if existing is not None and existing.write_key:
-            raise AdminApiError(0, f"project {args.project_id!r} already exists")
+        if existing is not None and (existing.key_hash or existing.previous_key_hash or existing.key_revoked_at):
+            raise AdminApiError(0, f"project {args.project_id!r} already exists (a new key: project rotate-key)")
         fields = asdict(existing) if existing is not None else {}  # keeps a quota set before
-        fields.update(project_id=args.project_id, s3_streaming=args.s3_streaming, write_key=new_write_key())
+        fields.update(project_id=args.project_id, s3_streaming=args.s3_streaming, key_hash=hash_key(key))
+        fields.update(previous_key_hash="", previous_key_expires_at=None, key_revoked_at=None)
         if args.quota_eps is not None:
             fields["quota_eps"] = float(args.quota_eps)
         project = ProjectSettings(**{**fields, "created_at": _pj_time.time()})
@@ -287,34 +316,75 @@ async def create_project_via_topic(args: _pj_argparse.Namespace) -> dict[str, _P
         raise
     except Exception as exc:  # noqa: BLE001 - Kafka errors: one line for the operator
         raise AdminApiError(0, f"control topic {topic} on {bootstrap}: {exc!r}") from None
-    return asdict(project)
+    return {"project_id": project.project_id, "write_key": key}
+
+
+async def _publish_key_change(args: _pj_argparse.Namespace, grace: float | None) -> dict[str, _PjAny]:
+    """Rotate (``grace`` seconds for the old key) or revoke (``grace`` None) through the control topic."""
+    from streamapp.control import hash_key, key_record, new_write_key, publish_records, read_view
+
+    bootstrap, topic = _pj_target(args)
+    try:
+        view = await read_view(bootstrap, topic)
+        project = view.projects.get(args.project_id)
+        if project is None:
+            raise AdminApiError(0, f"project {args.project_id!r} not found")
+        if grace is None:
+            await publish_records(bootstrap, topic, [key_record(args.project_id, "")])
+            return {"project_id": args.project_id, "revoked": True}
+        if not 0 <= grace <= 30 * 24 * 3600:
+            raise AdminApiError(0, "--grace must be in 0..2592000 seconds")
+        key = new_write_key()
+        old = project.key_hash if grace > 0 else ""
+        record = key_record(args.project_id, hash_key(key), old, _pj_time.time() + grace if old else None)
+        await publish_records(bootstrap, topic, [record])
+    except AdminApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Kafka errors: one line for the operator
+        raise AdminApiError(0, f"control topic {topic} on {bootstrap}: {exc!r}") from None
+    return {
+        "project_id": args.project_id,
+        "write_key": key,
+        "previous_key_expires_at": record["previous_key_expires_at"],
+    }
+
+
+async def rotate_key_via_topic(args: _pj_argparse.Namespace) -> dict[str, _PjAny]:
+    return await _publish_key_change(args, float(args.grace))
+
+
+async def revoke_key_via_topic(args: _pj_argparse.Namespace) -> dict[str, _PjAny]:
+    return await _publish_key_change(args, None)
 
 
 async def list_projects_via_topic(args: _pj_argparse.Namespace) -> dict[str, _PjAny]:
-    """The projects as the control topic has them, in the admin API's shape."""
+    """The projects as the control topic has them, in the admin API's shape (no keys, no hashes)."""
     from dataclasses import asdict
 
-    from streamapp.control import read_view
+    from streamapp.control import SECRET_KEY_FIELDS, read_view
 
     bootstrap, topic = _pj_target(args)
     try:
         view = await read_view(bootstrap, topic)
     except Exception as exc:  # noqa: BLE001
         raise AdminApiError(0, f"control topic {topic} on {bootstrap}: {exc!r}") from None
-    return {
-        "projects": [
-            {**asdict(p), "shed_state": view.shed_states.get(pid), "override": view.overrides.get(pid)}
-            for pid, p in sorted(view.projects.items())
-        ]
-    }
+    projects = []
+    for pid, p in sorted(view.projects.items()):
+        listed = {k: v for k, v in asdict(p).items() if k not in SECRET_KEY_FIELDS}
+        listed.update(has_key=bool(p.key_hash), previous_key_expires_at=p.previous_key_expires_at or None)
+        projects.append({**listed, "shed_state": view.shed_states.get(pid), "override": view.overrides.get(pid)})
+    return {"projects": projects}
 
 
-def render_projects(projects: list[dict[str, _PjAny]], *, show_keys: bool = False) -> str:
-    """The ``project list`` table."""
+def render_projects(projects: list[dict[str, _PjAny]]) -> str:
+    """The ``project list`` table; the key column says whether a key is valid (keys are never kept)."""
     lines = [f"{'project':<24} {'s3':<4} {'quota ev/s':>10}  {'state':<14} write key"]
+    now = _pj_time.time()
     for p in projects:
-        key = str(p.get("write_key") or "")
-        shown = key if show_keys or not key else key[:8] + "…"
+        expires = p.get("previous_key_expires_at")
+        shown = "set" if p.get("has_key") else "revoked" if p.get("key_revoked_at") else "none"
+        if isinstance(expires, int | float) and expires > now:
+            shown += f", old key valid {expires - now:.0f}s more"
         state = (p.get("shed_state") or {}).get("state") or "ok"
         override = (p.get("override") or {}).get("action")
         if override in ("shed", "unshed"):
@@ -322,7 +392,7 @@ def render_projects(projects: list[dict[str, _PjAny]], *, show_keys: bool = Fals
         quota = p.get("quota_eps")
         lines.append(
             f"{str(p.get('project_id'))[:24]:<24} {'yes' if p.get('s3_streaming') else 'no':<4} "
-            f"{'default' if quota is None else f'{float(quota):g}':>10}  {state:<14} {shown or '-'}"
+            f"{'default' if quota is None else f'{float(quota):g}':>10}  {state:<14} {shown}"
         )
     if not projects:
         lines.append("(no projects: create one with `streamapp project create ID`)")

@@ -75,13 +75,31 @@ class Settings:
     web_host: str = _doc("Bind address of the worker web server", default="127.0.0.1")
     web_port: int = _doc("Port of the worker web server", default=6066)
     admin_token: str = _doc("Bearer token for /admin endpoints; empty disables them", default="")
-    read_token: str = _doc("Optional bearer token for read views; empty = open", default="")
+    read_token: str = _doc(
+        "Bearer token for read views (header or dashboard cookie, never a URL); required when web_host is "
+        "not loopback, optional (empty = open) on a loopback bind",
+        default="",
+    )
+    peer_token: str = _doc(
+        "Token workers send each other on view fan-out; empty = derived from the read token", default=""
+    )
     api_max_inflight: int = _doc("In-flight Kafka produce requests before the API answers 503", default=256)
     api_max_body_bytes: int = _doc("Largest HTTP request body", default=10 * 1024 * 1024)
     api_produce_timeout_seconds: float = _doc("Produce wait before the API answers 503", default=5.0)
     trusted_proxies: str = _doc(
         "Comma-separated addresses/CIDRs of our own proxies: only their X-Forwarded-For sets ${keen.ip}",
         default="",
+    )
+    api_max_batch_events: int = _doc("Most events in one batch request; more is a 413 (nothing written)", default=5000)
+    api_max_batch_collections: int = _doc(
+        "Most collections in one batch request; more is a 413 (nothing written)", default=100
+    )
+    api_body_read_timeout_seconds: float = _doc(
+        "Deadline to receive a whole request body; a slower client gets 408", default=10.0
+    )
+    api_max_body_bytes_in_flight: int = _doc(
+        "Request-body bytes all requests may be reading at once (declared or received); beyond: 503",
+        default=64 * 1024 * 1024,
     )
     # --- worker ---
     rebalance_timeout_seconds: float = _doc(
@@ -129,6 +147,9 @@ class Settings:
             "max_event_bytes",
             "s3_upload_concurrency",
             "api_max_inflight",
+            "api_max_batch_events",
+            "api_max_batch_collections",
+            "api_max_body_bytes_in_flight",
             "web_port",
             "max_object_bytes",
             "burst_horizon_seconds",
@@ -149,6 +170,18 @@ class Settings:
             parse_trusted_proxies(self.trusted_proxies)
         except ValueError as exc:
             need(False, "trusted_proxies", f"must be comma-separated IP addresses or CIDR networks ({exc})")
+        need(self.api_body_read_timeout_seconds > 0, "api_body_read_timeout_seconds", "must be > 0")
+        need(
+            self.api_max_body_bytes_in_flight >= self.api_max_body_bytes,
+            "api_max_body_bytes_in_flight",
+            "must be >= STREAMAPP_API_MAX_BODY_BYTES (one largest body must fit)",
+        )
+        need(
+            bool(self.read_token) or is_loopback(self.web_host),
+            "read_token",
+            f"must be set when STREAMAPP_WEB_HOST={self.web_host!r} is not a loopback address "
+            "(127.0.0.1, ::1, localhost): read views are not served open to a network",
+        )
 
     @property
     def broker_url(self) -> str:
@@ -165,6 +198,15 @@ class Settings:
         for f in fields(Settings):
             rows.append((ENV_PREFIX + f.name.upper(), repr(f.default), f.metadata.get("doc", "")))
         return rows
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost", "[::1]"})
+
+
+def is_loopback(host: str) -> bool:
+    """True when a bind address only accepts connections from this machine."""
+    host = host.strip().lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def _parse(name: str, raw: str, type_name: Any) -> Any:

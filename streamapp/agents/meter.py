@@ -6,7 +6,6 @@ and never commits: the sink does, once events are in S3. See ``streamapp.meter``
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +15,7 @@ from faust.types import StreamT
 from streamapp.meter import Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.rates import declare_tables
+from streamapp.web.views import read_allowed, token_in_url
 
 if TYPE_CHECKING:
     from streamapp.app import StreamappApp
@@ -75,11 +75,9 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     @app.page("/_meter/")
     async def meter_debug(self: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         """Internal: the meter's state on this worker (the operator views are /rates/, /shed/)."""
-        token = runtime.settings.read_token or runtime.settings.admin_token
-        if token:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return self.json({"error": "unauthorized"}, status=401)
+        settings = runtime.settings  # the read token (or peer token), never the admin token
+        if token_in_url(request) or not read_allowed(request, settings.read_token, settings.peer_token):
+            return self.json({"error": "unauthorized"}, status=401)
         body: dict[str, Any] = {
             **meter.status(),
             "top": meter.top(1000),

@@ -50,11 +50,19 @@ class TokenBucket:
             self.tokens = max(0.0, self.tokens - k)
         return k
 
+    def charge(self, now: float, n: int) -> None:
+        """Take ``n`` tokens now even when fewer are stored: the bucket goes into debt (negative
+        tokens), which later refills must pay back before anything else is admitted."""
+        self._refill(now)
+        if n > 0:
+            self.tokens -= n
+
     def wait_time(self, now: float, n: int = 1) -> float:
         """Seconds until ``n`` tokens are available (0.0 if they are now).
 
         ``n`` above ``capacity`` is clamped to it (the most one call can ever
-        get); ``inf`` when the rate is 0 and the tokens are short.
+        get); ``inf`` when the rate is 0 and the tokens are short. A bucket in debt
+        (see :meth:`charge`) waits for the debt too.
         """
         need = min(float(n), self.capacity) - self._level(now)
         if need <= _EPS:

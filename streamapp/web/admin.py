@@ -1,8 +1,13 @@
 """Admin API: projects, write keys, quotas and manual shed overrides (``Authorization: Bearer $STREAMAPP_ADMIN_TOKEN``).
 
 * ``POST /admin/projects`` ``{"project_id", "s3_streaming"?, "quota_eps"?, ...}``
-  -> 201 ``{"project_id", "write_key", ...}``
-* ``GET /admin/projects`` -> ``{"projects": [...]}``; ``GET /admin/projects/{id}``
+  -> 201 ``{"project_id", "write_key", ...}``: the only time the key is shown (only its SHA-256
+  goes to the control topic)
+* ``GET /admin/projects`` -> ``{"projects": [...]}``; ``GET /admin/projects/{id}`` (never a key
+  nor its hash: ``has_key`` and the rotation grace end only)
+* ``POST /admin/projects/{id}/key`` ``{"grace_seconds"?}`` -> ``{"write_key", ...}``: rotate; the
+  old key stays valid for the grace period (default ``DEFAULT_GRACE_SECONDS``, 0 = at once)
+* ``DELETE /admin/projects/{id}/key``: revoke; no key is valid until the next rotation
 * ``PUT /admin/projects/{id}/quota`` ``{"quota_eps"?, "quota_bps"?, "burst"?, "shed_mode"?}`` (null = default)
 * ``POST /admin/projects/{id}/shed`` ``{"reason", "mode"?}``: manual shed override
 * ``DELETE /admin/projects/{id}/shed`` ``{"reason"}``: manual unshed override
@@ -29,9 +34,20 @@ import aiohttp
 import faust
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from streamapp.contract import is_valid_name, name_rule, preview
-from streamapp.control import ProjectSettings, new_write_key, override_record, project_record, quota_record
+from streamapp.control import (
+    SECRET_KEY_FIELDS,
+    ProjectSettings,
+    hash_key,
+    key_record,
+    new_write_key,
+    override_record,
+    project_record,
+    quota_record,
+)
 from streamapp.metering.shed import MODES
 from streamapp.runtime import Runtime
 from streamapp.web import keen
@@ -41,7 +57,10 @@ VIEW_WAIT_SECONDS = 2.0
 CONTROL_START_WAIT_SECONDS = 30.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
 MAX_ADMIN_BODY = 64 * 1024
+BODY_TIMEOUT_SECONDS = 10.0
 QUOTA_FIELDS = ("quota_eps", "quota_bps", "burst")
+DEFAULT_GRACE_SECONDS = 24 * 3600.0
+MAX_GRACE_SECONDS = 30 * 24 * 3600.0
 
 
 class AdminApi:
@@ -65,11 +84,19 @@ class AdminApi:
             raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
         chunks: list[bytes] = []
         size = 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > MAX_ADMIN_BODY:
-                raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > MAX_ADMIN_BODY:
+                        raise ApiError(
+                            413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
+                        )
+                    chunks.append(chunk)
+        except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:  # e.g. broken gzip
+            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be read: {exc}") from None
+        except TimeoutError:
+            raise ApiError(408, keen.REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
         raw = b"".join(chunks)
         if not raw.strip() and not required:
             return {}
@@ -95,8 +122,13 @@ class AdminApi:
         return True
 
     def describe(self, project: ProjectSettings) -> dict[str, Any]:
+        """A project for an admin answer: no key and no key hash, only whether one is set."""
+        settings = {k: v for k, v in asdict(project).items() if k not in SECRET_KEY_FIELDS}
+        expires = project.previous_key_expires_at if project.previous_key_hash else None
         return {
-            **asdict(project),
+            **settings,
+            "has_key": bool(project.key_hash),
+            "previous_key_expires_at": expires,
             "shed_state": self.view.shed_states.get(project.project_id),
             "override": self.view.overrides.get(project.project_id),
         }
@@ -122,25 +154,67 @@ class AdminApi:
         if not isinstance(bucket, str) or (prefix is not None and not isinstance(prefix, str)):
             raise ApiError(400, "InvalidParameterError", "bucket and prefix must be strings")
         existing = self.view.projects.get(project_id)
-        if existing is not None and existing.write_key:
-            raise ApiError(409, "ProjectExistsError", f"project {project_id!r} already exists")
+        if existing is not None and (existing.key_hash or existing.previous_key_hash or existing.key_revoked_at):
+            raise ApiError(
+                409,
+                "ProjectExistsError",
+                f"project {project_id!r} already exists (a new key: POST /admin/projects/{project_id}/key)",
+            )
         # A project known only from a quota record (no write key yet) keeps its quota unless given.
         base = asdict(existing) if existing is not None else {}
         base.update(project_id=project_id, s3_streaming=s3_streaming, bucket=bucket, prefix=prefix)
         base.update(quota)
-        base["write_key"] = key = new_write_key()
+        key = new_write_key()
+        base.update(key_hash=hash_key(key), previous_key_hash="", previous_key_expires_at=None, key_revoked_at=None)
         base["created_at"] = time.time()
         project = ProjectSettings(**base)
 
         def visible() -> bool:
             current = self.view.projects.get(project_id)
-            return current is not None and current.write_key == key
+            return current is not None and current.key_hash == project.key_hash
 
         replicated = await self.publish(project_record(project), visible)
         current = self.view.projects.get(project_id)
-        if replicated is False and current is not None and current.write_key and current.write_key != key:
+        if replicated is False and current is not None and current.key_hash and current.key_hash != project.key_hash:
             raise ApiError(409, "ProjectExistsError", f"project {project_id!r} was created concurrently")
-        return 201, {**self.describe(project), "replicated": replicated}
+        return 201, {**self.describe(project), "write_key": key, "replicated": replicated}
+
+    async def rotate_key(self, request: web.Request, project_id: str) -> dict[str, Any]:
+        """A new write key (shown once); the current one stays valid for ``grace_seconds``."""
+        project = self.known(project_id)
+        doc = await self.body(request, required=False)
+        grace = doc.get("grace_seconds", DEFAULT_GRACE_SECONDS)
+        if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= MAX_GRACE_SECONDS:
+            raise ApiError(400, "InvalidParameterError", f"grace_seconds must be a number in 0..{MAX_GRACE_SECONDS:g}")
+        key = new_write_key()
+        new_hash = hash_key(key)
+        old_hash = project.key_hash if grace > 0 else ""
+        record = key_record(project_id, new_hash, old_hash, time.time() + grace if old_hash else None)
+        replicated = await self.publish(record, lambda: self.key_hash_is(project_id, new_hash))
+        expires = record["previous_key_expires_at"]
+        return {
+            "project_id": project_id,
+            "write_key": key,
+            "previous_key_expires_at": expires,
+            "replicated": replicated,
+        }
+
+    async def revoke_key(self, project_id: str) -> dict[str, Any]:
+        """No key of the project is valid any more (the current one and one in its grace period)."""
+        self.known(project_id)
+        record = key_record(project_id, "")
+        replicated = await self.publish(record, lambda: self.key_hash_is(project_id, ""))
+        return {"project_id": project_id, "revoked": True, "replicated": replicated}
+
+    def known(self, project_id: str) -> ProjectSettings:
+        project = self.view.projects.get(self.project_id(project_id))
+        if project is None:
+            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
+        return project
+
+    def key_hash_is(self, project_id: str, key_hash: str) -> bool:
+        current = self.view.projects.get(project_id)
+        return current is not None and current.key_hash == key_hash and (key_hash or not current.previous_key_hash)
 
     def list(self) -> dict[str, Any]:
         return {"projects": [self.describe(p) for _, p in sorted(self.view.projects.items())]}
@@ -281,6 +355,14 @@ def register_admin(app: faust.App, runtime: Runtime) -> AdminApi:
     class AdminProject(faust.web.View):
         async def get(self, request: web.Request, project_id: str) -> web.Response:
             return await _guard(admin, request, lambda: admin.get(project_id))
+
+    @app.page("/admin/projects/{project_id}/key")
+    class AdminKey(faust.web.View):
+        async def post(self, request: web.Request, project_id: str) -> web.Response:
+            return await _guard(admin, request, lambda: admin.rotate_key(request, project_id))
+
+        async def delete(self, request: web.Request, project_id: str) -> web.Response:
+            return await _guard(admin, request, lambda: admin.revoke_key(project_id))
 
     @app.page("/admin/projects/{project_id}/quota")
     class AdminQuota(faust.web.View):

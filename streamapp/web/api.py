@@ -13,15 +13,24 @@ are filled here (see :mod:`streamapp.enrichment`).
 
 Checks, cheapest first; everything up to the body read is a pure in-memory decision:
 
-1. control plane caught up (else 503), project known (404), write key (401, constant time),
-   collection name (400);
+1. control plane caught up (else 503); write key present and valid for a known project (401,
+   the same answer for an unknown project and a wrong key, so ids cannot be enumerated; keys are
+   compared as SHA-256 hashes in constant time), collection name (400);
 2. shed project: the replicated shed state (or an operator "shed" override) and a local
-   per-project token bucket of ``limit_eps`` tokens/s (per worker) -> 429 + Retry-After;
+   per-project token bucket of ``limit_eps`` tokens/s (per worker): a request of n events costs n
+   tokens, the bucket may go into debt, and while it holds no token -> 429 + a Retry-After that
+   covers the debt;
 3. Kafka back-pressure: at most ``api_max_inflight`` requests wait on Kafka acks; none more is
    admitted while no ack has arrived for ``STALL_SECONDS``, and after a failed write only one
    request at a time probes Kafka until a write succeeds -> 503 + Retry-After at once;
-4. body: over ``api_max_body_bytes`` -> 413; not JSON / not an object / bad event -> 400
-   (batch: bad events are reported per event, the good ones are written);
+4. body: a share of ``api_max_body_bytes_in_flight`` (else 503), read within
+   ``api_body_read_timeout_seconds`` (else 408), over ``api_max_body_bytes`` (after gzip/deflate
+   decompression too) -> 413; more than ``api_max_batch_events`` events or
+   ``api_max_batch_collections`` collections -> 413; not JSON / not an object / bad event -> 400
+   (batch: bad events are reported per event, a bad collection name once, the good ones are
+   written). Bodies over ``INLINE_PLAN_BYTES`` (or with over ``INLINE_PLAN_OBJECTS`` objects) are
+   parsed and encoded in a separate process, so a hostile body never holds the event loop (nor
+   its GIL);
 5. produce (dedicated producer, acks=all) and answer only after Kafka acknowledged; no ack
    within ``api_produce_timeout_seconds`` -> 503 (the client retries: at-least-once).
 """
@@ -31,20 +40,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import time
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import faust
-import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from streamapp import enrichment
 from streamapp.contract import is_valid_name, name_rule, preview
-from streamapp.control import ProjectSettings
+from streamapp.control import ProjectSettings, key_matches
 from streamapp.metering.bucket import TokenBucket
 from streamapp.runtime import Runtime
 from streamapp.web import keen
@@ -58,12 +71,47 @@ STALL_SECONDS = 1.0
 #: How long a request may wait for the API producer to finish starting (only right after start).
 START_WAIT_SECONDS = 2.0
 SERVER_TIME_HEADER = "X-Streamapp-Server-Ms"
-CREATED = b'{"created":true}'
+CREATED = keen.CREATED
+#: Bodies up to this size are planned on the event loop (well under a millisecond); bigger ones go
+#: to the parse process. 64 KiB of the worst JSON (``{},`` repeated) is ~20k objects, a few ms.
+INLINE_PLAN_BYTES = 64 * 1024
+#: ... and with at most this many '{' (an upper bound of its events): enriching and encoding 5,000
+#: tiny events (a 15 KB body) takes ~10 ms, 1,000 a couple.
+INLINE_PLAN_OBJECTS = 1000
+#: Bodies up to this size may use headroom above ``api_max_body_bytes_in_flight`` (1/8 of it), so
+#: big or slow bodies filling the budget never refuse an ordinary small write.
+SMALL_BODY_BYTES = 64 * 1024
+#: Content encodings aiohttp decompresses for us (its decompressor works in bounded chunks).
+ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+#: Past its first 256 KiB, a compressed body may not expand more than this: decompression is CPU on
+#: the event loop, and a 20 KB gzip bomb would otherwise buy 10 MiB of it (JSON compresses ~5-20x).
+MAX_COMPRESSION_RATIO = 50
+COMPRESSION_RATIO_FREE_BYTES = 256 * 1024
 #: On every answer of the write routes (errors too), so a browser SDK can read the error.
 CORS_ANSWER_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "Retry-After, " + SERVER_TIME_HEADER,
 }
+
+
+class BodyBudget:
+    """Bytes of request bodies being read (and planned) at once: slow or huge bodies cannot pin
+    ``N x api_max_body_bytes`` of memory; small bodies have a reserved headroom so they pass anyway."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.headroom = limit // 8
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        cap = self.limit + (self.headroom if n <= SMALL_BODY_BYTES else 0)
+        if self.used + n > cap:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
 
 
 class IngestApi:
@@ -85,6 +133,14 @@ class IngestApi:
         self.failing = False  # the last write timed out or failed, and none succeeded since
         self.buckets: dict[str, TokenBucket] = {}
         self.trusted_proxies = enrichment.parse_trusted_proxies(settings.trusted_proxies)
+        self.budget = BodyBudget(settings.api_max_body_bytes_in_flight)
+        self.limits = keen.RequestLimits(
+            max_event_bytes=settings.max_event_bytes,
+            max_record_bytes=settings.max_record_bytes,
+            max_batch_events=settings.api_max_batch_events,
+            max_batch_collections=settings.api_max_batch_collections,
+        )
+        self.parser: ProcessPoolExecutor | None = None
         registry = runtime.metrics.registry
         self.m_requests = Counter(
             "streamapp_api_requests", "API requests by endpoint and status", ["endpoint", "status"], registry=registry
@@ -117,29 +173,44 @@ class IngestApi:
             self.producer = producer
         self.started.set()
         log.info("API producer started (acks=all, max in-flight %s)", self.max_inflight)
+        self.parser = self.new_parser()
+        with contextlib.suppress(Exception):  # warm it up: the first big body should not wait for a spawn
+            await asyncio.get_running_loop().run_in_executor(self.parser, keen.warm_up)
+
+    @staticmethod
+    def new_parser() -> ProcessPoolExecutor:
+        # "spawn": the worker has threads (Kafka clients, RocksDB) that fork would copy half-way.
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=keen.parse_process_init
+        )
 
     async def stop(self) -> None:
         producer, self.producer = self.producer, None
         self.started.clear()
+        parser, self.parser = self.parser, None
+        if parser is not None:
+            parser.shutdown(wait=False, cancel_futures=True)
         if producer is not None:
             await producer.stop()
 
     # ----------------------------------------------------------------- checks
     def project(self, request: web.Request, project_id: str) -> ProjectSettings:
-        """404 / 401 / 503 checks; the project's settings when the write key matches."""
+        """503 / 401 checks; the project's settings when the write key is valid for it.
+
+        An unknown project and a wrong key get the same 401 (and the same hash-and-compare work),
+        so a caller cannot tell which project ids exist.
+        """
         if not self.control.caught_up.is_set():
             raise keen.unavailable("the control plane is still loading project settings")
         if not is_valid_name(project_id):  # e.g. "_manifests": reserved, whatever the control view holds
             raise ApiError(
                 400, keen.INVALID_PROJECT_ID, f"bad project id {preview(project_id)}: {name_rule(project_id)}"
             )
-        project = self.control.view.projects.get(project_id)
-        if project is None:
-            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
         provided = keen.write_key_from(request.headers.get("Authorization"), request.query.get("api_key"))
         if provided is None:
             raise ApiError(401, keen.INVALID_API_KEY, "a write key is required (Authorization header or api_key)")
-        if not keen.keys_match(provided, project.write_key):
+        project = self.control.view.projects.get(project_id)
+        if not key_matches(project, provided, time.time()) or project is None:
             raise ApiError(401, keen.INVALID_API_KEY, "the write key is not valid for this project")
         return project
 
@@ -183,25 +254,104 @@ class IngestApi:
             if time.monotonic() - self._last_progress > self.stall_seconds:
                 raise keen.unavailable(f"Kafka has not acknowledged a write for over {self.stall_seconds:g}s; retry")
 
-    async def read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> tuple[bytes, int]:
+        """The (decompressed) body and the bytes it holds of the budget; the caller releases them.
+
+        Refusals cost nothing else: 413 over the size limit (declared, received or decompressed),
+        503 when the in-flight budget is full, 408 past the read deadline, 415 for an encoding
+        aiohttp does not decompress for us.
+        """
         limit = self.settings.api_max_body_bytes
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ACCEPTED_ENCODINGS:
+            raise ApiError(415, keen.UNSUPPORTED_ENCODING, "Content-Encoding must be gzip, deflate or identity")
         length = request.content_length
         if length is not None and length > limit:
             raise ApiError(413, keen.TOO_LARGE, f"request body of {length} bytes is over the {limit} byte limit")
-        content = request.content
-        if length is not None:
-            try:
-                return await content.readexactly(length)
-            except asyncio.IncompleteReadError:
-                raise ApiError(400, keen.INVALID_JSON, "request body is shorter than its Content-Length") from None
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await content.readany():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, keen.TOO_LARGE, f"request body is over the {limit} byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        # Content-Length is the size on the wire: the decompressed body is counted as it arrives.
+        declared = length if length is not None and encoding in ("", "identity") else None
+        reserved = 0
+        if declared is not None:
+            if not self.budget.reserve(declared):
+                raise keen.unavailable("too many request bodies are being received at once; retry")
+            reserved = declared
+        # A body already received whole (the common case of a small write) cannot stall: no timer.
+        deadline: contextlib.AbstractAsyncContextManager[object] = (
+            contextlib.nullcontext()
+            if request.content.is_eof()
+            else asyncio.timeout(self.settings.api_body_read_timeout_seconds)
+        )
+        try:
+            async with deadline:
+                if declared is not None:
+                    try:
+                        return await request.content.readexactly(declared), reserved
+                    except asyncio.IncompleteReadError:
+                        raise ApiError(
+                            400, keen.INVALID_JSON, "request body is shorter than its Content-Length"
+                        ) from None
+                chunks: list[bytes] = []
+                content = request.content
+                while chunk := await content.readany():
+                    if reserved + len(chunk) > limit:
+                        raise ApiError(413, keen.TOO_LARGE, f"request body is over the {limit} byte limit")
+                    wire = content.total_compressed_bytes
+                    if wire and reserved > COMPRESSION_RATIO_FREE_BYTES and reserved > MAX_COMPRESSION_RATIO * wire:
+                        raise ApiError(
+                            413,
+                            keen.TOO_LARGE,
+                            f"request body expands more than {MAX_COMPRESSION_RATIO}x when decompressed; "
+                            "send it uncompressed or in smaller batches",
+                        )
+                    if not self.budget.reserve(len(chunk)):
+                        raise keen.unavailable("too many request bodies are being received at once; retry")
+                    reserved += len(chunk)
+                    chunks.append(chunk)
+                return b"".join(chunks), reserved
+        except TimeoutError:
+            self.budget.release(reserved)
+            raise ApiError(
+                408,
+                keen.REQUEST_TIMEOUT,
+                f"request body not received within {self.settings.api_body_read_timeout_seconds:g}s",
+                headers={"Connection": "close"},
+            ) from None
+        except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. a body that is not valid gzip
+            self.budget.release(reserved)
+            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be decoded: {exc}") from None
+        except ConnectionResetError:
+            # The client went away mid-body: nobody reads this answer, but it is no server error.
+            self.budget.release(reserved)
+            raise ApiError(400, keen.INVALID_JSON, "the connection was closed before the body was complete") from None
+        except BaseException:
+            self.budget.release(reserved)
+            raise
+
+    async def plan(
+        self, body: bytes, project_id: str, collection: str | None, placeholders: tuple[str, str] | None = None
+    ) -> keen.PlannedRequest:
+        """:func:`keen.plan_request` on the loop for small bodies, in the parse process for big ones."""
+        clock_ms = int(time.time() * 1000)
+        parser = self.parser
+        size = len(body)
+        # (a body of up to 2 x INLINE_PLAN_OBJECTS bytes cannot hold more objects: no need to count)
+        if (
+            parser is None
+            or size <= 2 * INLINE_PLAN_OBJECTS
+            or (size <= INLINE_PLAN_BYTES and body.count(b"{") <= INLINE_PLAN_OBJECTS)
+        ):
+            return keen.plan_request(body, project_id, collection, clock_ms, self.limits, placeholders)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                parser, keen.plan_request, body, project_id, collection, clock_ms, self.limits, placeholders
+            )
+        except BrokenProcessPool:
+            # The parse process died (e.g. killed for memory): replace it, the client retries.
+            if self.parser is parser:
+                self.parser = self.new_parser()
+                parser.shutdown(wait=False, cancel_futures=True)
+            raise keen.unavailable("the request parser restarted; retry") from None
 
     # ----------------------------------------------------------------- produce
     async def produce(self, project_id: str, records: list[bytes]) -> None:
@@ -249,72 +399,62 @@ class IngestApi:
         self, request: web.Request, project_id: str, collection: str, body: bytes | None = None
     ) -> web.Response:
         """One event; ``body`` is given by the image beacon (GET), else read from the request."""
-        started = time.perf_counter()
-        try:
-            project = self.project(request, project_id)
-            keen.check_collection(collection)
-            now = time.monotonic()
-            shed = self.shed_bucket(project_id, project, now)
-            if shed is not None and not keen.can_admit_any(shed[1], now):
-                raise keen.shed_error(project_id, shed[0])
-            self.check_capacity()
-            raw = await self.read_body(request) if body is None else body
-            event = self.fill_placeholders(request, raw, keen.parse_object(raw))
-            clock = keen.Clock.at(time.time())
-            settings = self.settings
-            limit = keen.max_event_bytes_for(
-                project_id, collection, settings.max_event_bytes, settings.max_record_bytes
-            )
-            try:
-                data = keen.encode_event(event, clock, limit)
-            except keen.EventRejected as exc:
-                raise ApiError(400, exc.name, exc.description) from None
-            if shed is not None and not keen.admit(shed[1], time.monotonic(), 1):
-                raise keen.shed_error(project_id, shed[0])
-            await self.produce(
-                project_id, keen.build_records(project_id, collection, [data], settings.max_record_bytes)
-            )
-        except ApiError as exc:
-            return self.respond("event", exc.status, exc.body(), started, exc.headers)
-        self.m_events.inc()
-        return self.respond("event", 201, CREATED, started)
+        return await self.record(request, "event", project_id, collection, body)
 
     async def record_batch(self, request: web.Request, project_id: str) -> web.Response:
+        return await self.record(request, "batch", project_id, None)
+
+    async def record(
+        self,
+        request: web.Request,
+        endpoint: str,
+        project_id: str,
+        collection: str | None,
+        given_body: bytes | None = None,
+    ) -> web.Response:
+        """Both write endpoints: checks cheapest first, then body, plan, admission, produce.
+
+        ``given_body``: the image beacon's event (from its query string), else the request body is read.
+        """
         started = time.perf_counter()
+        reserved = 0
         try:
             project = self.project(request, project_id)
+            if collection is not None:
+                keen.check_collection(collection)
             now = time.monotonic()
             shed = self.shed_bucket(project_id, project, now)
             if shed is not None and not keen.can_admit_any(shed[1], now):
-                raise keen.shed_error(project_id, shed[0])
+                raise keen.shed_error(project_id, shed[0], keen.retry_after_for(shed[1], now, shed[0]))
             self.check_capacity()
-            raw = await self.read_body(request)
-            doc = self.fill_placeholders(request, raw, keen.parse_object(raw))
-            count = keen.check_batch(doc)
-            if shed is not None and count and not keen.admit(shed[1], time.monotonic(), count):
-                raise keen.shed_error(project_id, shed[0])
-            settings = self.settings
-            plans = keen.plan_batch(
-                project_id,
-                doc,
-                keen.Clock.at(time.time()),
-                max_event_bytes=settings.max_event_bytes,
-                max_record_bytes=settings.max_record_bytes,
-            )
-            records = [record for plan in plans for record in plan.records]
-            await self.produce(project_id, records)
+            if given_body is None:
+                body, reserved = await self.read_body(request)
+            else:
+                body = given_body
+            planned = await self.plan(body, project_id, collection, self.placeholders(request, body))
+            del body
+            if shed is not None:
+                now = time.monotonic()
+                if not keen.admit(shed[1], now, planned.events):
+                    raise keen.shed_error(project_id, shed[0], keen.retry_after_for(shed[1], now, shed[0]))
+            await self.produce(project_id, planned.records)
         except ApiError as exc:
-            return self.respond("batch", exc.status, exc.body(), started, exc.headers)
-        self.m_events.inc(sum(plan.accepted for plan in plans))
-        return self.respond("batch", 200, orjson.dumps(keen.batch_response(plans)), started)
+            response = self.respond(endpoint, exc.status, exc.body(), started, exc.headers)
+            if request.headers.get("Content-Encoding") and not request.content.is_eof():
+                skip_lingering(request, response)
+            return response
+        finally:
+            self.budget.release(reserved)
+        self.m_events.inc(planned.accepted)
+        return self.respond(endpoint, 201 if collection is not None else 200, planned.body, started)
 
-    def fill_placeholders(self, request: web.Request, raw: bytes, doc: dict[str, Any]) -> dict[str, Any]:
-        """``${keen.ip}`` / ``${keen.user_agent}`` -> this request's client address and User-Agent
-        (a byte search first: bodies without placeholders are not walked)."""
-        if enrichment.PLACEHOLDER_MARK in raw:
-            ip = enrichment.client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies)
-            enrichment.fill_placeholders(doc, ip, request.headers.get("User-Agent", ""))
-        return doc
+    def placeholders(self, request: web.Request, raw: bytes) -> tuple[str, str] | None:
+        """What ``${keen.ip}`` / ``${keen.user_agent}`` stand for in this request (client address,
+        User-Agent); None when the body has none (a byte search: such bodies are not walked)."""
+        if enrichment.PLACEHOLDER_MARK not in raw:
+            return None
+        ip = enrichment.client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted_proxies)
+        return ip, request.headers.get("User-Agent", "")
 
     async def record_pixel(self, request: web.Request, project_id: str, collection: str) -> web.Response:
         """The image beacon: ``GET ...?api_key=&data=<URL-encoded base64 of the event JSON>`` ->
@@ -343,6 +483,21 @@ class IngestApi:
             out.update(headers)
         self.m_requests.labels(endpoint, str(status)).inc()
         return web.Response(body=body, status=status, content_type="application/json", headers=out)
+
+
+def skip_lingering(request: web.Request, response: web.Response) -> None:
+    """Close the connection after this answer instead of reading the unread (compressed) body.
+
+    aiohttp would otherwise read and inflate what is left of a refused body for up to 10 s to keep
+    the connection alive: a 20 KB gzip bomb answered 429 or 413 would still cost 10 MiB of
+    inflating on the event loop. (A plain body is left to aiohttp: discarding bytes is cheap, and a
+    client still sending would see a reset instead of the answer.) The lingering time is per
+    connection, and this connection closes.
+    """
+    response.force_close()
+    protocol = request.protocol
+    if protocol is not None and hasattr(protocol, "_lingering_time"):
+        protocol._lingering_time = 0.0
 
 
 async def ensure_control_topic(runtime: Runtime) -> None:

@@ -1,13 +1,17 @@
 """``GET /``: the live dashboard, one self-contained HTML page (inline CSS, vanilla JS, SVG sparklines).
 
 The page holds no data: its script polls ``/rates/?series=60``, ``/shed/`` and ``/sink/`` every
-second (``?interval=`` ms to change), so the page itself needs no token; when a read token is
-set, open it as ``/?token=<read token>`` and the script sends it as a bearer token.
+second (``?interval=`` ms to change), so the page itself needs no token. When a read token is
+set, the page asks for it (or takes it from ``/#token=...``: a fragment never reaches a server,
+and the script removes it from the address bar at once) and trades it at
+``POST /dashboard/session`` (token in the ``Authorization`` header) for an HttpOnly, SameSite=Strict
+cookie whose value is derived from the token; the views accept that cookie.
 No CDN, no build step: the worker may have no internet access.
 """
 
 from __future__ import annotations
 
+import hmac
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -18,6 +22,8 @@ from faust.web import Request, Response, View
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
     from streamapp.web.views import Views
+
+SESSION_SECONDS = 12 * 3600
 
 
 @cache
@@ -32,3 +38,32 @@ def register_dashboard(app: faust.App, runtime: Runtime, views: Views) -> None:
     class Dashboard(View):
         async def get(self, request: Request) -> Response:
             return self.html(dashboard_html(), headers={"Cache-Control": "no-store"})
+
+    @app.page("/dashboard/session")
+    class DashboardSession(View):
+        async def post(self, request: Request) -> Response:
+            from streamapp.web.views import READ_COOKIE, request_token, session_cookie_value
+
+            read_token = runtime.settings.read_token
+            if not read_token:
+                return self.json({"session": "not needed: read views are open on this loopback worker"})
+            # Only the read token itself opens a session (not a cookie, not the peer token).
+            if not hmac.compare_digest(request_token(request).encode(), read_token.encode()):
+                return self.json({"error": "unauthorized: send Authorization: Bearer <read token>"}, status=401)
+            response = self.json({"session": "ok"})
+            response.set_cookie(
+                READ_COOKIE,
+                session_cookie_value(read_token),
+                max_age=SESSION_SECONDS,
+                path="/",
+                httponly=True,
+                samesite="Strict",
+            )
+            return response
+
+        async def delete(self, request: Request) -> Response:
+            from streamapp.web.views import READ_COOKIE
+
+            response = self.json({"session": "ended"})
+            response.del_cookie(READ_COOKIE, path="/")
+            return response

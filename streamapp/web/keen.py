@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import math
 import os
@@ -33,7 +34,7 @@ from streamapp.contract import (
     parse_iso_seconds,
     preview,
 )
-from streamapp.enrichment import AddonError, check_event_addons
+from streamapp.enrichment import AddonError, check_event_addons, fill_placeholders
 from streamapp.metering.bucket import TokenBucket
 from streamapp.metering.shed import ShedState, retry_after_seconds
 
@@ -62,6 +63,10 @@ class ApiError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.error_code, **self.extra)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in the parse process too (see plan_request): rebuild with all fields in the parent.
+        return (ApiError, (self.status, self.error_code, self.message), {"headers": self.headers, "extra": self.extra})
+
 
 def error_body(message: str, error_code: str, **extra: Any) -> bytes:
     return orjson.dumps({"message": message, "error_code": error_code, **extra})
@@ -78,6 +83,8 @@ TOO_LARGE = "RequestEntityTooLargeError"
 EVENT_TOO_LARGE = "EventTooLargeError"
 TOO_MANY_REQUESTS = "TooManyRequestsError"
 UNAVAILABLE = "ServiceUnavailableError"
+REQUEST_TIMEOUT = "RequestTimeoutError"
+UNSUPPORTED_ENCODING = "UnsupportedContentEncodingError"
 
 # --------------------------------------------------------------------------- auth
 
@@ -129,12 +136,17 @@ def check_collection(name: str) -> None:
         raise ApiError(400, INVALID_COLLECTION, f"bad collection name {preview(name)}: {name_rule(name)}")
 
 
-def check_batch(doc: dict[str, Any]) -> int:
+def check_batch(doc: dict[str, Any], max_events: int | None = None, max_collections: int | None = None) -> int:
     """Validate the shape of a batch body ``{collection: [event, ...]}``; return the number of events.
 
-    A value that is not a list makes the whole body malformed (400); bad collection names and bad
-    events are reported per event by :func:`plan_batch` instead.
+    A value that is not a list makes the whole body malformed (400); more than ``max_collections``
+    collections or ``max_events`` events is a 413 for the whole request (nothing is written); bad
+    collection names and bad events are reported by :func:`plan_batch` instead.
     """
+    if max_collections is not None and len(doc) > max_collections:
+        raise ApiError(
+            413, TOO_LARGE, f"batch of {len(doc)} collections is over the limit of {max_collections} per request"
+        )
     total = 0
     for name, events in doc.items():
         if not isinstance(events, list):
@@ -144,6 +156,8 @@ def check_batch(doc: dict[str, Any]) -> int:
                 f"batch body: the value of {name!r} is a JSON {type(events).__name__}, expected a list",
             )
         total += len(events)
+    if max_events is not None and total > max_events:
+        raise ApiError(413, TOO_LARGE, f"batch of {total} events is over the limit of {max_events} per request")
     return total
 
 
@@ -389,7 +403,8 @@ def plan_batch(
     """Validate, enrich and encode a batch body (already checked by :func:`check_batch`).
 
     Good events of a collection become one record (or several when over ``max_record_bytes``);
-    each bad event, and every event of a badly named collection, gets a failed result.
+    each bad event gets a failed result; a badly named collection gets ONE failed result (not one
+    per event: the answer must not grow with what the client repeated).
     """
     plans = []
     for collection, events in doc.items():
@@ -398,7 +413,7 @@ def plan_batch(
             rejected = EventRejected(
                 INVALID_COLLECTION, f"bad collection name {preview(collection)}: {name_rule(collection)}"
             )
-            plan.results = [rejected.result() for _ in events]
+            plan.results = [rejected.result()]
             plans.append(plan)
             continue
         limit = max_event_bytes_for(project_id, collection, max_event_bytes, max_record_bytes)
@@ -423,6 +438,83 @@ def batch_response(plans: list[CollectionPlan]) -> dict[str, list[dict[str, Any]
     for plan in plans:
         out.setdefault(plan.collection, []).extend(plan.results)
     return out
+
+
+# --------------------------------------------------------------------------- whole requests
+
+
+CREATED = b'{"created":true}'
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The per-request limits :func:`plan_request` applies (from Settings)."""
+
+    max_event_bytes: int
+    max_record_bytes: int
+    max_batch_events: int
+    max_batch_collections: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRequest:
+    """A validated request: the records to write, the answer body, its event count and how many were accepted."""
+
+    records: list[bytes]
+    body: bytes
+    events: int
+    accepted: int
+
+
+def plan_request(
+    body: bytes,
+    project_id: str,
+    collection: str | None,
+    clock_ms: int,
+    limits: RequestLimits,
+    placeholders: tuple[str, str] | None = None,
+) -> PlannedRequest:
+    """Parse, validate, enrich and encode one request body; ApiError when the whole request is refused.
+
+    ``collection`` None is the batch endpoint. ``placeholders``: (client address, User-Agent) for
+    ``${keen.ip}`` / ``${keen.user_agent}``, None when the body has none. Pure (time comes in as
+    ``clock_ms``), and only plain data in and out, so the API runs it in a separate process for big
+    bodies: parsing a hostile 10 MiB body takes seconds of CPU that must not hold the event loop.
+    """
+    doc = parse_object(body)
+    if placeholders is not None:
+        fill_placeholders(doc, *placeholders)
+    clock = Clock(clock_ms)
+    if collection is not None:
+        limit = max_event_bytes_for(project_id, collection, limits.max_event_bytes, limits.max_record_bytes)
+        try:
+            data = encode_event(doc, clock, limit)
+        except EventRejected as exc:
+            raise ApiError(400, exc.name, exc.description) from None
+        records = build_records(project_id, collection, [data], limits.max_record_bytes)
+        return PlannedRequest(records, CREATED, 1, 1)
+    count = check_batch(doc, limits.max_batch_events, limits.max_batch_collections)
+    plans = plan_batch(
+        project_id,
+        doc,
+        clock,
+        max_event_bytes=limits.max_event_bytes,
+        max_record_bytes=limits.max_record_bytes,
+    )
+    records = [record for plan in plans for record in plan.records]
+    answer = orjson.dumps(batch_response(plans))
+    return PlannedRequest(records, answer, count, sum(plan.accepted for plan in plans))
+
+
+def warm_up() -> None:
+    """Run once in the parse process at start: importing this module there is the slow part."""
+
+
+def parse_process_init() -> None:
+    """Initializer of the parse process: a lower CPU priority, so parsing a hostile body yields the
+    CPU to the worker's event loop (and its honest requests) rather than competing with it."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
 
 
 # --------------------------------------------------------------------------- admission
@@ -481,31 +573,47 @@ def shed_decision(
 
 
 def bucket_for(limit_eps: float) -> TokenBucket:
-    """The local bucket of a shed project: ``limit_eps`` tokens/s, at most one second's worth stored."""
-    return TokenBucket(rate=limit_eps, capacity=max(1.0, limit_eps))
+    """The local bucket of a shed project: ``limit_eps`` tokens/s and no stored burst (one token).
+
+    No burst on purpose: a shed project is over its quota already, and a stored second's worth
+    would let it pass ``limit x (T + 1)`` events in T seconds instead of ``limit x T`` plus one
+    request.
+    """
+    return TokenBucket(rate=limit_eps, capacity=1.0)
 
 
 def admit(bucket: TokenBucket, now: float, n: int) -> bool:
-    """Admit a whole request of ``n`` events or none of it.
+    """Admit a whole request of ``n`` events, charging ``n`` tokens, or refuse it and charge nothing.
 
-    A request larger than the bucket's capacity is admitted once the bucket is full (so a batch is
-    never starved forever); the overshoot is bounded by one request.
+    A request is admitted while the bucket holds a token; it then costs all its events, so the
+    bucket may go into debt and refuses everything until the refill has paid the debt back.
+    Over any span T the admitted events are at most ``rate x T`` plus one request, whatever
+    the batch sizes.
     """
-    need = max(1, min(n, int(bucket.capacity)))
-    if bucket.wait_time(now, need) > 0:
+    if bucket.wait_time(now, 1) > 0:
         bucket.take(now, 0)  # keep the time origin moving
         return False
-    bucket.take(now, need)
+    bucket.charge(now, max(1, n))
     return True
 
 
 def can_admit_any(bucket: TokenBucket, now: float) -> bool:
-    """Cheap pre-check before reading the body: is there at least one token?"""
+    """Cheap pre-check before reading the body: is there a token (no debt left)?"""
     return bucket.wait_time(now, 1) <= 0
 
 
-def shed_error(project_id: str, shed: Shed) -> ApiError:
-    """The 429 answer for a shed project's excess."""
+def retry_after_for(bucket: TokenBucket, now: float, shed: Shed) -> int:
+    """Retry-After seconds of a refused request: at least the time the bucket needs to pay its debt."""
+    wait = bucket.wait_time(now, 1)
+    if not math.isfinite(wait):
+        return shed.retry_after
+    return max(1, math.ceil(wait))
+
+
+def shed_error(project_id: str, shed: Shed, retry_after: int | None = None) -> ApiError:
+    """The 429 answer for a shed project's excess (``retry_after`` defaults to the shed's own)."""
+    if retry_after is not None:
+        shed = Shed(shed.limit_eps, shed.reason, retry_after)
     return ApiError(
         429,
         TOO_MANY_REQUESTS,

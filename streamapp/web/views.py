@@ -26,14 +26,20 @@ member, with its partitions), so nothing extra is published:
   ``"partial": true``. The shed list itself comes from the replicated control view, which
   every worker holds for all projects, so it is complete even when a peer is down.
 
-Security: when ``STREAMAPP_READ_TOKEN`` is set, every view here except ``/healthz`` and
-``/readyz`` needs ``Authorization: Bearer <token>`` (or ``?token=``); the admin token is
-accepted too. Faust's own ``/table/`` dumps are disabled in ``create_app``.
+Security: when ``STREAMAPP_READ_TOKEN`` is set (it must be on a non-loopback bind: Settings
+refuses to start otherwise), every view here except ``/healthz`` and ``/readyz`` needs
+``Authorization: Bearer <read token>`` or the dashboard's session cookie (set by
+``POST /dashboard/session`` with the read token in the header; its value is derived from the
+token, not the token). A token in the URL (``?token=``) is refused with 400: URLs end up in logs
+and histories. The admin token is not a read token. Peers never receive the caller's token:
+fan-out and forwarding send the peer token (``STREAMAPP_PEER_TOKEN``, else derived from the read
+token). Faust's own ``/table/`` dumps are disabled in ``create_app``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import time
@@ -67,27 +73,59 @@ class BadRequest(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- auth
+#: The dashboard's session cookie (HttpOnly, SameSite=Strict): a value derived from the read token.
+READ_COOKIE = "streamapp_read"
+#: Query parameters that would carry a credential in a URL: refused on read views.
+URL_TOKEN_PARAMS = ("token", "access_token", "read_token")
+
+
+def _derive(secret: str, purpose: bytes) -> str:
+    return hmac.new(secret.encode(), purpose, hashlib.sha256).hexdigest()
+
+
+def peer_token(read_token: str, configured: str = "") -> str:
+    """The token workers send each other: STREAMAPP_PEER_TOKEN, else derived from the read token
+    (every worker of a deployment has the same read token, so they derive the same one)."""
+    if configured:
+        return configured
+    return _derive(read_token, b"streamapp peer token v1") if read_token else ""
+
+
+def session_cookie_value(read_token: str) -> str:
+    """The dashboard cookie's value: derived, so the read token itself is not stored in the browser."""
+    return _derive(read_token, b"streamapp dashboard session v1")
+
+
 def request_token(request: Any) -> str:
-    """The bearer token of a request (``Authorization: Bearer`` header, else ``?token=``)."""
+    """The bearer token of a request: ``Authorization: Bearer`` only (never the URL)."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return str(request.query.get("token", ""))
+    return ""
 
 
-def read_allowed(request: Any, read_token: str, admin_token: str = "") -> bool:
-    """True when read views are open (no read token set) or the request carries the read or admin token."""
+def token_in_url(request: Any) -> bool:
+    return any(name in request.query for name in URL_TOKEN_PARAMS)
+
+
+def read_allowed(request: Any, read_token: str, configured_peer_token: str = "") -> bool:
+    """True when read views are open (no read token: loopback only) or the request carries the
+    read token, the peer token or the dashboard cookie. Constant-time comparisons."""
     if not read_token:
         return True
     given = request_token(request).encode()
-    if not given:
-        return False
-    return any(hmac.compare_digest(given, t.encode()) for t in (read_token, admin_token) if t)
+    if given:
+        peer = peer_token(read_token, configured_peer_token)
+        return any(hmac.compare_digest(given, t.encode()) for t in (read_token, peer) if t)
+    cookies = getattr(request, "cookies", None) or {}
+    cookie = str(cookies.get(READ_COOKIE, ""))
+    return bool(cookie) and hmac.compare_digest(cookie.encode(), session_cookie_value(read_token).encode())
 
 
-def forward_headers(request: Any) -> dict[str, str]:
-    token = request_token(request)
+def forward_headers(settings: Any) -> dict[str, str]:
+    """Headers of a request to a peer: the peer token, never anything the caller sent."""
+    token = peer_token(settings.read_token, settings.peer_token)
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -272,7 +310,7 @@ class Views:
         self, request: Any, path: str, params: Mapping[str, str], local: Callable[[], Awaitable[Any] | Any]
     ) -> tuple[list[Any], dict[str, str]]:
         """This worker's local answer plus every peer's ``?local=1`` answer; and per-worker status."""
-        headers = forward_headers(request)
+        headers = forward_headers(self.settings)
         peers = self.peers()
         query = {**params, "local": "1"}
         results = await asyncio.gather(
@@ -575,15 +613,20 @@ def _ident(url: str) -> tuple[str, int]:
 
 # ------------------------------------------------------------------------------------------ pages
 class ReadView(View):
-    """A view behind the optional read token."""
+    """A view behind the read token (required on non-loopback binds)."""
 
     views: Views  # set on the subclasses made by register_views
 
     async def dispatch(self, request: Any) -> Any:
         settings = self.views.settings
-        if not read_allowed(request, settings.read_token, settings.admin_token):
+        if token_in_url(request):
             return self.json(
-                {"error": "unauthorized: send Authorization: Bearer <read token> (or ?token=)"},
+                {"error": "tokens in URLs are refused (they end up in logs): send Authorization: Bearer <token>"},
+                status=400,
+            )
+        if not read_allowed(request, settings.read_token, settings.peer_token):
+            return self.json(
+                {"error": "unauthorized: send Authorization: Bearer <read token>"},
                 status=401,
                 headers={"WWW-Authenticate": 'Bearer realm="streamapp"'},
             )
@@ -644,7 +687,7 @@ def register_views(app: faust.App, runtime: Runtime) -> Views:
                         owner,
                         f"/rates/{project_id}/",
                         {"seconds": str(seconds), "local": "1"},
-                        forward_headers(request),
+                        forward_headers(views.settings),
                     )
                 except RuntimeError as exc:
                     if "HTTP 404" in str(exc):
