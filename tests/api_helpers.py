@@ -131,6 +131,7 @@ def module_worker(
         "web_port": free_port(),
         "data_dir": log_dir / f"{name}-data",
         "admin_token": ADMIN_TOKEN,
+        "control_secret": f"{name}-control-secret",
         "window_seconds": 2,
         "allowed_lateness_seconds": 1,
         "idle_flush_seconds": 1,

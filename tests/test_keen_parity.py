@@ -138,7 +138,9 @@ def test_preflight_allows_what_keen_sdks_send(stack: Stack) -> None:
 def test_every_error_of_the_write_routes_is_keen_shaped_with_cors(stack: Stack) -> None:
     json_headers = {"Content-Type": "application/json", "Origin": ORIGIN}
     assert_keen_error(http("POST", events_url(stack, "c", api_key="wrong"), {"a": 1}, json_headers), 401)
-    assert_keen_error(http("POST", f"{stack.web}/3.0/projects/nope/events/c", {"a": 1}, json_headers), 404)
+    # An unknown project answers like a wrong key (401): project ids cannot be enumerated (issue #10).
+    unknown = http("POST", f"{stack.web}/3.0/projects/nope/events/c?api_key={stack.key}", {"a": 1}, json_headers)
+    assert_keen_error(unknown, 401, "InvalidApiKeyError")
     assert_keen_error(http("POST", events_url(stack, "c", api_key=stack.key), b"{nope", json_headers), 400)
     assert_keen_error(http("POST", events_url(stack, "bad%20name!", api_key=stack.key), {"a": 1}, json_headers), 400)
     # GET: the same answers, JSON bodies instead of the pixel.

@@ -105,7 +105,7 @@ def test_the_worker_refuses_to_start_on_a_public_bind_without_a_read_token(
 ) -> None:
     proc = WorkerProcess(
         {"kafka_bootstrap": broker.bootstrap, "web_host": "0.0.0.0", "web_port": free_port(),
-         "app_id": f"t{uuid.uuid4().hex[:8]}", "data_dir": tmp_path / "data"},
+         "app_id": f"t{uuid.uuid4().hex[:8]}", "data_dir": tmp_path / "data", "control_secret": "s"},
         tmp_path,
     )  # fmt: skip
     proc.start()
