@@ -34,13 +34,21 @@ class Settings:
     topic_replicas: int = _doc("Replication factor of topics the app creates", default=1)
     max_record_bytes: int = _doc("Largest accepted Kafka record value; larger ones are invalid", default=1_000_000)
     max_event_bytes: int = _doc("Largest accepted single event (JSON bytes)", default=100_000)
+    unknown_projects: str = _doc(
+        "Kafka events of projects not created in the control plane: shared (exported, metered and shed"
+        " as one pseudo-project per partition), export (each its own quota) or dead-letter",
+        default="shared",
+    )
     # --- S3 ---
     s3_endpoint_url: str = _doc("S3 endpoint URL; empty means AWS", default="")
     s3_region: str = _doc("S3 region", default="us-east-1")
     s3_bucket: str = _doc("Default bucket for exported events", default="streamapp-events")
     s3_prefix: str = _doc("Default key prefix for exported events", default="events")
     s3_streaming_default: bool = _doc("Export projects that have no settings of their own", default=True)
-    s3_upload_concurrency: int = _doc("Parallel S3 uploads per worker", default=8)
+    s3_upload_concurrency: int = _doc(
+        "Parallel S3 uploads per worker (many small objects need many: 50,000 a window at 100 ms a PUT)",
+        default=32,
+    )
     s3_retry_max_seconds: float = _doc("Cap of the exponential backoff between S3 retries", default=10.0)
     s3_timeout_seconds: float = _doc("Connect/read timeout of one S3 request before it is retried", default=30.0)
     # --- windows ---
@@ -123,6 +131,11 @@ class Settings:
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")
         need(0 < self.shed_exit_ratio <= 1, "shed_exit_ratio", "must be in (0, 1]")
         need(self.shed_mode in ("divert", "drop", "shadow"), "shed_mode", "must be divert, drop or shadow")
+        need(
+            self.unknown_projects in ("shared", "export", "dead-letter"),
+            "unknown_projects",
+            "must be shared, export or dead-letter",
+        )
         need(bool(self.s3_bucket), "s3_bucket", "must not be empty")
         need(":" in self.kafka_bootstrap, "kafka_bootstrap", "must be host:port")
         need(self.window_seconds <= 86400, "window_seconds", "must be <= 86400")
