@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import math
 import time
@@ -52,6 +53,7 @@ from streamapp.metering import (
     tighten_heaviest,
     with_mode,
 )
+from streamapp.metering.unknown import shared_meter_id
 from streamapp.tables.rates import (
     MeterTables,
     PartitionContext,
@@ -86,17 +88,13 @@ HEALTH_TOP_N = 3
 # Decisions wait for the control view (quotas, overrides) at most this long after start.
 CONTROL_GRACE_SECONDS = 10.0
 UNKNOWN_MARKER = ("?", -1.0)  # the marker in force is unknown (a send failed): state it again
+# The views' top list is selected (a pass over every project) at most this often; in between the
+# same projects are ranked again by their current rates.
+TOP_SELECTION_SECONDS = 1.0
 # Idle projects are looked for this often; a project idle for the ring's length (its rates are all
 # zero, so a fresh meter is the same) is forgotten: 100,000 idle projects must not cost memory.
 EVICT_INTERVAL_SECONDS = 5.0
-# Meter id of the projects not created in the control plane on one events partition
-# (STREAMAPP_UNKNOWN_PROJECTS=shared|dead-letter). "_" ids are reserved: never a real project's id.
-UNKNOWN_PREFIX = "_unknown-"
-
-
-def shared_meter_id(partition: int) -> str:
-    """The pseudo-project that meters every unknown project of ``partition`` as one."""
-    return f"{UNKNOWN_PREFIX}{partition}"
+EVICT_BATCH = 10_000
 
 
 @dataclass(slots=True, eq=False)
@@ -121,7 +119,6 @@ class ProjectMeter:
     fraction: float = 1.0
     limit_eps: float = 0.0  # effective (health-tightened) quota at the last decision
     limit_bps: float = 0.0
-    decided_through: int = -1  # newest data second when the state machine last ran for it
 
 
 @dataclass
@@ -212,7 +209,14 @@ class Meter:
         self.bytes_total = 0
         self.evicted_outcomes: dict[str, int] = {"admitted": 0, "diverted": 0, "dropped": 0, "shadow_excess": 0}
         self.evicted = 0  # idle projects forgotten so far
+        # What the 1 s tick decides on (not every project: 100,000 of them would take the event
+        # loop for ~0.1 s a second): the watched ones (shed, a marker or a manual state in force)
+        # and those counted while decisions had to wait (control plane not caught up).
+        self._watched: dict[str, ProjectMeter] = {}
+        self._undecided: dict[str, ProjectMeter] = {}
+        self._top_cache: tuple[float, int, list[str]] | None = None
         self._evict_due = 0.0
+        self._evict_more = False  # the last pass stopped at EVICT_BATCH: go on at the next tick
 
     # ------------------------------------------------------------ lifecycle
     def active_partitions(self) -> set[int]:
@@ -232,6 +236,7 @@ class Meter:
         self.projects.clear()
         self.by_key.clear()
         self.shared = {}
+        self._watched, self._undecided, self._top_cache = {}, {}, None
         self.floors = {}
         idle_before = int(time.time()) - self.ring_size
         skipped = 0
@@ -255,6 +260,7 @@ class Meter:
             if pm is None:
                 continue
             pm.state, pm.marker, pm.peak_eps = srow.state, srow.marker, srow.peak_eps
+            self._watch(pm)
             if pm.marker is not None:
                 pm.fraction = pm.marker[1]
                 # State the route in force again (the same route again changes nothing in the
@@ -307,6 +313,13 @@ class Meter:
         if shared:
             self.shared[partition] = pm
         return pm
+
+    def _watch(self, pm: ProjectMeter) -> None:
+        """Keep ``_watched`` in step with what makes a project need the tick without new data."""
+        if pm.state.is_shed or pm.marker is not None or pm.state.manual is not None:
+            self._watched[pm.project_id] = pm
+        else:
+            self._watched.pop(pm.project_id, None)
 
     def _meter_for(self, key: bytes, partition: int) -> ProjectMeter | None:
         """The meter of a project not metered now (new, or forgotten while idle).
@@ -461,7 +474,6 @@ class Meter:
         out = self._out
         for pm in pms:
             counts = pm.counts
-            pm.decided_through = counts.last_second or -1
             pm.eps_burst, pm.bps_burst = counts.rate(now_sec, self.burst_h, elapsed)
             pm.eps_sustained, pm.bps_sustained = counts.rate(now_sec, self.sustained_h, elapsed, full_window=True)
             # The admitted share is sized by the larger of the rate over the last complete seconds
@@ -508,6 +520,7 @@ class Meter:
                 out.markers.append((pm, want))
             if new is not old or marker_changed:
                 pm.state = new
+                self._watch(pm)
                 out.rows[pm.project_id] = pm
                 significant = (
                     new.state != old.state
@@ -606,8 +619,11 @@ class Meter:
     async def handle(self, records: list[Any]) -> None:
         """One fetched batch of raw records from the meter agent."""
         touched = self.observe(records)
-        if touched and self.can_decide():
-            self.decide(touched, time.time())
+        if touched:
+            if self.can_decide():
+                self.decide(touched, time.time())
+            else:
+                self._undecided.update((pm.project_id, pm) for pm in touched)
         self._wake_flusher()
 
     async def tick(self) -> None:
@@ -616,7 +632,7 @@ class Meter:
             self.write_rates()
         if self.can_decide():
             self._tick(time.time())
-        if self.ready and time.monotonic() >= self._evict_due:
+        if self.ready and (self._evict_more or time.monotonic() >= self._evict_due):
             self._evict_due = time.monotonic() + EVICT_INTERVAL_SECONDS
             self.evict_idle(time.time())
         self._wake_flusher()
@@ -624,7 +640,7 @@ class Meter:
     def evict_idle(self, now: float) -> int:
         """Forget projects idle for the ring's length (their rates are zero: a new meter is the
         same), with the sink's per-project counters of projects no longer metered. Shed, marked,
-        overridden or unwritten ones stay. Returns how many were forgotten.
+        overridden or unwritten ones stay. At most ``EVICT_BATCH`` a pass; returns how many.
 
         What is lost: a forgotten project's cumulative counters start again from 0 when it sends
         again (the worker totals in /metrics stay exact), and its rate row stays in RocksDB only
@@ -633,7 +649,7 @@ class Meter:
         idle_before = int(now) - self.ring_size
         overrides = self.runtime.control.view.overrides
         dirty, pending_rows, tightened = self._dirty, self._out.rows, self.tightened
-        gone = [
+        idle = (
             pm
             for pm in self.projects.values()
             if (pm.counts.last_second or -1) < idle_before
@@ -644,24 +660,36 @@ class Meter:
             and pm.key not in dirty
             and pm.project_id not in pending_rows
             and pm.project_id not in tightened
-        ]
+        )
+        # At most EVICT_BATCH a pass (the next pass follows a second later): forgetting 100,000
+        # at once would hold the event loop for most of a second.
+        gone = list(itertools.islice(idle, EVICT_BATCH))
         for pm in gone:
             del self.projects[pm.project_id]
             self.by_key.pop(pm.key, None)
+            self._undecided.pop(pm.project_id, None)
             if self.shared.get(pm.partition) is pm:
                 del self.shared[pm.partition]
+        if len(gone) > len(self.projects):  # a dict keeps its table after deletes: give it back
+            self.projects, self.by_key = dict(self.projects), dict(self.by_key)
         self.evicted += len(gone)
+        more = False
         # The sink's per-project counters (views only, not part of any checkpoint): keep those of
         # metered projects; the rest go into the totals so /metrics stays exact.
         projects, totals = self.projects, self.evicted_outcomes
         for windows in list(self.runtime.sink.partitions.values()):
             counts = windows.counts
-            for project_id in [p for p in counts if p not in projects]:
+            unmetered = list(itertools.islice((p for p in counts if p not in projects), EVICT_BATCH))
+            for project_id in unmetered:
                 c = counts.pop(project_id)
                 totals["admitted"] += c.admitted
                 totals["diverted"] += c.diverted
                 totals["dropped"] += c.dropped
                 totals["shadow_excess"] += c.shadow_excess
+            if len(unmetered) > len(counts):
+                windows.counts = dict(counts)
+            more = more or len(unmetered) == EVICT_BATCH
+        self._evict_more = more or len(gone) == EVICT_BATCH
         return len(gone)
 
     def _tick(self, now: float) -> None:
@@ -673,19 +701,16 @@ class Meter:
                 if partition in self.partitions:
                     self._new(project_id.encode(), partition)
         # A project's rates only fall while no data arrives, so one that is not shed needs the state
-        # machine again only for data not decided on yet (``observe`` decides what it counts).
-        tightened = self.tightened
-        live = [
-            pm
-            for pm in self.projects.values()
-            if pm.state.is_shed
-            or pm.marker is not None
-            or pm.project_id in view.overrides
-            or pm.state.manual is not None
-            or (pm.counts.last_second or -1) > pm.decided_through
-            or pm.project_id in tightened
-        ]
-        self.decide(live, now)
+        # machine again only for data not decided on yet (``handle`` decides what it counts).
+        live = dict(self._watched)
+        live.update(self._undecided)
+        self._undecided = {}
+        projects = self.projects
+        for project_id in itertools.chain(view.overrides, self.tightened):
+            pm = projects.get(project_id)
+            if pm is not None:
+                live[project_id] = pm
+        self.decide(list(live.values()), now)
 
     def _wake_flusher(self) -> None:
         if self._out.markers or self._out.rows or self._out.published:
@@ -737,6 +762,7 @@ class Meter:
             pm = self.projects.get(project_id)
             if pm is not None:
                 pm.marker = UNKNOWN_MARKER
+                self._watch(pm)
         rows = [
             (pm.partition, pm.key, encode_state(StateRow(pm.partition, pm.state, pm.marker, pm.peak_eps)))
             for project_id, pm in out.rows.items()
@@ -791,6 +817,24 @@ class Meter:
         if limit == 0:
             return []
         now = time.time()
+        cached = self._top_cache
+        if cached is not None and now - cached[0] < TOP_SELECTION_SECONDS and limit <= cached[1]:
+            # Selected less than a second ago: rank the same projects by their rates now (O(limit)).
+            rows = [self._top_row(self.projects[p], now) for p in cached[2] if p in self.projects]
+            rows.sort(key=lambda r: (-r["eps_burst"], r["project_id"]))
+            return self._with_counters(rows[:limit])
+        ids = self._select_top(limit, now)
+        self._top_cache = (now, limit, ids)
+        return self._with_counters([self._top_row(self.projects[p], now) for p in ids])
+
+    def _with_counters(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        counters = self.counters_for([r["project_id"] for r in rows])
+        for row in rows:
+            row["counters"] = counters[row["project_id"]]
+        return rows
+
+    def _select_top(self, limit: int, now: float) -> list[str]:
+        """Ids of the ``limit`` projects of highest burst rate at ``now`` (ties by id): exact."""
         now_sec = int(now)
         elapsed = now - now_sec
         burst_h = self.burst_h
@@ -820,11 +864,9 @@ class Meter:
             for project_id in heapq.nsmallest(limit, idle):
                 insort(best, (0.0, project_id))
             del best[limit:]
-        ids = [p for _, p in best]
-        counters = self.counters_for(ids)
-        return [self._top_row(self.projects[p], now, counters[p]) for p in ids]
+        return [p for _, p in best]
 
-    def _top_row(self, pm: ProjectMeter, now: float, counters: dict[str, int]) -> dict[str, Any]:
+    def _top_row(self, pm: ProjectMeter, now: float) -> dict[str, Any]:
         eps_b, bps_b, eps_s, bps_s = self._rates(pm, now)
         quota = self.quota_for(pm.project_id)
         return {
@@ -839,7 +881,6 @@ class Meter:
             "state": pm.state.state,
             "mode": pm.state.mode,
             "partition": pm.partition,
-            "counters": counters,
         }
 
     def series(self, project_id: str, seconds: int) -> list[dict[str, int]]:
@@ -854,7 +895,7 @@ class Meter:
     def shed(self) -> dict[str, Any]:
         now = time.time()
         shed = []
-        for pm in self.projects.values():
+        for pm in list(self._watched.values()):  # every shed project is watched
             if pm.state.is_shed:
                 eps_b, bps_b, _, _ = self._rates(pm, now)
                 shed.append(
