@@ -88,9 +88,12 @@ HEALTH_TOP_N = 3
 # Decisions wait for the control view (quotas, overrides) at most this long after start.
 CONTROL_GRACE_SECONDS = 10.0
 UNKNOWN_MARKER = ("?", -1.0)  # the marker in force is unknown (a send failed): state it again
-# The views' top list is selected (a pass over every project) at most this often; in between the
-# same projects are ranked again by their current rates.
-TOP_SELECTION_SECONDS = 1.0
+# The read model of the views (read_model): the top TOP_SELECTION_LIMIT projects and the totals
+# over every project, refreshed by the 1 s tick (a pass over every project, off the request path).
+# A request ranks the selected projects by their rates now; a selection older than this, or a
+# bigger limit, is made on the request.
+TOP_SELECTION_SECONDS = 2.5
+TOP_SELECTION_LIMIT = 50
 # Idle projects are looked for this often; a project idle for the ring's length (its rates are all
 # zero, so a fresh meter is the same) is forgotten: 100,000 idle projects must not cost memory.
 EVICT_INTERVAL_SECONDS = 5.0
@@ -215,6 +218,9 @@ class Meter:
         self._watched: dict[str, ProjectMeter] = {}
         self._undecided: dict[str, ProjectMeter] = {}
         self._top_cache: tuple[float, int, list[str]] | None = None
+        # The /metrics snapshot of the last refresh: totals and the selected projects' counters,
+        # taken together so that "other" = totals - labelled is exact.
+        self._totals_snapshot: tuple[dict[str, int], dict[str, dict[str, int]]] | None = None
         self._evict_due = 0.0
         self._evict_more = False  # the last pass stopped at EVICT_BATCH: go on at the next tick
 
@@ -236,7 +242,7 @@ class Meter:
         self.projects.clear()
         self.by_key.clear()
         self.shared = {}
-        self._watched, self._undecided, self._top_cache = {}, {}, None
+        self._watched, self._undecided, self._top_cache, self._totals_snapshot = {}, {}, None, None
         self.floors = {}
         idle_before = int(time.time()) - self.ring_size
         skipped = 0
@@ -635,6 +641,8 @@ class Meter:
         if self.ready and (self._evict_more or time.monotonic() >= self._evict_due):
             self._evict_due = time.monotonic() + EVICT_INTERVAL_SECONDS
             self.evict_idle(time.time())
+        if self.ready:
+            self.refresh_read_model(time.time())
         self._wake_flusher()
 
     def evict_idle(self, now: float) -> int:
@@ -808,10 +816,9 @@ class Meter:
     def top(self, limit: int) -> list[dict[str, Any]]:
         """Projects on this worker's partitions by current burst rate, highest first (ties by id).
 
-        Without computing every project's rate: ``SecondCounts.rate_bound`` (O(1), never below the
-        rate) orders the candidates, and exact rates are computed in that order only until the
-        next bound cannot beat the ``limit``-th best. A view of 100,000 projects takes
-        milliseconds, and the answer is the same as ranking every project exactly.
+        The selection is the tick's (``refresh_read_model``, at most TOP_SELECTION_SECONDS old, so
+        a project that just started shows within a tick); the rows are computed now. A selection
+        (``_select_top``) is exact without computing every project's rate: see there.
         """
         limit = max(0, limit)
         if limit == 0:
@@ -819,13 +826,27 @@ class Meter:
         now = time.time()
         cached = self._top_cache
         if cached is not None and now - cached[0] < TOP_SELECTION_SECONDS and limit <= cached[1]:
-            # Selected less than a second ago: rank the same projects by their rates now (O(limit)).
+            # Selected by the last refresh: rank the same projects by their rates now (O(limit)).
             rows = [self._top_row(self.projects[p], now) for p in cached[2] if p in self.projects]
             rows.sort(key=lambda r: (-r["eps_burst"], r["project_id"]))
             return self._with_counters(rows[:limit])
         ids = self._select_top(limit, now)
         self._top_cache = (now, limit, ids)
         return self._with_counters([self._top_row(self.projects[p], now) for p in ids])
+
+    def refresh_read_model(self, now: float) -> None:
+        """The views' pass over every project, once a second from the tick (see ``top``)."""
+        ids = self._select_top(TOP_SELECTION_LIMIT, now)
+        self._top_cache = (now, TOP_SELECTION_LIMIT, ids)
+        self._totals_snapshot = (self.counter_totals(), self.counters_for(ids))
+
+    def metrics_snapshot(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """(totals over every project, counters of the top projects) of one moment, for /metrics."""
+        snapshot = self._totals_snapshot
+        if snapshot is None:  # not refreshed yet (not ready): take one now
+            ids = self._select_top(TOP_SELECTION_LIMIT, time.time())
+            snapshot = (self.counter_totals(), self.counters_for(ids))
+        return snapshot
 
     def _with_counters(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         counters = self.counters_for([r["project_id"] for r in rows])
@@ -834,7 +855,12 @@ class Meter:
         return rows
 
     def _select_top(self, limit: int, now: float) -> list[str]:
-        """Ids of the ``limit`` projects of highest burst rate at ``now`` (ties by id): exact."""
+        """Ids of the ``limit`` projects of highest burst rate at ``now`` (ties by id): exact.
+
+        ``SecondCounts.rate_bound`` (O(1), never below the rate) orders the candidates, and exact
+        rates are computed in that order only until the next bound cannot beat the ``limit``-th
+        best: one cheap pass over the projects, a heap, and a handful of rate computations.
+        """
         now_sec = int(now)
         elapsed = now - now_sec
         burst_h = self.burst_h

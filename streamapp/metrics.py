@@ -251,9 +251,9 @@ class RuntimeCollector:
         meter = self.runtime.meter
         top = meter.top(self.projects.top_n)
         ids = [p["project_id"] for p in top]
-        if hasattr(meter, "counter_totals"):  # O(top): the meter keeps totals over every project
-            counters = {p["project_id"]: p.get("counters") or {} for p in top}
-            labelled = self.projects.update_totals(meter.counter_totals(), counters, ids)
+        if hasattr(meter, "metrics_snapshot"):  # O(top): the meter keeps totals over every project
+            totals, counters = meter.metrics_snapshot()  # of one moment: "other" stays exact
+            labelled = self.projects.update_totals(totals, counters, [p for p in ids if p in counters])
         else:
             labelled = self.projects.update(meter.counters(), ids)
         out = self.projects.families()

@@ -212,20 +212,27 @@ def test_eviction_keeps_shed_overridden_and_recent_projects() -> None:
 # ---------------------------------------------------------------------------------- views
 
 
-COLD: dict[str, float] = {}  # the first request of each view: it pays the pass over every project
+REFRESHES: list[float] = []  # the tick's pass over every project (off the request path)
 
 
-def _timed(fn: Any, repeat: int = 5) -> tuple[float, Any]:
-    """Median of ``repeat`` requests a quarter second apart (a dashboard polls every few seconds)."""
+def _tick(meter: Meter, runtime: FakeRuntime) -> None:
+    """What the worker's 1 s meter tick does for the read model: the selection, the totals and
+    the sink backlog (through the health check)."""
+    started = time.perf_counter()
+    meter.refresh_read_model(time.time())
+    runtime.sink.backlog()
+    REFRESHES.append(time.perf_counter() - started)
+
+
+def _timed(fn: Any, meter: Meter, runtime: FakeRuntime, repeat: int = 5) -> tuple[float, float, Any]:
+    """(median, max) of ``repeat`` requests, each after a tick (the tick runs every second)."""
     times, result = [], None
-    for i in range(repeat):
-        if i:
-            time.sleep(0.25)
+    for _ in range(repeat):
+        _tick(meter, runtime)
         started = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - started)
-    COLD[getattr(fn, "__name__", "?")] = times[0]
-    return statistics.median(times), result
+    return statistics.median(times), max(times), result
 
 
 @pytest.fixture(scope="module")
@@ -257,24 +264,33 @@ def test_views_and_metrics_under_100_ms_with_100000_projects(many_projects: tupl
     metrics = Metrics()
     metrics.bind(runtime)  # type: ignore[arg-type]
 
-    rates_s, rates = _timed(lambda: views.local_rates(20, 0))
-    shed_s, shed = _timed(views.local_shed)
-    sink_s, sink = _timed(views.local_sink)
-    project_s, (status, project) = _timed(lambda: views.project_rates("inv-99999", 60))
-    metrics_s, text = _timed(lambda: generate_latest(metrics.registry))
-    print(
-        f"\n{N_PROJECTS + 1} projects, median of 5: /rates/ {rates_s * 1000:.1f} ms, /shed/ {shed_s * 1000:.1f} ms,"
-        f" /sink/ {sink_s * 1000:.1f} ms, /rates/{{id}}/ {project_s * 1000:.1f} ms, /metrics {metrics_s * 1000:.1f} ms"
-    )
-    print("first requests (cold caches):", {name: f"{seconds * 1000:.0f} ms" for name, seconds in COLD.items()})
-    for name, seconds in (
-        ("rates", rates_s),
-        ("shed", shed_s),
-        ("sink", sink_s),
-        ("project", project_s),
-        ("metrics", metrics_s),
+    timings: dict[str, tuple[float, float]] = {}
+    for name, fn in (
+        ("/rates/", lambda: views.local_rates(20, 0)),
+        ("/shed/", views.local_shed),
+        ("/sink/", views.local_sink),
+        ("/rates/{id}/", lambda: views.project_rates("inv-99999", 60)),
+        ("/metrics", lambda: generate_latest(metrics.registry)),
     ):
-        assert seconds < VIEW_BUDGET_SECONDS, f"/{name}/ took {seconds * 1000:.0f} ms"
+        median, worst, result = _timed(fn, meter, runtime)
+        timings[name] = (median, worst)
+        if name == "/rates/":
+            rates = result
+        elif name == "/shed/":
+            shed = result
+        elif name == "/sink/":
+            sink = result
+        elif name == "/metrics":
+            text = result
+        else:
+            status, project = result
+    print(
+        f"\n{N_PROJECTS + 1} projects, median/max of 5 requests: "
+        + ", ".join(f"{name} {m * 1000:.1f}/{w * 1000:.1f} ms" for name, (m, w) in timings.items())
+        + f"; the tick's refresh (every second, off the request path): {statistics.median(REFRESHES) * 1000:.0f} ms"
+    )
+    for name, (median, _) in timings.items():
+        assert median < VIEW_BUDGET_SECONDS, f"{name} took {median * 1000:.0f} ms (median)"
     assert rates["projects"][0]["project_id"] == "hot" and len(rates["projects"]) == 20
     assert [s["project_id"] for s in shed["shed"]] == ["inv-7"]
     assert sink["events_in"] == N_PROJECTS + 500
