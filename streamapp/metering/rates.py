@@ -83,6 +83,11 @@ class SecondCounts:
         return self._last
 
     @property
+    def events_held(self) -> int:
+        """Events in the ring's slots (at least those of its last ``size`` seconds)."""
+        return self._tot
+
+    @property
     def run_start(self) -> int | None:
         """First second of the current activity run (see module docstring)."""
         return self._start
