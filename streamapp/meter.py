@@ -78,6 +78,7 @@ ROWS_INTERVAL_SECONDS = 1.0
 # Rate rows written per interval at most (heaviest first): a row not written yet only means its
 # records are counted again after a crash, as for rows lost in the last second before one.
 MAX_ROWS_PER_WRITE = 100
+TRIVIAL_ROW_EVENTS = 10  # see Meter._drop_trivial_rows
 # A shed project's admit fraction is re-announced (new shed marker) when it moves by more than this.
 FRACTION_CHANGE = 0.15
 # Horizon (s) of the rate that sizes the admitted share while shed: short, so shaping follows the load.
@@ -210,6 +211,7 @@ class Meter:
         self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
         self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
         self.unknown_policy = settings.unknown_projects
+        self.default_quota = Quota(settings.default_eps_limit, settings.default_bps_limit, settings.burst_tolerance)
         self.shared: dict[int, ProjectMeter] = {}  # partition -> meter of its unknown projects
         # Worker-lifetime totals over every project (exact whatever was evicted): /metrics' "other".
         self.received_total = 0
@@ -429,6 +431,8 @@ class Meter:
         self._rows_due = time.monotonic() + ROWS_INTERVAL_SECONDS
         if not self._dirty:
             return
+        if len(self._dirty) > MAX_ROWS_PER_WRITE:
+            self._drop_trivial_rows()
         if len(self._dirty) <= MAX_ROWS_PER_WRITE:
             dirty, self._dirty = self._dirty, {}
         else:
@@ -446,13 +450,30 @@ class Meter:
         ]
         write_rows(self.tables.rates, self.context, rows)
 
+    def _drop_trivial_rows(self) -> None:
+        """Thousands of rows waiting: forget those of unknown projects with a handful of events.
+
+        Such a row only guards against counting its few events twice after a crash: harmless
+        next to any quota (a created project's rows are always written, whatever its quota).
+        """
+        known, watched = self.runtime.control.view.projects, self._watched
+        trivial = [
+            key
+            for key, pm in self._dirty.items()
+            if pm.counts.events_held < TRIVIAL_ROW_EVENTS
+            and pm.project_id not in known
+            and pm.project_id not in watched
+        ]
+        for key in trivial:
+            del self._dirty[key]
+
     # ------------------------------------------------------------ decisions
     def quota_for(self, project_id: str) -> Quota:
         """The configured quota (per-project settings from the control topic, else the defaults)."""
         s = self.settings
         project = self.runtime.control.view.projects.get(project_id)
         if project is None:
-            return Quota(s.default_eps_limit, s.default_bps_limit, s.burst_tolerance)
+            return self.default_quota
         return Quota(
             float(project.quota_eps) if project.quota_eps is not None else s.default_eps_limit,
             float(project.quota_bps) if project.quota_bps is not None else s.default_bps_limit,
@@ -492,8 +513,20 @@ class Meter:
         elapsed = now - now_sec
         overrides = self.runtime.control.view.overrides
         out = self._out
+        watched, tightened = self._watched, self.tightened
         for pm in pms:
             counts = pm.counts
+            if pm.project_id not in watched and pm.project_id not in overrides and pm.project_id not in tightened:
+                # Not shed, nothing manual: the state machine can only shed it, and no rate over
+                # any horizon exceeds what its ring holds (spans are >= 1 s). Far below its quota
+                # (thousands of one-event projects), there is nothing to decide.
+                quota = self.quota_for(pm.project_id)
+                if (
+                    counts.events_held <= quota.eps
+                    and counts.events_held <= quota.enter_eps
+                    and counts.bytes_held <= quota.enter_bps
+                ):
+                    continue
             pm.eps_burst, pm.bps_burst = counts.rate(now_sec, self.burst_h, elapsed)
             pm.eps_sustained, pm.bps_sustained = counts.rate(now_sec, self.sustained_h, elapsed, full_window=True)
             # The admitted share is sized by the larger of the rate over the last complete seconds

@@ -61,7 +61,7 @@ class SecondCounts:
     ``rate_bound`` is O(1) (the views rank 100,000 projects without computing every rate).
     """
 
-    __slots__ = ("_by", "_by1", "_ev", "_ev1", "_last", "_sec", "_start", "_tot", "size")
+    __slots__ = ("_by", "_by1", "_ev", "_ev1", "_last", "_sec", "_start", "_tob", "_tot", "size")
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         if size < 1:
@@ -74,6 +74,7 @@ class SecondCounts:
         self._ev1 = 0  # inline (lists not allocated): the counts of second ``_last``
         self._by1 = 0
         self._tot = 0  # events over every slot (an upper bound of any window's events)
+        self._tob = 0  # bytes over every slot
         self._last: int | None = None  # newest second with data
         self._start: int | None = None  # first second of the current activity run
 
@@ -84,8 +85,13 @@ class SecondCounts:
 
     @property
     def events_held(self) -> int:
-        """Events in the ring's slots (at least those of its last ``size`` seconds)."""
+        """Events in the ring's slots: no rate over any horizon exceeds it (spans are >= 1 s)."""
         return self._tot
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes in the ring's slots: no rate over any horizon exceeds it (spans are >= 1 s)."""
+        return self._tob
 
     @property
     def run_start(self) -> int | None:
@@ -118,13 +124,14 @@ class SecondCounts:
         secs = self._sec
         if secs is None:
             if last is None or second - last >= size:  # empty ring: a new activity run, inline
-                self._ev1, self._by1, self._tot = events, nbytes, events
+                self._ev1, self._by1, self._tot, self._tob = events, nbytes, events, nbytes
                 self._last = self._start = second
                 return True
             if second == last:
                 self._ev1 += events
                 self._by1 += nbytes
                 self._tot += events
+                self._tob += nbytes
                 return True
             secs = self._materialize()[0]
         evs, bys = self._ev, self._by
@@ -134,8 +141,10 @@ class SecondCounts:
             evs[i] += events
             bys[i] += nbytes
             self._tot += events
+            self._tob += nbytes
         else:  # slot held an older second (or nothing): recycle it
             self._tot += events - evs[i]
+            self._tob += nbytes - bys[i]
             secs[i] = second
             evs[i] = events
             bys[i] = nbytes
