@@ -160,12 +160,14 @@ class BoundedProjectCounters:
         self, totals: Mapping[str, Any], counters: Mapping[str, Mapping[str, Any]], top: Iterable[str]
     ) -> list[str]:
         """Like ``update``, in O(labels) rather than O(projects): ``totals`` are the cumulative
-        counters summed over every project, ``counters`` those of (at least) the top projects.
+        counters summed over every project, ``counters`` those of the projects near the top (a few
+        more than are labelled), all of one moment.
 
-        ``other`` gets the increase of the totals minus the increases of the labelled projects.
-        A project gets its label from the scrape after it entered the top (its increase until
-        then is in ``other``). A total that went down (a partition revoked) is a new baseline:
-        nothing is added for it in that scrape.
+        A labelled project's series grows by its increase since the previous scrape, or by its
+        whole count when it was not near the top then; ``other`` grows by the totals' increase
+        minus those (never below 0: a project that climbs from far below the top brings counts
+        that were in ``other`` already, and both keep them). A total that went down (a partition
+        revoked) is a new baseline: nothing is added for it in that scrape.
         """
         labelled = self.labelled(top)
         keep = set(labelled)
@@ -182,17 +184,15 @@ class BoundedProjectCounters:
                 now - before if now >= before else 0 for now, before in zip(now_totals, before_totals, strict=True)
             ]
         seen: dict[str, tuple[int, ...]] = {_TOTALS: now_totals}
+        for project_id, values in counters.items():
+            seen[project_id] = tuple(int(values.get(name, 0) or 0) for name in outcomes)
         other = list(increase)
         for project_id in labelled:
-            values = counters.get(project_id) or {}
-            now = tuple(int(values.get(name, 0) or 0) for name in outcomes)
-            seen[project_id] = now
+            now = seen.get(project_id) or (0,) * len(outcomes)
             acc = self.totals.setdefault(project_id, [0.0] * len(outcomes))
             before = self._last.get(project_id)
-            if before is None:
-                continue  # labelled from now on; what it counted so far is in other
             for i, value in enumerate(now):
-                previous = before[i]
+                previous = before[i] if before is not None else 0
                 own = value - previous if value >= previous else value
                 acc[i] += own
                 other[i] -= own

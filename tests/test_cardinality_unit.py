@@ -427,3 +427,24 @@ def test_inline_ring_behaves_like_the_list_ring(
     assert SecondCounts.from_dict(inline.to_dict()).to_dict() == inline.to_dict()
     assert (inline.last_second, inline.run_start) == (lists.last_second, lists.run_start)
     assert inline.rate_bound(now, horizon, elapsed) >= inline.rate(now, horizon, elapsed)[0]
+
+
+def test_metrics_from_totals_stay_monotonic_and_exact_for_new_projects() -> None:
+    """``update_totals`` (O(labels)): what ``update`` guarantees, without every project's counters."""
+    from streamapp.metrics import BoundedProjectCounters
+
+    def counts(received: int) -> dict[str, int]:
+        return {"received": received, "admitted": received, "diverted": 0, "dropped": 0, "bytes": 10 * received}
+
+    c = BoundedProjectCounters(top_n=1)
+    c.update_totals(counts(100), {"a": counts(60), "b": counts(30)}, ["a"])
+    assert c.totals["a"][0] == 60 and c.totals[OTHER][0] == 40  # new: its whole count is its own
+    c.update_totals(counts(150), {"a": counts(80), "b": counts(50)}, ["b", "a"])
+    assert "a" not in c.totals  # dropped out of the top: its series goes (bounded labels)
+    assert c.totals["b"][0] == 20  # near the top before: only its increase; its 30 stayed in other
+    assert c.totals[OTHER][0] == 40 + (50 - 20)  # a's increase and the rest
+    assert c.all_projects[0] == 150
+    c.update_totals(counts(120), {"b": counts(55)}, ["b"])  # a partition revoked: a new baseline
+    assert c.totals[OTHER][0] == 70 and c.all_projects[0] == 150 and c.totals["b"][0] == 25
+    c.update_totals(counts(130), {"b": counts(60)}, ["b"])
+    assert c.totals[OTHER][0] == 75 and c.all_projects[0] == 160
