@@ -211,6 +211,8 @@ class Meter:
         self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
         self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
         self.unknown_policy = settings.unknown_projects
+        # A project idle this long is forgotten (evict_idle): never before its ring is all zeros.
+        self.idle_seconds = max(float(self.ring_size), settings.idle_project_seconds)
         self.default_quota = Quota(settings.default_eps_limit, settings.default_bps_limit, settings.burst_tolerance)
         self.shared: dict[int, ProjectMeter] = {}  # partition -> meter of its unknown projects
         # Worker-lifetime totals over every project (exact whatever was evicted): /metrics' "other".
@@ -251,7 +253,7 @@ class Meter:
         self.shared = {}
         self._watched, self._undecided, self._top_cache, self._totals_snapshot = {}, {}, None, None
         self.floors = {}
-        idle_before = int(time.time()) - self.ring_size
+        idle_before = int(time.time() - self.idle_seconds)
         skipped = 0
         for key, row in self._owned_rows(self.tables.rates, decode_rates, "rates"):
             self.floors[row.partition] = max(self.floors.get(row.partition, -1), row.offset)
@@ -693,16 +695,16 @@ class Meter:
         self._wake_flusher()
 
     def evict_idle(self, now: float) -> int:
-        """Forget projects idle for the ring's length (their rates are zero: a new meter is the
-        same), with the sink's per-project counters of projects no longer metered and their rate
-        rows not written yet (a restart does not load idle rows either). Shed, marked or
-        overridden ones stay. At most ``EVICT_BATCH`` a pass; returns how many.
+        """Forget projects idle for ``idle_seconds`` (STREAMAPP_IDLE_PROJECT_SECONDS, at least the
+        ring's length: their rates are zero, a new meter is the same), with the sink's per-project
+        counters of projects no longer metered and their rate rows not written yet. Shed, marked
+        or overridden ones stay. At most ``EVICT_BATCH`` a pass; returns how many.
 
         What is lost: a forgotten project's cumulative counters start again from 0 when it sends
         again (the worker totals in /metrics stay exact), and its rate row stays in RocksDB only
         (a restart does not load idle rows either).
         """
-        idle_before = int(now) - self.ring_size
+        idle_before = int(now - self.idle_seconds)
         overrides = self.runtime.control.view.overrides
         dirty, pending_rows, tightened = self._dirty, self._out.rows, self.tightened
         idle = (

@@ -67,6 +67,10 @@ class Settings:
     shed_mode: str = _doc("Default shed mode: divert, drop or shadow", default="divert")
     burst_horizon_seconds: int = _doc("Horizon of the short (burst) rate estimate", default=10)
     sustained_horizon_seconds: int = _doc("Horizon of the sustained rate estimate", default=60)
+    idle_project_seconds: float = _doc(
+        "Seconds without events after which a project's in-memory state is forgotten (at least the rate horizons)",
+        default=300.0,
+    )
     overflow_max_eps: float = _doc("Ceiling of the overflow drain rate, events/s", default=20_000.0)
     health_backlog_seconds: float = _doc(
         "Sink backlog age that tightens quotas of the heaviest projects", default=120.0
@@ -128,6 +132,7 @@ class Settings:
             need(getattr(self, name) > 0, name, "must be > 0")
         need(self.allowed_lateness_seconds >= 0, "allowed_lateness_seconds", "must be >= 0")
         need(self.default_eps_limit > 0, "default_eps_limit", "must be > 0")
+        need(self.idle_project_seconds > 0, "idle_project_seconds", "must be > 0")
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")
         need(0 < self.shed_exit_ratio <= 1, "shed_exit_ratio", "must be in (0, 1]")
         need(self.shed_mode in ("divert", "drop", "shadow"), "shed_mode", "must be divert, drop or shadow")

@@ -165,7 +165,7 @@ def test_bytes_per_project_open_idle_and_forgotten() -> None:
         open_bytes = traced() - base
         assert flush_everything(runtime, now + 60) >= MEASURED_PROJECTS
         idle_bytes = traced() - base
-        assert meter.evict_idle(now + meter.ring_size + 2) == MEASURED_PROJECTS  # < EVICT_BATCH: one pass
+        assert meter.evict_idle(now + meter.idle_seconds + 2) == MEASURED_PROJECTS  # < EVICT_BATCH: one pass
         after_bytes = traced() - base
     finally:
         tracemalloc.stop()
@@ -186,7 +186,7 @@ def test_bytes_per_project_open_idle_and_forgotten() -> None:
 def test_eviction_keeps_shed_overridden_and_recent_projects() -> None:
     meter, runtime = new_meter("export")
     now = time.time()
-    records = one_event_records(6, int((now - 120) * 1000), prefix="old")
+    records = one_event_records(6, int((now - 400) * 1000), prefix="old")
     feed(meter, runtime, records)
     feed(
         meter,
@@ -314,7 +314,7 @@ def test_100000_projects_are_forgotten_when_idle_and_totals_stay_exact(
     forgotten = 0
     while meter.projects or any(w.counts for w in runtime.sink.partitions.values()):
         started = time.perf_counter()
-        forgotten += meter.evict_idle(now + meter.ring_size + 2)
+        forgotten += meter.evict_idle(now + meter.idle_seconds + 2)
         passes.append(time.perf_counter() - started)
         assert len(passes) <= 2 * N_PROJECTS // EVICT_BATCH
     print(f"\nforgetting {forgotten} idle projects: {len(passes)} passes, longest {max(passes) * 1000:.0f} ms")
