@@ -149,6 +149,7 @@ def child(args: argparse.Namespace) -> None:
             topic_partitions=PARTITIONS,
             data_dir=data_dir,
             default_eps_limit=QUOTA_EPS[args.per_record],
+            unknown_projects="export",  # the projects are never created: meter each on its own, as before
         )
         app = StreamappApp(app_id, broker=settings.broker_url, store="rocksdb://", datadir=data_dir, **app_kwargs())
         runtime = Runtime(app, settings, declare_topics(app, settings))

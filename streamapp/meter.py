@@ -27,11 +27,14 @@ What the views call (``runtime.meter``): :meth:`top`, :meth:`series`, :meth:`she
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import time
+from bisect import insort
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +56,7 @@ from streamapp.metering import (
     tighten_heaviest,
     with_mode,
 )
+from streamapp.metering.unknown import shared_meter_id
 from streamapp.tables.rates import (
     MeterTables,
     PartitionContext,
@@ -74,6 +78,10 @@ R = TypeVar("R", RatesRow, StateRow)
 
 # A project's rate row is written at most this often (see Meter.write_rates).
 ROWS_INTERVAL_SECONDS = 1.0
+# Rate rows written per interval at most (heaviest first): a row not written yet only means its
+# records are counted again after a crash, as for rows lost in the last second before one.
+MAX_ROWS_PER_WRITE = 100
+TRIVIAL_ROW_EVENTS = 10  # see Meter._drop_trivial_rows
 # A shed project's admit fraction is re-announced (new shed marker) when it moves by more than this.
 FRACTION_CHANGE = 0.15
 # Horizon (s) of the rate that sizes the admitted share while shed: short, so shaping follows the load.
@@ -87,6 +95,17 @@ HEALTH_TOP_N = 3
 # Decisions wait for the control view (quotas, overrides) at most this long after start.
 CONTROL_GRACE_SECONDS = 10.0
 UNKNOWN_MARKER = ("?", -1.0)  # the marker in force is unknown (a send failed): state it again
+# The read model of the views (read_model): the top TOP_SELECTION_LIMIT projects and the totals
+# over every project, refreshed by the 1 s tick (a pass over every project, off the request path).
+# A request ranks the selected projects by their rates now; a selection older than this, or a
+# bigger limit, is made on the request.
+TOP_SELECTION_SECONDS = 2.5
+TOP_SELECTION_LIMIT = 50
+READ_MODEL_WANTED_SECONDS = 60.0  # refreshed while a view or /metrics was read this recently
+# Idle projects are looked for this often; a project idle for the ring's length (its rates are all
+# zero, so a fresh meter is the same) is forgotten: 100,000 idle projects must not cost memory.
+EVICT_INTERVAL_SECONDS = 5.0
+EVICT_BATCH = 10_000
 
 
 @dataclass(slots=True, eq=False)
@@ -217,6 +236,28 @@ class Meter:
         self._rows_due = 0.0
         self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
         self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
+        self.unknown_policy = settings.unknown_projects
+        # A project idle this long is forgotten (evict_idle): never before its ring is all zeros.
+        self.idle_seconds = max(float(self.ring_size), settings.idle_project_seconds)
+        self.default_quota = Quota(settings.default_eps_limit, settings.default_bps_limit, settings.burst_tolerance)
+        self.shared: dict[int, ProjectMeter] = {}  # partition -> meter of its unknown projects
+        # Worker-lifetime totals over every project (exact whatever was evicted): /metrics' "other".
+        self.received_total = 0
+        self.bytes_total = 0
+        self.evicted_outcomes: dict[str, int] = {"admitted": 0, "diverted": 0, "dropped": 0, "shadow_excess": 0}
+        self.evicted = 0  # idle projects forgotten so far
+        # What the 1 s tick decides on (not every project: 100,000 of them would take the event
+        # loop for ~0.1 s a second): the watched ones (shed, a marker or a manual state in force)
+        # and those counted while decisions had to wait (control plane not caught up).
+        self._watched: dict[str, ProjectMeter] = {}
+        self._undecided: dict[str, ProjectMeter] = {}
+        self._top_cache: tuple[float, int, list[str]] | None = None
+        # The /metrics snapshot of the last refresh: totals and the selected projects' counters,
+        # taken together so that "other" = totals - labelled is exact.
+        self._totals_snapshot: tuple[dict[str, int], dict[str, dict[str, int]]] | None = None
+        self._read_model_wanted_at = -math.inf  # the tick refreshes it only while views are read
+        self._evict_due = 0.0
+        self._evict_more = False  # the last pass stopped at EVICT_BATCH: go on at the next tick
 
     # ------------------------------------------------------------ lifecycle
     def active_partitions(self) -> set[int]:
@@ -235,8 +276,16 @@ class Meter:
         self._dirty = {}
         self.projects.clear()
         self.by_key.clear()
+        self.shared = {}
+        self._watched, self._undecided, self._top_cache, self._totals_snapshot = {}, {}, None, None
         self.floors = {}
+        idle_before = int(time.time() - self.idle_seconds)
+        skipped = 0
         for key, row in self._owned_rows(self.tables.rates, decode_rates, "rates"):
+            self.floors[row.partition] = max(self.floors.get(row.partition, -1), row.offset)
+            if (row.counts.last_second or 0) < idle_before:
+                skipped += 1  # idle: loaded again (as new) when it sends, like an evicted project
+                continue
             pm = self._new(key, row.partition)
             if pm is None:
                 continue
@@ -244,12 +293,15 @@ class Meter:
             if counts.size != self.ring_size:  # the horizons were changed since the row was written
                 counts = merge_counts(counts, size=self.ring_size)
             pm.counts, pm.offset, pm.received, pm.nbytes = counts, row.offset, row.received, row.nbytes
-            self.floors[row.partition] = max(self.floors.get(row.partition, -1), row.offset)
         for key, srow in self._owned_rows(self.tables.states, decode_state, "shed-state"):
-            pm = self.by_key.get(key) or self._new(key, srow.partition)
+            pm = self.by_key.get(key)
+            if pm is None and not (srow.state.is_shed or srow.marker is not None or srow.state.manual is not None):
+                continue  # an idle project's "ok" row: nothing to enforce
+            pm = pm or self._new(key, srow.partition)
             if pm is None:
                 continue
             pm.state, pm.marker, pm.peak_eps = srow.state, srow.marker, srow.peak_eps
+            self._watch(pm)
             if pm.marker is not None:
                 pm.fraction = pm.marker[1]
                 # State the route in force again (the same route again changes nothing in the
@@ -261,9 +313,10 @@ class Meter:
                 self.episodes.append(self._episode(pm, recovered=True))
         shed = [p for p, pm in self.projects.items() if pm.state.is_shed]
         log.info(
-            "meter: partitions %s loaded, %d projects, shed: %s, counted through offsets %s",
+            "meter: partitions %s loaded, %d projects (%d idle rows not loaded), shed: %s, counted through offsets %s",
             sorted(self.partitions),
             len(self.projects),
+            skipped,
             shed,
             self.floors,
         )
@@ -286,7 +339,8 @@ class Meter:
             project_id = key.decode()
         except UnicodeDecodeError:
             return None
-        if not is_valid_name(project_id):
+        shared = project_id == shared_meter_id(partition)
+        if not shared and not is_valid_name(project_id):
             return None
         pm = ProjectMeter(
             project_id,
@@ -297,7 +351,34 @@ class Meter:
         )
         self.projects[project_id] = pm
         self.by_key[key] = pm
+        if shared:
+            self.shared[partition] = pm
         return pm
+
+    def _watch(self, pm: ProjectMeter) -> None:
+        """Keep ``_watched`` in step with what makes a project need the tick without new data."""
+        if pm.state.is_shed or pm.marker is not None or pm.state.manual is not None:
+            self._watched[pm.project_id] = pm
+        else:
+            self._watched.pop(pm.project_id, None)
+
+    def _meter_for(self, key: bytes, partition: int) -> ProjectMeter | None:
+        """The meter of a project not metered now (new, or forgotten while idle).
+
+        Unless the policy is ``export``, a project not created in the control plane is metered
+        as its partition's shared pseudo-project: a bug that invents ids costs one meter per
+        partition, and its events are shed together under one quota.
+        """
+        if self.unknown_policy != "export":
+            try:
+                project_id = key.decode()
+            except UnicodeDecodeError:
+                return None
+            if project_id not in self.runtime.control.view.projects:
+                if not is_valid_name(project_id):
+                    return None
+                return self.shared.get(partition) or self._new(shared_meter_id(partition).encode(), partition)
+        return self._new(key, partition)
 
     # ------------------------------------------------------------- hot path
     def observe(self, records: list[Any]) -> list[ProjectMeter]:
@@ -323,7 +404,7 @@ class Meter:
             offset = m.offset
             partition = m.partition
             if floors and offset <= floors_get(partition, -1):
-                pm = by_key.get(key)
+                pm = by_key.get(key) or self.shared.get(partition)
                 if pm is not None and offset <= pm.offset:
                     self.replayed += 1
                     continue  # counted before the restart/rebalance
@@ -364,15 +445,17 @@ class Meter:
                 continue
             pm = touched.get(key) or by_key.get(key)
             if pm is None:
-                pm = self._new(key, partition)
+                pm = self._meter_for(key, partition)
                 if pm is None:
                     continue
-            touched[key] = pm
+            touched[pm.key] = pm
             # A client clock ahead of ours must not push the ring into the future (it would then
             # drop every on-time count as "too old").
             pm.counts.add(min(sec, now_sec), n, nbytes)
             pm.received += n
             pm.nbytes += nbytes
+            self.received_total += n
+            self.bytes_total += nbytes
             if offset > pm.offset:
                 pm.offset = offset
             pm.partition = partition
@@ -389,7 +472,18 @@ class Meter:
         self._rows_due = time.monotonic() + ROWS_INTERVAL_SECONDS
         if not self._dirty:
             return
-        dirty, self._dirty = self._dirty, {}
+        if len(self._dirty) > MAX_ROWS_PER_WRITE:
+            self._drop_trivial_rows()
+        if len(self._dirty) <= MAX_ROWS_PER_WRITE:
+            dirty, self._dirty = self._dirty, {}
+        else:
+            # Thousands of projects at once (a bug inventing ids): the heaviest first, the rest
+            # next second. Each row is a changelog record through Faust's producer buffer, which
+            # stalls the consumer (the sink of every project) while it is full.
+            heaviest = heapq.nlargest(MAX_ROWS_PER_WRITE, self._dirty.values(), key=lambda pm: pm.counts.events_held)
+            dirty = {pm.key: pm for pm in heaviest}
+            for key in dirty:
+                del self._dirty[key]
         rows = [
             (pm.partition, pm.key, encode_rates(RatesRow(pm.partition, pm.offset, pm.received, pm.nbytes, pm.counts)))
             for pm in dirty.values()
@@ -397,13 +491,30 @@ class Meter:
         ]
         write_rows(self.tables.rates, self.context, rows)
 
+    def _drop_trivial_rows(self) -> None:
+        """Thousands of rows waiting: forget those of unknown projects with a handful of events.
+
+        Such a row only guards against counting its few events twice after a crash: harmless
+        next to any quota (a created project's rows are always written, whatever its quota).
+        """
+        known, watched = self.runtime.control.view.projects, self._watched
+        trivial = [
+            key
+            for key, pm in self._dirty.items()
+            if pm.counts.events_held < TRIVIAL_ROW_EVENTS
+            and pm.project_id not in known
+            and pm.project_id not in watched
+        ]
+        for key in trivial:
+            del self._dirty[key]
+
     # ------------------------------------------------------------ decisions
     def quota_for(self, project_id: str) -> Quota:
         """The configured quota (per-project settings from the control topic, else the defaults)."""
         s = self.settings
         project = self.runtime.control.view.projects.get(project_id)
         if project is None:
-            return Quota(s.default_eps_limit, s.default_bps_limit, s.burst_tolerance)
+            return self.default_quota
         return Quota(
             float(project.quota_eps) if project.quota_eps is not None else s.default_eps_limit,
             float(project.quota_bps) if project.quota_bps is not None else s.default_bps_limit,
@@ -443,8 +554,20 @@ class Meter:
         elapsed = now - now_sec
         overrides = self.runtime.control.view.overrides
         out = self._out
+        watched, tightened = self._watched, self.tightened
         for pm in pms:
             counts = pm.counts
+            if pm.project_id not in watched and pm.project_id not in overrides and pm.project_id not in tightened:
+                # Not shed, nothing manual: the state machine can only shed it, and no rate over
+                # any horizon exceeds what its ring holds (spans are >= 1 s). Far below its quota
+                # (thousands of one-event projects), there is nothing to decide.
+                quota = self.quota_for(pm.project_id)
+                if (
+                    counts.events_held <= quota.eps
+                    and counts.events_held <= quota.enter_eps
+                    and counts.bytes_held <= quota.enter_bps
+                ):
+                    continue
             pm.eps_burst, pm.bps_burst = counts.rate(now_sec, self.burst_h, elapsed)
             pm.eps_sustained, pm.bps_sustained = counts.rate(now_sec, self.sustained_h, elapsed, full_window=True)
             # The admitted share is sized by the larger of the rate over the last complete seconds
@@ -491,6 +614,7 @@ class Meter:
                 out.markers.append((pm, want))
             if new is not old or marker_changed:
                 pm.state = new
+                self._watch(pm)
                 out.rows[pm.project_id] = pm
                 significant = (
                     new.state != old.state
@@ -567,7 +691,13 @@ class Meter:
         if factor >= 1.0:
             self.tightened = {}
             return
-        rates = {p: pm.eps_burst for p, pm in self.projects.items()}
+        # Only the heaviest can be tightened: rank the projects with data in the burst horizon by
+        # their current rate, and hand tighten_heaviest just those (not every project's quota).
+        now_sec = int(now)
+        active = [pm for pm in self.projects.values() if (pm.counts.last_second or -1) > now_sec - self.burst_h]
+        current = {pm.project_id: pm.counts.rate(now_sec, self.burst_h, now - now_sec)[0] for pm in active}
+        heaviest = heapq.nsmallest(HEALTH_TOP_N, current, key=lambda p: (-current[p], p))
+        rates = {p: current[p] for p in heaviest}
         quotas = {p: self.quota_for(p).eps for p in rates}
         limits = tighten_heaviest(rates, quotas, factor, HEALTH_TOP_N)
         self.tightened = {p: factor for p, limit in limits.items() if limit < quotas[p]}
@@ -583,8 +713,11 @@ class Meter:
     async def handle(self, records: list[Any]) -> None:
         """One fetched batch of raw records from the meter agent."""
         touched = self.observe(records)
-        if touched and self.can_decide():
-            self.decide(touched, time.time())
+        if touched:
+            if self.can_decide():
+                self.decide(touched, time.time())
+            else:
+                self._undecided.update((pm.project_id, pm) for pm in touched)
         self._wake_flusher()
 
     async def tick(self) -> None:
@@ -593,7 +726,68 @@ class Meter:
             self.write_rates()
         if self.can_decide():
             self._tick(time.time())
+        if self.ready and (self._evict_more or time.monotonic() >= self._evict_due):
+            self._evict_due = time.monotonic() + EVICT_INTERVAL_SECONDS
+            self.evict_idle(time.time())
+        if self.ready and time.monotonic() - self._read_model_wanted_at < READ_MODEL_WANTED_SECONDS:
+            self.refresh_read_model(time.time())
         self._wake_flusher()
+
+    def evict_idle(self, now: float) -> int:
+        """Forget projects idle for ``idle_seconds`` (STREAMAPP_IDLE_PROJECT_SECONDS, at least the
+        ring's length: their rates are zero, a new meter is the same), with the sink's per-project
+        counters of projects no longer metered and their rate rows not written yet. Shed, marked
+        or overridden ones stay. At most ``EVICT_BATCH`` a pass; returns how many.
+
+        What is lost: a forgotten project's cumulative counters start again from 0 when it sends
+        again (the worker totals in /metrics stay exact), and its rate row stays in RocksDB only
+        (a restart does not load idle rows either).
+        """
+        idle_before = int(now - self.idle_seconds)
+        overrides = self.runtime.control.view.overrides
+        dirty, pending_rows, tightened = self._dirty, self._out.rows, self.tightened
+        idle = (
+            pm
+            for pm in self.projects.values()
+            if (pm.counts.last_second or -1) < idle_before
+            and not pm.state.is_shed
+            and pm.marker is None
+            and pm.state.manual is None
+            and pm.project_id not in overrides
+            and pm.project_id not in pending_rows
+            and pm.project_id not in tightened
+        )
+        # At most EVICT_BATCH a pass (the next pass follows a second later): forgetting 100,000
+        # at once would hold the event loop for most of a second.
+        gone = list(itertools.islice(idle, EVICT_BATCH))
+        for pm in gone:
+            del self.projects[pm.project_id]
+            self.by_key.pop(pm.key, None)
+            dirty.pop(pm.key, None)  # an idle row: a restart does not load it either
+            self._undecided.pop(pm.project_id, None)
+            if self.shared.get(pm.partition) is pm:
+                del self.shared[pm.partition]
+        if len(gone) > len(self.projects):  # a dict keeps its table after deletes: give it back
+            self.projects, self.by_key = dict(self.projects), dict(self.by_key)
+        self.evicted += len(gone)
+        more = False
+        # The sink's per-project counters (views only, not part of any checkpoint): keep those of
+        # metered projects; the rest go into the totals so /metrics stays exact.
+        projects, totals = self.projects, self.evicted_outcomes
+        for windows in list(self.runtime.sink.partitions.values()):
+            counts = windows.counts
+            unmetered = list(itertools.islice((p for p in counts if p not in projects), EVICT_BATCH))
+            for project_id in unmetered:
+                c = counts.pop(project_id)
+                totals["admitted"] += c.admitted
+                totals["diverted"] += c.diverted
+                totals["dropped"] += c.dropped
+                totals["shadow_excess"] += c.shadow_excess
+            if len(unmetered) > len(counts):
+                windows.counts = dict(counts)
+            more = more or len(unmetered) == EVICT_BATCH
+        self._evict_more = more or len(gone) == EVICT_BATCH
+        return len(gone)
 
     def _tick(self, now: float) -> None:
         self.update_health(now)
@@ -603,17 +797,17 @@ class Meter:
                 partition = default_partition(project_id, self.settings.topic_partitions)
                 if partition in self.partitions:
                     self._new(project_id.encode(), partition)
-        now_sec = int(now)
-        live = [
-            pm
-            for pm in self.projects.values()
-            if pm.state.is_shed
-            or pm.marker is not None
-            or pm.project_id in view.overrides
-            or pm.state.manual is not None
-            or (pm.counts.last_second or 0) >= now_sec - self.ring_size
-        ]
-        self.decide(live, now)
+        # A project's rates only fall while no data arrives, so one that is not shed needs the state
+        # machine again only for data not decided on yet (``handle`` decides what it counts).
+        live = dict(self._watched)
+        live.update(self._undecided)
+        self._undecided = {}
+        projects = self.projects
+        for project_id in itertools.chain(view.overrides, self.tightened):
+            pm = projects.get(project_id)
+            if pm is not None:
+                live[project_id] = pm
+        self.decide(list(live.values()), now)
 
     def _wake_flusher(self) -> None:
         if self._out.markers or self._out.rows or self._out.published:
@@ -667,6 +861,7 @@ class Meter:
             pm = self.projects.get(project_id)
             if pm is not None:
                 pm.marker = UNKNOWN_MARKER
+                self._watch(pm)
         rows = [
             (pm.partition, pm.key, encode_state(StateRow(pm.partition, pm.state, pm.marker, pm.peak_eps)))
             for project_id, pm in out.rows.items()
@@ -710,31 +905,109 @@ class Meter:
         return eps_b, bps_b, eps_s, bps_s
 
     def top(self, limit: int) -> list[dict[str, Any]]:
-        """Projects on this worker's partitions by current burst rate, highest first."""
+        """Projects on this worker's partitions by current burst rate, highest first (ties by id).
+
+        The selection is the tick's (``refresh_read_model``, at most TOP_SELECTION_SECONDS old, so
+        a project that just started shows within a tick); the rows are computed now. A selection
+        (``_select_top``) is exact without computing every project's rate: see there.
+        """
+        limit = max(0, limit)
+        if limit == 0:
+            return []
         now = time.time()
-        counters = self.counters()
-        rows = []
+        self._read_model_wanted_at = time.monotonic()
+        cached = self._top_cache
+        if cached is not None and now - cached[0] < TOP_SELECTION_SECONDS and limit <= cached[1]:
+            # Selected by the last refresh: rank the same projects by their rates now (O(limit)).
+            rows = [self._top_row(self.projects[p], now) for p in cached[2] if p in self.projects]
+            rows.sort(key=lambda r: (-r["eps_burst"], r["project_id"]))
+            return self._with_counters(rows[:limit])
+        ids = self._select_top(limit, now)
+        self._top_cache = (now, limit, ids)
+        return self._with_counters([self._top_row(self.projects[p], now) for p in ids])
+
+    def refresh_read_model(self, now: float) -> None:
+        """The views' pass over every project, once a second from the tick (see ``top``)."""
+        ids = self._select_top(TOP_SELECTION_LIMIT, now)
+        self._top_cache = (now, TOP_SELECTION_LIMIT, ids)
+        self._totals_snapshot = (self.counter_totals(), self.counters_for(ids))
+
+    def metrics_snapshot(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """(totals over every project, counters of the top projects) of one moment, for /metrics."""
+        snapshot = self._totals_snapshot
+        self._read_model_wanted_at = time.monotonic()
+        if snapshot is None or not self.ready:  # not refreshed (yet): take one now
+            ids = self._select_top(TOP_SELECTION_LIMIT, time.time())
+            snapshot = (self.counter_totals(), self.counters_for(ids))
+        return snapshot
+
+    def _with_counters(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        counters = self.counters_for([r["project_id"] for r in rows])
+        for row in rows:
+            row["counters"] = counters[row["project_id"]]
+        return rows
+
+    def _select_top(self, limit: int, now: float) -> list[str]:
+        """Ids of the ``limit`` projects of highest burst rate at ``now`` (ties by id): exact.
+
+        ``SecondCounts.rate_bound`` (O(1), never below the rate) orders the candidates, and exact
+        rates are computed in that order only until the next bound cannot beat the ``limit``-th
+        best: one cheap pass over the projects, a heap, and a handful of rate computations.
+        """
+        now_sec = int(now)
+        elapsed = now - now_sec
+        burst_h = self.burst_h
+        recent = now_sec - burst_h  # data at or before this second gives a burst rate of exactly 0
+        bounds: list[tuple[float, str]] = []
+        idle: list[str] = []
+        window_lo = now_sec - burst_h + 1
+        # SecondCounts.rate_bound, inlined: this loop visits every project (100,000 in ~30 ms).
         for project_id, pm in self.projects.items():
-            eps_b, bps_b, eps_s, bps_s = self._rates(pm, now)
-            quota = self.quota_for(project_id)
-            rows.append(
-                {
-                    "project_id": project_id,
-                    "eps_burst": _round(eps_b),
-                    "bps_burst": _round(bps_b),
-                    "eps_sustained": _round(eps_s),
-                    "bps_sustained": _round(bps_s),
-                    "quota_eps": quota.eps,
-                    "quota_bps": quota.bps,
-                    "effective_quota_eps": _round(self.effective_quota(project_id).eps, 3),
-                    "state": pm.state.state,
-                    "mode": pm.state.mode,
-                    "partition": pm.partition,
-                    "counters": counters.get(project_id, _zero_counters()),
-                }
-            )
-        rows.sort(key=lambda r: (-r["eps_burst"], r["project_id"]))
-        return rows[: max(0, limit)]
+            counts = pm.counts
+            last = counts._last
+            if last is not None and last > recent:
+                start = counts._start
+                lo = start if start is not None and start > window_lo else window_lo
+                if last >= lo:
+                    span = now_sec - lo + elapsed
+                    bound = round(counts._tot / (span if span > 1.0 else 1.0), 1)
+                    if bound > 0:
+                        bounds.append((-bound, project_id))
+                        continue
+            idle.append(project_id)
+        heapq.heapify(bounds)
+        best: list[tuple[float, str]] = []  # (-rounded rate, id), sorted, at most ``limit``
+        while bounds and (len(best) < limit or bounds[0] < best[-1]):
+            _, project_id = heapq.heappop(bounds)
+            eps = _round(self.projects[project_id].counts.rate(now_sec, burst_h, elapsed)[0])
+            key = (-eps, project_id)
+            if len(best) < limit or key < best[-1]:
+                insort(best, key)
+                del best[limit:]
+        if len(best) < limit or best[-1][0] == 0.0:
+            # Projects at rate 0 rank by id: the smallest ids of the rest (bounds left are >= best).
+            idle.extend(p for _, p in bounds)
+            for project_id in heapq.nsmallest(limit, idle):
+                insort(best, (0.0, project_id))
+            del best[limit:]
+        return [p for _, p in best]
+
+    def _top_row(self, pm: ProjectMeter, now: float) -> dict[str, Any]:
+        eps_b, bps_b, eps_s, bps_s = self._rates(pm, now)
+        quota = self.quota_for(pm.project_id)
+        return {
+            "project_id": pm.project_id,
+            "eps_burst": _round(eps_b),
+            "bps_burst": _round(bps_b),
+            "eps_sustained": _round(eps_s),
+            "bps_sustained": _round(bps_s),
+            "quota_eps": quota.eps,
+            "quota_bps": quota.bps,
+            "effective_quota_eps": _round(self.effective_quota(pm.project_id).eps, 3),
+            "state": pm.state.state,
+            "mode": pm.state.mode,
+            "partition": pm.partition,
+        }
 
     def series(self, project_id: str, seconds: int) -> list[dict[str, int]]:
         """Per-second events/bytes of the last ``seconds`` (at most the ring length); [] if unknown."""
@@ -748,7 +1021,7 @@ class Meter:
     def shed(self) -> dict[str, Any]:
         now = time.time()
         shed = []
-        for pm in self.projects.values():
+        for pm in list(self._watched.values()):  # every shed project is watched
             if pm.state.is_shed:
                 eps_b, bps_b, _, _ = self._rates(pm, now)
                 shed.append(
@@ -763,6 +1036,63 @@ class Meter:
                 )
         shed.sort(key=lambda d: d["project_id"])
         return {"shed": shed, "episodes": list(self.episodes)}
+
+    def counters_for(self, project_ids: Iterable[str]) -> dict[str, dict[str, int]]:
+        """``counters()`` of a few projects, without walking every project (the views' path)."""
+        out: dict[str, dict[str, int]] = {}
+        partitions = list(self.runtime.sink.partitions.values())
+        for project_id in project_ids:
+            c = out[project_id] = _zero_counters()
+            pm = self.projects.get(project_id)
+            if pm is not None:
+                c["received"] = pm.received
+                c["bytes"] = pm.nbytes
+            for windows in partitions:
+                counts = windows.counts.get(project_id)
+                if counts is not None:
+                    c["admitted"] += counts.admitted
+                    c["diverted"] += counts.diverted
+                    c["dropped"] += counts.dropped
+                    c["shadow_excess"] += counts.shadow_excess
+        return out
+
+    def counters_of(self, project_id: str) -> dict[str, int] | None:
+        """``counters().get(project_id)`` in O(partitions)."""
+        if project_id not in self.projects and not any(
+            project_id in w.counts for w in list(self.runtime.sink.partitions.values())
+        ):
+            return None
+        return self.counters_for([project_id])[project_id]
+
+    def counter_totals(self) -> dict[str, int]:
+        """``counters()`` summed over every project this worker counted, forgotten ones included.
+
+        ``received``/``bytes`` are the meter's running totals; the sink's outcomes are summed
+        over its partitions now held (one pass over its per-project counters) plus the counters
+        of forgotten projects. A revoked partition takes its outcomes with it (/metrics treats a
+        drop as a new baseline).
+        """
+        totals = dict(self.evicted_outcomes)
+        admitted, diverted, dropped, shadow = (
+            totals["admitted"],
+            totals["diverted"],
+            totals["dropped"],
+            totals["shadow_excess"],
+        )
+        for windows in list(self.runtime.sink.partitions.values()):
+            for c in windows.counts.values():
+                admitted += c.admitted
+                diverted += c.diverted
+                dropped += c.dropped
+                shadow += c.shadow_excess
+        return {
+            "received": self.received_total,
+            "bytes": self.bytes_total,
+            "admitted": admitted,
+            "diverted": diverted,
+            "dropped": dropped,
+            "shadow_excess": shadow,
+        }
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Per project: received and bytes (meter), admitted/diverted/dropped (the sink's routing)."""
@@ -799,6 +1129,8 @@ class Meter:
             "not_ready": self.not_ready,
             "foreign": self.foreign,
             "markers_written": self.markers_written,
+            "unknown_projects": self.unknown_policy,
+            "evicted": self.evicted,
             "health": {**self.health, "tightened": self.tightened},
         }
 

@@ -37,6 +37,7 @@ OTHER = "other"
 #: Per-project counters the meter keeps (``runtime.meter.counters()``).
 PROJECT_OUTCOMES = ("received", "admitted", "diverted", "dropped")
 DEFAULT_TOP_N = 20
+_TOTALS = "\x00totals"  # key of the all-projects totals in BoundedProjectCounters._last (never a project id)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FLUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -161,6 +162,53 @@ class BoundedProjectCounters:
         self._last = seen
         return labelled
 
+    def update_totals(
+        self, totals: Mapping[str, Any], counters: Mapping[str, Mapping[str, Any]], top: Iterable[str]
+    ) -> list[str]:
+        """Like ``update``, in O(labels) rather than O(projects): ``totals`` are the cumulative
+        counters summed over every project, ``counters`` those of the projects near the top (a few
+        more than are labelled), all of one moment.
+
+        A labelled project's series grows by its increase since the previous scrape, or by its
+        whole count when it was not near the top then; ``other`` grows by the totals' increase
+        minus those (never below 0: a project that climbs from far below the top brings counts
+        that were in ``other`` already, and both keep them). A total that went down (a partition
+        revoked) is a new baseline: nothing is added for it in that scrape.
+        """
+        labelled = self.labelled(top)
+        keep = set(labelled)
+        for label in list(self.totals):
+            if label != OTHER and label not in keep:
+                del self.totals[label]
+        outcomes = self.outcomes
+        now_totals = tuple(int(totals.get(name, 0) or 0) for name in outcomes)
+        before_totals = self._last.get(_TOTALS)
+        if before_totals is None:
+            increase = list(now_totals)
+        else:
+            increase = [
+                now - before if now >= before else 0 for now, before in zip(now_totals, before_totals, strict=True)
+            ]
+        seen: dict[str, tuple[int, ...]] = {_TOTALS: now_totals}
+        for project_id, values in counters.items():
+            seen[project_id] = tuple(int(values.get(name, 0) or 0) for name in outcomes)
+        other = list(increase)
+        for project_id in labelled:
+            now = seen.get(project_id) or (0,) * len(outcomes)
+            acc = self.totals.setdefault(project_id, [0.0] * len(outcomes))
+            before = self._last.get(project_id)
+            for i, value in enumerate(now):
+                previous = before[i] if before is not None else 0
+                own = value - previous if value >= previous else value
+                acc[i] += own
+                other[i] -= own
+        acc = self.totals[OTHER]
+        for i in range(len(outcomes)):
+            acc[i] += max(0, other[i])
+            self.all_projects[i] += increase[i]
+        self._last = seen
+        return labelled
+
     def families(self) -> list[Metric]:
         out = []
         for i, outcome in enumerate(self.outcomes):
@@ -214,7 +262,12 @@ class RuntimeCollector:
     def _project_families(self) -> list[Metric]:
         meter = self.runtime.meter
         top = meter.top(self.projects.top_n)
-        labelled = self.projects.update(meter.counters(), (p["project_id"] for p in top))
+        ids = [p["project_id"] for p in top]
+        if hasattr(meter, "metrics_snapshot"):  # O(top): the meter keeps totals over every project
+            totals, counters = meter.metrics_snapshot()  # of one moment: "other" stays exact
+            labelled = self.projects.update_totals(totals, counters, [p for p in ids if p in counters])
+        else:
+            labelled = self.projects.update(meter.counters(), ids)
         out = self.projects.families()
         by_id = {p["project_id"]: p for p in top}
         shed = GaugeMetricFamily(

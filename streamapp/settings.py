@@ -36,13 +36,21 @@ class Settings:
     topic_replicas: int = _doc("Replication factor of topics the app creates", default=1)
     max_record_bytes: int = _doc("Largest accepted Kafka record value; larger ones are invalid", default=1_000_000)
     max_event_bytes: int = _doc("Largest accepted single event (JSON bytes; Keen: 900,000)", default=900_000)
+    unknown_projects: str = _doc(
+        "Kafka events of projects not created in the control plane: shared (exported, metered and shed"
+        " as one pseudo-project per partition), export (each its own quota) or dead-letter",
+        default="shared",
+    )
     # --- S3 ---
     s3_endpoint_url: str = _doc("S3 endpoint URL; empty means AWS", default="")
     s3_region: str = _doc("S3 region", default="us-east-1")
     s3_bucket: str = _doc("Default bucket for exported events", default="streamapp-events")
     s3_prefix: str = _doc("Default key prefix for exported events", default="events")
     s3_streaming_default: bool = _doc("Export projects that have no settings of their own", default=True)
-    s3_upload_concurrency: int = _doc("Parallel S3 uploads per worker", default=8)
+    s3_upload_concurrency: int = _doc(
+        "Parallel S3 uploads per worker (many small objects need many: 50,000 a window at 100 ms a PUT)",
+        default=32,
+    )
     s3_retry_max_seconds: float = _doc("Cap of the exponential backoff between S3 retries", default=10.0)
     s3_timeout_seconds: float = _doc("Connect/read timeout of one S3 request before it is retried", default=30.0)
     s3_parked_retry_seconds: float = _doc(
@@ -67,6 +75,10 @@ class Settings:
     shed_mode: str = _doc("Default shed mode: divert, drop or shadow", default="divert")
     burst_horizon_seconds: int = _doc("Horizon of the short (burst) rate estimate", default=10)
     sustained_horizon_seconds: int = _doc("Horizon of the sustained rate estimate", default=60)
+    idle_project_seconds: float = _doc(
+        "Seconds without events after which a project's in-memory state is forgotten (at least the rate horizons)",
+        default=300.0,
+    )
     overflow_max_eps: float = _doc("Ceiling of the overflow drain rate, events/s", default=20_000.0)
     health_backlog_seconds: float = _doc(
         "Sink backlog age that tightens quotas of the heaviest projects", default=120.0
@@ -160,9 +172,15 @@ class Settings:
         need(self.allowed_lateness_seconds >= 0, "allowed_lateness_seconds", "must be >= 0")
         need(self.max_future_seconds >= 0, "max_future_seconds", "must be >= 0")
         need(self.default_eps_limit > 0, "default_eps_limit", "must be > 0")
+        need(self.idle_project_seconds > 0, "idle_project_seconds", "must be > 0")
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")
         need(0 < self.shed_exit_ratio <= 1, "shed_exit_ratio", "must be in (0, 1]")
         need(self.shed_mode in ("divert", "drop", "shadow"), "shed_mode", "must be divert, drop or shadow")
+        need(
+            self.unknown_projects in ("shared", "export", "dead-letter"),
+            "unknown_projects",
+            "must be shared, export or dead-letter",
+        )
         need(bool(self.s3_bucket), "s3_bucket", "must not be empty")
         need(":" in self.kafka_bootstrap, "kafka_bootstrap", "must be host:port")
         need(self.window_seconds <= 86400, "window_seconds", "must be <= 86400")

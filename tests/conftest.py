@@ -103,6 +103,9 @@ def worker_env(broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: s
             web_port=free_port(),
             data_dir=tmp_path / f"worker-data-{calls}",
             control_secret=CONTROL_SECRET,
+            # Tests produce to projects they never create and expect each to be metered and shed on
+            # its own; the default (shared) is covered by tests/test_cardinality.py.
+            unknown_projects="export",
         )
         env.update(settings_env(overrides))
         return env

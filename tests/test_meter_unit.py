@@ -135,6 +135,7 @@ SETTINGS = Settings(
     allowed_lateness_seconds=1,
     idle_flush_seconds=1.0,
     health_backlog_seconds=10.0,
+    unknown_projects="export",  # these tests meter projects they never create, each on its own
 )
 
 

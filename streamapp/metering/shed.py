@@ -90,7 +90,7 @@ def effective_quota(quota: Quota, health_factor: float) -> Quota:
     return Quota(eps=quota.eps * health_factor, bps=quota.bps * health_factor, burst=quota.burst)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per metered project: no __dict__
 class ShedState:
     """Shed state of one project; frozen and JSON-able via ``to_dict``/``from_dict``.
 

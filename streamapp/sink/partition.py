@@ -41,6 +41,7 @@ from streamapp.contract import (
 )
 from streamapp.enrichment import AddonError, dead_letter_bytes, run_addons
 from streamapp.metering.shed import admit_event
+from streamapp.metering.unknown import shared_meter_id
 from streamapp.sink.layout import (
     KIND_EARLY,
     KIND_EARLY_LATER,
@@ -193,6 +194,8 @@ class PartitionWindows:
         manifest_target: Target,
         checkpoint: Mapping[str, Any] | None = None,
         max_future_seconds: float = DEFAULT_MAX_FUTURE_SECONDS,
+        known: Callable[[str], bool] | None = None,
+        unknown_policy: str = "export",
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -204,6 +207,11 @@ class PartitionWindows:
         self.max_future_seconds = max_future_seconds
         self.target = target
         self.manifest_target = manifest_target
+        # STREAMAPP_UNKNOWN_PROJECTS (streamapp.metering.unknown): ``known`` reads the control view,
+        # like ``target``. Unknown projects follow the shared meter's route, or are dead-lettered.
+        self.known = known or (lambda project_id: True)
+        self.dead_letter_unknown = unknown_policy == "dead-letter"
+        self.shared_id = shared_meter_id(partition)
         self.watermark = _NEG_INF
         self.routes: Mapping[str, Route] = {}
         self.skip_pos = 0
@@ -244,8 +252,14 @@ class PartitionWindows:
                 self.invalid.append(InvalidItem(offset, key, value, exc.reason))
             return
         project, collection = record.project_id, record.collection
+        if self.dead_letter_unknown and not self.known(project):
+            if base >= self.skip_pos:
+                self.invalid.append(InvalidItem(offset, key, value, f"unknown project {project!r}: not created"))
+            return
         target = self.target(project)
         route = self.routes.get(project)
+        if route is None and self.shared_id in self.routes and not self.known(project):
+            route = self.routes[self.shared_id]  # unknown projects are shed as one
         counts = self.counts.get(project)
         if counts is None:
             counts = self.counts[project] = RouteCounts()

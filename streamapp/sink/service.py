@@ -31,6 +31,7 @@ from streamapp.control_records import (
     parse_control,
     verify_control,
 )
+from streamapp.metering.unknown import UNKNOWN_FLOW
 from streamapp.sink.drain import overflow_record
 from streamapp.sink.layout import (
     KIND_MANIFEST_PART,
@@ -40,6 +41,7 @@ from streamapp.sink.layout import (
 )
 from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route, Target
 from streamapp.sink.s3 import S3Writer
+from streamapp.sink.uploads import FairQueue
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_SECONDS = 1.0
 YIELD_EVERY_EVENTS = 5000  # ~20 ms of sink work on this project's machine
+BACKLOG_CACHE_SECONDS = 1.5  # > the meter tick (1 s), which reads it for the health check
 
 
 @dataclass
@@ -71,6 +74,11 @@ class S3Sink:
         self._opening: dict[int, asyncio.Future[PartitionWindows]] = {}
         self._uploads: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(self.settings.s3_upload_concurrency * 2)
+        # Objects wait here, not as tasks, and start in fair order (see streamapp.sink.uploads).
+        self._upload_queue: FairQueue[tuple[PartitionWindows, int, PendingObject]] = FairQueue()
+        self._upload_limit = self.settings.s3_upload_concurrency * 2
+        self._uploading = 0
+        self._backlog_cache: dict[int, tuple[float, PartitionWindows, dict[str, Any]]] = {}
         self.pending_bytes = 0
         self.max_pending_bytes = max(64 * 1024 * 1024, self.settings.max_object_bytes * 2)
         self._drained = asyncio.Event()
@@ -95,6 +103,10 @@ class S3Sink:
 
     def target(self, project_id: str) -> Target | None:
         return self.runtime.export_target(project_id)
+
+    def known(self, project_id: str) -> bool:
+        """Created in the control plane (STREAMAPP_UNKNOWN_PROJECTS applies to the others)."""
+        return project_id in self.runtime.control.view.projects
 
     async def partition(self, tp: TP) -> PartitionWindows:
         windows = self.partitions.get(tp.partition)
@@ -135,6 +147,8 @@ class S3Sink:
             manifest_target=self.manifest_target(),
             checkpoint=checkpoint,
             max_future_seconds=self.settings.max_future_seconds,
+            known=self.known,
+            unknown_policy=self.settings.unknown_projects,
         )
         self.partitions[tp.partition] = windows
         self.status[tp.partition] = PartitionStatus(committed_offset=committed or 0)
@@ -294,10 +308,33 @@ class S3Sink:
             value = overflow_record(batch.project_id, batch.collection, partition, batch.positions, batch.events)
             self._track(self._divert(windows, partition, batch.id, batch.project_id, value))
         windows.diverted.clear()
+        queue = self._upload_queue
         for obj in windows.outbox:
             self.pending_bytes += obj.nbytes
-            self._track(self._upload(windows, partition, obj))
+            queue.push(self._upload_flow(obj), (windows, partition, obj))
         windows.outbox.clear()
+        self._start_uploads()
+
+    def _upload_flow(self, obj: PendingObject) -> str:
+        """Fair-queue flow of an object: its project if created, else all unknown projects as one."""
+        if obj.kind == KIND_MANIFEST_PART:
+            return ""
+        return obj.project_id if self.known(obj.project_id) else UNKNOWN_FLOW
+
+    def _start_uploads(self) -> None:
+        queue = self._upload_queue
+        while queue and self._uploading < self._upload_limit:
+            windows, partition, obj = queue.pop()
+            self._uploading += 1
+            task = asyncio.ensure_future(self._upload(windows, partition, obj))
+            self._uploads.add(task)
+            task.add_done_callback(self._upload_finished)
+
+    def _upload_finished(self, task: asyncio.Task[None]) -> None:
+        self._uploads.discard(task)
+        self._uploading -= 1
+        if not task.cancelled():  # cancelled: the worker is stopping
+            self._start_uploads()
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -456,6 +493,18 @@ class S3Sink:
             await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
 
     # ----------------------------------------------------------------- views
+    def _windows_backlog(self, partition: int, windows: PartitionWindows) -> dict[str, Any]:
+        """``windows.backlog()`` (a pass over its open buffers: 50,000 with invented project ids)
+        at most once per ``BACKLOG_CACHE_SECONDS``: the meter's health check, /sink/ and /metrics
+        all read it."""
+        now = time.monotonic()
+        cached = self._backlog_cache.get(partition)
+        if cached is not None and cached[1] is windows and now - cached[0] < BACKLOG_CACHE_SECONDS:
+            return cached[2]
+        info = windows.backlog()
+        self._backlog_cache[partition] = (now, windows, info)
+        return info
+
     def backlog(self) -> dict[str, Any]:
         consumer = self.runtime.app.consumer
         partitions = {}
@@ -463,7 +512,7 @@ class S3Sink:
         for partition, windows in sorted(self.partitions.items()):
             status = self.status.get(partition) or PartitionStatus()
             highwater = consumer.highwater(TP(self.topic, partition)) or 0
-            info = windows.backlog()
+            info = self._windows_backlog(partition, windows)
             oldest = info.get("oldest_open_window")
             unflushed_age = max(0.0, now - oldest) if oldest is not None else 0.0
             partitions[str(partition)] = {
