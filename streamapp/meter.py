@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from aiokafka.partitioner import murmur2
 
-from streamapp.contract import SHED_KEY, is_valid_name, project_prefixes, value_names_project
+from streamapp.contract import SHED_KEY, is_valid_name, value_names_project
 from streamapp.control_records import control_headers, control_secrets
 from streamapp.metering import (
     Quota,
@@ -229,7 +229,6 @@ class Meter:
         self.replayed = 0  # records skipped as counted before the last reload
         self.not_ready = 0  # records seen while not ready (counted by the next owner)
         self.foreign = 0  # records whose value does not name their key's project: counted for nobody
-        self._prefixes: dict[bytes, tuple[bytes, bytes]] = {}  # key -> contract.project_prefixes(key)
         self._out = _Outbox()
         self._publish_queue: asyncio.Queue[dict[str, Any]] | None = None
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
@@ -394,8 +393,6 @@ class Meter:
         floors = self.floors
         floors_get = floors.get
         by_key = self.by_key
-        prefixes_of = self._prefixes
-        prefixes_get = prefixes_of.get
         n_events = 0
         for m in records:
             key = m.key
@@ -415,12 +412,7 @@ class Meter:
             if b'"events"' in value:
                 n = events_for_key(value, key)
             else:
-                prefixes = prefixes_get(key)
-                if prefixes is None:
-                    if len(prefixes_of) > 100_000:
-                        prefixes_of.clear()
-                    prefixes = prefixes_of[key] = project_prefixes(key)
-                n = 1 if value.startswith(prefixes) or value_names_project(value, key, prefixes) else -1
+                n = 1 if value_names_project(value, key) else -1
             if n < 0:
                 self.foreign += 1  # names another project (or none): invalid, counted against nobody
                 continue

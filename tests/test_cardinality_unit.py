@@ -30,6 +30,7 @@ from streamapp.metering.rates import SecondCounts
 from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
 from streamapp.metrics import OTHER, Metrics
 from streamapp.settings import Settings
+from streamapp.sink.parking import ParkingBook
 from streamapp.sink.partition import PartitionWindows, Route
 from streamapp.sink.s3 import S3Stats
 from streamapp.sink.service import S3Sink
@@ -77,6 +78,7 @@ class FakeRuntime:
         self.control = FakeControl()
         self.s3 = type("S", (), {"stats": S3Stats(), "on_put": []})()
         self.sink = S3Sink(self)  # type: ignore[arg-type] - the real one, its partitions set by hand
+        self.parking = type("P", (), {"book": ParkingBook(settings.s3_parked_retry_seconds)})()  # nothing parked
         self.meter: Any = None
 
 

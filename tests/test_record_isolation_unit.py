@@ -591,12 +591,12 @@ def test_events_stamped_ahead_over_many_windows_make_a_bounded_number_of_objects
 def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_view_holds_it() -> None:
     from types import SimpleNamespace
 
-    from streamapp.control import ProjectSettings
+    from streamapp.control import ProjectSettings, hash_key
     from streamapp.web.api import IngestApi
 
     ready = asyncio.Event()
     ready.set()
-    projects = {"_manifests": ProjectSettings(project_id="_manifests", write_key="k")}
+    projects = {"_manifests": ProjectSettings(project_id="_manifests", key_hash=hash_key("k"))}
     control = SimpleNamespace(caught_up=ready, view=SimpleNamespace(projects=projects))
     api = object.__new__(IngestApi)  # only the checks: no producer, no metrics
     api.control = control  # type: ignore[assignment]
