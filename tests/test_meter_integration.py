@@ -88,8 +88,14 @@ class Producer:
         self._thread = threading.Thread(target=self._run, args=(bootstrap, topic, kwargs), daemon=True)
 
     def _run(self, bootstrap: str, topic: str, kwargs: dict[str, Any]) -> None:
-        self.started_at = time.time()
-        self.sent = asyncio.run(produce_load(bootstrap, topic, should_stop=lambda: self.stopped, **kwargs))
+        self.sent = asyncio.run(produce_load(bootstrap, topic, should_stop=self._should_stop, **kwargs))
+
+    def _should_stop(self) -> bool:
+        # produce_load asks first right where its clock starts (after the producer connected):
+        # spike times are offsets from this moment, not from the thread's start.
+        if not self.started_at:
+            self.started_at = time.time()
+        return self.stopped
 
     def start(self) -> Producer:
         self._thread.start()
@@ -287,19 +293,17 @@ def test_shadow_records_and_drop_drops_only_the_excess(broker, s3_client, bucket
     )
     worker = start_worker(env)
     wait_metering([worker])
-    spike_at, spike_len, factor = 5.0, 4.0, 20 * QUOTA / STEADY
-    sent = (
-        Producer(
-            broker.bootstrap,
-            topic,
-            rate=STEADY * len(PROJECTS),
-            projects=PROJECTS,
-            duration=spike_at + spike_len + 3,
-            spikes=[("p00", factor, spike_at, spike_len), ("p01", factor, spike_at, spike_len)],
-        )
-        .start()
-        .join()
-    )
+    spike_at, spike_len, factor = 4.0, 5.0, 20 * QUOTA / STEADY
+    producer = Producer(
+        broker.bootstrap,
+        topic,
+        rate=STEADY * len(PROJECTS),
+        projects=PROJECTS,
+        duration=spike_at + spike_len + 3,
+        spikes=[("p00", factor, spike_at, spike_len), ("p01", factor, spike_at, spike_len)],
+    ).start()
+    sent = producer.join()
+    spike_end = producer.started_at + spike_at + spike_len
 
     def routed() -> dict[str, Any] | None:
         counters = meter(worker)["counters"]
@@ -322,14 +326,24 @@ def test_shadow_records_and_drop_drops_only_the_excess(broker, s3_client, bucket
     assert not [k for k in objects if k.endswith("-delayed.json.gz")], "drop and shadow divert nothing"
     p01 = {k: v for k, v in got.items() if k[0] == "p01"}
     assert all(v == 1 for v in p01.values()) and len(p01) == admitted_p01
-    assert sum(per_second([e for k, v in objects.items() if "/p01/" in k for e in v]).values()) == admitted_p01
+    p01_per_second = per_second([e for k, v in objects.items() if "/p01/" in k for e in v])
+    assert sum(p01_per_second.values()) == admitted_p01
+    # Only the excess: everything before the spike (the first 60 events are sent within 3 s at
+    # 20 ev/s, the spike starts at 4 s) and about the quota every second of the spike got through.
+    assert all(("p01", n) in p01 for n in range(60)), "events under the quota are never dropped"
+    records = control_records(broker.bootstrap, f"{topic}-control")
+    p01_shed = next(s for s in shed_states(records, "p01") if s["state"] == "shed")
+    spike_seconds = range(int(p01_shed["since"]) + 2, int(spike_end))
+    assert len(spike_seconds) >= 1, (p01_shed["since"], spike_end)
+    for second in spike_seconds:
+        assert 0.4 * QUOTA <= p01_per_second[second] <= 2.0 * QUOTA, (second, p01_per_second[second])
+    assert dropped == sent["p01"] - admitted_p01
     # shadow: routing unchanged (everything in S3 in real time), the decision recorded and counted.
     others = {k: v for k, v in want.items() if k[0] != "p01"}
     assert {k: v for k, v in got.items() if k[0] != "p01"} == others
     assert counters["p00"]["shadow_excess"] > 0.5 * sent["p00"]
     assert counters["p00"]["diverted"] == counters["p00"]["dropped"] == 0
     assert counters["p00"]["admitted"] == sent["p00"]
-    records = control_records(broker.bootstrap, f"{topic}-control")
     shed = {(s["project_id"], s["mode"]) for s in shed_states(records) if s["state"] == "shed"}
     assert shed == {("p00", "shadow"), ("p01", "drop")}
 

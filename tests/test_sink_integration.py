@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import re
 import threading
@@ -69,19 +70,40 @@ def test_events_land_in_s3_exactly_once_with_manifests(broker, s3_client, bucket
     windows = {KEY_LAYOUT.match(k)["ws"] for k in objects}  # type: ignore[index]
     assert len(windows) >= 4, "events spread over several 1 s windows"
 
-    # Manifests: complete windows list exactly their objects.
-    def manifests() -> list[str]:
-        return [k for k in list_keys(s3_client, bucket, "events/_manifests/") if k.endswith("Z.json")]
+    # Manifests: each window with on-time objects gets one that lists exactly those objects, with
+    # the events, bytes and source positions that are in S3, and totals that add up.
+    on_time = {k: v for k, v in objects.items() if not k.endswith("-late.json.gz")}
+    on_time_windows = {KEY_LAYOUT.match(k)["ws"] for k in on_time}  # type: ignore[index]
 
-    wait_until(lambda: len(manifests()) >= len(windows), 30, what="manifests for every window")
-    listed: set[str] = set()
-    for key in manifests():
-        manifest = json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        assert manifest["complete"] is True
+    def manifests() -> dict[str, dict[str, Any]]:
+        keys = [f"events/_manifests/{ws}.json" for ws in sorted(on_time_windows)]
+        present = set(list_keys(s3_client, bucket, "events/_manifests/"))
+        if not set(keys) <= present:
+            return {}
+        return {k: json.loads(s3_client.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys}
+
+    listed: dict[str, dict[str, Any]] = {}
+    for key, manifest in wait_until(manifests, 30, what="a manifest for every window").items():
+        assert manifest["complete"] is True and manifest["partitions"] == 4
         assert manifest["events"] == sum(o["events"] for o in manifest["objects"])
-        listed.update(o["key"] for o in manifest["objects"])
-    on_time = {k for k in objects if not k.endswith("-late.json.gz")}
-    assert on_time <= listed
+        assert manifest["bytes"] == sum(o["bytes"] for o in manifest["objects"])
+        ws = key.rsplit("/", 1)[1].removesuffix(".json")
+        for entry in manifest["objects"]:
+            assert KEY_LAYOUT.match(entry["key"])["ws"] == ws, (key, entry["key"])  # type: ignore[index]
+            listed[entry["key"]] = entry
+    assert set(listed) == set(on_time), "the manifests list exactly the on-time objects"
+    for key, entry in listed.items():
+        body = gzip.decompress(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        assert (entry["events"], entry["bytes"]) == (len(body.splitlines()), len(body)), key
+        positions = [_position(e["keen"]["id"]) for e in objects[key]]
+        assert (entry["first_position"], entry["last_position"]) == (min(positions), max(positions)), key
+        assert key.endswith(f"-o{min(positions) >> 20}.json.gz") or f"-o{min(positions) >> 20}-i" in key
+    assert sum(e["events"] for e in listed.values()) == sum(len(v) for v in on_time.values())
+
+
+def _position(keen_id: str) -> int:
+    """A keen.id's source position (offset << 20 | index): 4 hex partition, 14 hex offset, 6 hex index."""
+    return (int(keen_id[4:18], 16) << 20) | int(keen_id[18:24], 16)
 
 
 def test_invalid_records_go_to_dead_letters_and_the_worker_keeps_going(
@@ -98,38 +120,57 @@ def test_invalid_records_go_to_dead_letters_and_the_worker_keeps_going(
     ]
     good = orjson.dumps({"project_id": "good-project", "collection": "c", "event": {"n": 0}})
 
-    async def send_and_read() -> list[dict[str, Any]]:
+    async def send_and_read() -> tuple[dict[tuple[int, int], int], list[Any]]:
         producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4_000_000)
         await producer.start()
+        sent: dict[tuple[int, int], int] = {}  # (partition, offset) -> index into bad
         try:
-            for key, value in bad:
-                await producer.send_and_wait(topic, value, key=key)
+            for i, (key, value) in enumerate(bad):
+                meta = await producer.send_and_wait(topic, value, key=key)
+                sent[(meta.partition, meta.offset)] = i
             await producer.send_and_wait(topic, good, key=b"good-project")
         finally:
             await producer.stop()
         consumer = AIOKafkaConsumer(
-            f"{topic}-invalid", bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest"
+            f"{topic}-invalid",
+            bootstrap_servers=broker.bootstrap,
+            auto_offset_reset="earliest",
+            fetch_max_bytes=8_000_000,
+            max_partition_fetch_bytes=8_000_000,
         )
         await consumer.start()
-        found: list[dict[str, Any]] = []
+        found: list[Any] = []
         try:
+            # Read until the four arrived, then 3 s more: a fifth (the good record, a duplicate) must not come.
             deadline = time.monotonic() + 40
-            while len(found) < len(bad) and time.monotonic() < deadline:
-                batch = await consumer.getmany(timeout_ms=1000)
+            quiet_until = float("inf")
+            while time.monotonic() < min(deadline, quiet_until):
+                batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
-                    found.extend(orjson.loads(r.value) for r in records)
+                    found.extend(records)
+                if len(found) >= len(bad) and quiet_until == float("inf"):
+                    quiet_until = time.monotonic() + 3
         finally:
             await consumer.stop()
-        return found
+        return sent, found
 
-    dead = asyncio.run(send_and_read())
-    reasons = sorted(d["reason"] for d in dead)
-    assert len(dead) == 4, reasons
-    assert any("not valid JSON" in r for r in reasons)
-    assert any("not an object" in r for r in reasons)
-    assert any("bad project_id '../x'" in r for r in reasons)
-    assert any("over the" in r and "byte limit" in r for r in reasons)
-    assert all(d["topic"] == topic and isinstance(d["offset"], int) for d in dead)
+    sent, records = asyncio.run(send_and_read())
+    dead = [orjson.loads(r.value) for r in records]
+    assert len(dead) == 4, sorted(d["reason"] for d in dead)
+    by_source = {}
+    for record, letter in zip(records, dead, strict=True):
+        assert letter["topic"] == topic
+        index = sent[(letter["partition"], letter["offset"])]
+        by_source[index] = letter
+        key, value = bad[index]
+        assert record.key == key, "the dead letter keeps the record's key"
+        assert letter["key"] == key.decode()
+        assert letter["value"] == value.decode("utf-8", "replace"), "the dead letter holds the record's bytes"
+    assert sorted(by_source) == [0, 1, 2, 3], "each bad record dead-lettered once"
+    assert "not valid JSON" in by_source[0]["reason"]
+    assert "not an object" in by_source[1]["reason"]
+    assert "bad project_id '../x'" in by_source[2]["reason"]
+    assert "over the" in by_source[3]["reason"] and "byte limit" in by_source[3]["reason"]
     wait_until(lambda: exported(s3_client, bucket)[("good-project", 0)] == 1, 30, what="the good event in S3")
     assert worker.is_running()
 
@@ -169,9 +210,17 @@ def test_s3_outage_pauses_the_sink_and_nothing_is_lost(broker, s3, s3_client, bu
     )
     producing.start()
     wait_until(lambda: exported(s3_client, bucket), 30, what="objects written before the outage")
+    wait_until(lambda: any(committed_offsets(worker).values()), 30, what="a first commit")
     s3.pause()  # SIGSTOP: requests hang, as with a stuck S3
     try:
-        time.sleep(5)
+        # A commit whose checkpoint was already written may still go through: give it 1.5 s, then
+        # no commit may happen while S3 is down (the checkpoint for the offset cannot be written).
+        time.sleep(1.5)
+        during = committed_offsets(worker)
+        highwater = highwaters(worker)
+        time.sleep(3.5)
+        assert committed_offsets(worker) == during, "no commit while S3 is down"
+        assert sum(highwaters(worker).values()) > sum(highwater.values()), "events kept coming meanwhile"
     finally:
         s3.resume()
     producing.join()
@@ -182,6 +231,20 @@ def test_s3_outage_pauses_the_sink_and_nothing_is_lost(broker, s3, s3_client, bu
     assert worker.is_running()
     sink = json.loads(_get(f"{worker.web_url}/sink/"))
     assert sink["s3_retries"] >= 1, "the outage was noticed and retried"
+    after, ends = committed_offsets(worker), highwaters(worker)
+    assert any(ends[p] > during[p] for p in during)
+    assert all(after[p] > during[p] for p in during if ends[p] > during[p]), ("commits resumed", during, after)
+
+
+def committed_offsets(worker: Any) -> dict[str, int]:
+    """partition -> offset the worker committed (after the checkpoint for it was in S3)."""
+    sink = json.loads(_get(f"{worker.web_url}/sink/"))
+    return {p: info["committed_offset"] for p, info in sink["partitions"].items()}
+
+
+def highwaters(worker: Any) -> dict[str, int]:
+    sink = json.loads(_get(f"{worker.web_url}/sink/"))
+    return {p: info["highwater"] for p, info in sink["partitions"].items()}
 
 
 def test_late_event_lands_in_a_late_object_of_its_own_window(

@@ -12,6 +12,8 @@ Why each piece of the checkpoint is needed:
   it are skipped (a batch record can straddle the commit point).
 * ``watermark``: late/on-time and window closing must be decided as before.
 * ``routes``: the shed markers in force (they come from the log, see ``marker``).
+* ``parts_written``: windows whose manifest part is durable but which the replay closes
+  again: the part is not rewritten (without the objects the replay skips).
 * ``windows[S].skip_below``: windows flushed after the commit point; their admitted
   events in the replay range are already in S3 and must not be written again. A
   diverted event is diverted again (whether its first produce landed is unknown);
@@ -167,6 +169,7 @@ class _WindowMeta:
 
     part_emitted: bool = False
     part_durable: bool = False
+    part_at: int = 0  # read position at which the part was written (a replay from before it writes it again)
     objects: dict[int, dict[str, Any]] = field(default_factory=dict)  # object id -> descriptor
     durable: set[int] = field(default_factory=set)
 
@@ -526,6 +529,7 @@ class PartitionWindows:
         if meta.part_emitted:
             return  # written (or pending) already, also across a restart
         meta.part_emitted = True
+        meta.part_at = at
         bucket, prefix = self.manifest_target
         objects = sorted(meta.objects.values(), key=lambda o: o["key"])
         body = orjson.dumps(
@@ -611,9 +615,15 @@ class PartitionWindows:
             if flushes.durable_through > hold_pos:
                 skip.append([*wkey, flushes.durable_through])
         windows: dict[str, Any] = {}
+        parts_written: list[list[int]] = []  # [window start, part position] of durable parts
         for start, meta in list(self.windows.items()):
             if meta.part_durable:
-                del self.windows[start]
+                if meta.part_at > hold_pos:
+                    # The replay closes this window again: without this it would overwrite the
+                    # durable part with one that lacks the objects it skips as already in S3.
+                    parts_written.append([start, meta.part_at])
+                else:
+                    del self.windows[start]
                 continue
             # Only objects already durable: the others are written again by the replay.
             windows[str(start)] = [o for oid, o in meta.objects.items() if oid in meta.durable]
@@ -624,6 +634,8 @@ class PartitionWindows:
             "skip": skip,
             "windows": windows,
         }
+        if parts_written:
+            checkpoint["parts_written"] = parts_written
         return position_offset(hold_pos), checkpoint
 
     def _restore(self, checkpoint: Mapping[str, Any]) -> None:
@@ -647,6 +659,8 @@ class PartitionWindows:
             if start <= edge:
                 # Closed before the commit point but its part was not durable: write it again.
                 self._write_part(start, self.skip_pos)
+        for start, part_at in checkpoint.get("parts_written", []):
+            self.windows[int(start)] = _WindowMeta(part_emitted=True, part_durable=True, part_at=int(part_at))
 
     # ------------------------------------------------------------- views
     def backlog(self) -> dict[str, Any]:

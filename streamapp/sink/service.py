@@ -85,6 +85,7 @@ class S3Sink:
         self._drained.set()
         self._commit_wanted = asyncio.Event()
         self._manifest_checks: set[int] = set()
+        self._unopened_ticks: dict[int, float] = {}  # partition -> monotonic time of its last tick
         self.invalid_out = 0
         self.objects_written = 0
         self.control_rejected = 0  # NUL-keyed records refused (unsigned, forged, misplaced)
@@ -473,6 +474,16 @@ class S3Sink:
         """
         consumer = self.runtime.app.consumer
         now = time.monotonic()
+        for tp in consumer.assignment():
+            # Assigned but never delivered (empty, or everything committed): its first tick
+            # opens it here, so it writes manifest parts like the others.
+            if tp.topic != self.topic or tp.partition in self.partitions:
+                continue
+            if now - self._unopened_ticks.get(tp.partition, 0.0) < self.settings.idle_flush_seconds:
+                continue
+            self._unopened_ticks[tp.partition] = now
+            value = orjson.dumps({"watermark": time.time()})
+            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, tp.partition, None, None)
         for partition, windows in list(self.partitions.items()):
             status = self.status.get(partition)
             if status is None:
@@ -481,8 +492,8 @@ class S3Sink:
                 status.seen_pos, status.last_message_at = windows.next_pos, now
             if now - status.last_message_at < self.settings.idle_flush_seconds:
                 continue
-            if not (windows.open or windows.late or windows.watermark > float("-inf")):
-                continue
+            # A partition that never saw an event is ticked too: every window's manifest waits
+            # for a part from every partition, and only a moving watermark writes parts.
             tp = TP(self.topic, partition)
             highwater = consumer.highwater(tp)
             if highwater is not None and highwater > windows.read_offset:
