@@ -482,8 +482,7 @@ class S3Sink:
             if now - self._unopened_ticks.get(tp.partition, 0.0) < self.settings.idle_flush_seconds:
                 continue
             self._unopened_ticks[tp.partition] = now
-            value = orjson.dumps({"watermark": time.time()})
-            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, tp.partition, None, None)
+            await self._send_tick(tp.partition)
         for partition, windows in list(self.partitions.items()):
             status = self.status.get(partition)
             if status is None:
@@ -499,9 +498,13 @@ class S3Sink:
             if highwater is not None and highwater > windows.read_offset:
                 continue  # not caught up: real events will move the watermark
             status.last_message_at = now
-            value = orjson.dumps({"watermark": time.time()})
-            headers = control_headers(self._control_secret, self.topic, partition, TICK_KEY, value)
-            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
+            await self._send_tick(partition)
+
+    async def _send_tick(self, partition: int) -> None:
+        """A signed watermark tick into ``partition`` (only signed ones are obeyed)."""
+        value = orjson.dumps({"watermark": time.time()})
+        headers = control_headers(self._control_secret, self.topic, partition, TICK_KEY, value)
+        await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
 
     # ----------------------------------------------------------------- views
     def _windows_backlog(self, partition: int, windows: PartitionWindows) -> dict[str, Any]:
