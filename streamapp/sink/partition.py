@@ -279,6 +279,7 @@ class PartitionWindows:
         # Late windows at or before this share one object (see LATE_WINDOWS); none before any event.
         older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
+        unexported = False
         diverted_events: list[bytes] | None = None
         diverted_positions: list[int] = []
         stamps: RecordStamps | None = None
@@ -295,6 +296,7 @@ class PartitionWindows:
                 continue
             if target is None and route is None:
                 counts.admitted += 1
+                unexported = True
                 continue  # not exported: nothing to write
             if stamps is None:
                 stamps = record_stamps(self.partition, offset, timestamp_ms)
@@ -379,6 +381,12 @@ class PartitionWindows:
             batch = DivertedBatch(next(self._ids), project, collection, diverted_events, diverted_positions, hold)
             self.inflight[batch.id] = batch
             self.diverted.append(batch)
+        if unexported:
+            # Events of a project that does not export still tell the time: without this, a partition
+            # busy with only such traffic is never idle-ticked and no window's manifest completes.
+            record_time = timestamp_ms / 1000.0
+            if record_time > max_time and event_time_in_range(record_time):
+                max_time = record_time
         if max_time > watermark:
             self.last_event_time = max_time
             self._advance(max_time, position(offset + 1))

@@ -1,9 +1,9 @@
-"""FINDING (fails): a partition busy with only ``s3_streaming=false`` traffic blocks every manifest.
+"""A partition busy with only ``s3_streaming=false`` traffic still completes every window's manifest.
 
-Events of a project that is not exported do not move their partition's watermark, and a busy
-partition is never idle-ticked: while such a project streams steadily, its partition writes no
-manifest parts, and no window's manifest is complete (README: a manifest is "written when every
-partition passed the window").
+Events of a project that is not exported used not to move their partition's watermark, and a busy
+partition is never idle-ticked: while such a project streamed steadily, its partition wrote no
+manifest parts and no window's manifest was complete (README: a manifest is "written when every
+partition passed the window"). Their records now move the watermark by the record's time.
 """
 
 from __future__ import annotations
