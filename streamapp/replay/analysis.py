@@ -96,6 +96,7 @@ def analyse_arm(
     table: RequestTable,
     events: ObjectEvents,
     shed_periods: list[tuple[float, float]],
+    shed_decisions: list[float],
     t0: float,
     *,
     shed_mode: str,
@@ -139,7 +140,10 @@ def analyse_arm(
     spiker_in_spike = spiker_requests.mask((spiker_requests.due >= spike_start) & (spiker_requests.due < spike_end))
 
     # Spiking project: detection, in-quota latency, catch-up of everything it had accepted in the spike.
-    detection = next((s - spike_start for s, e in shed_periods if e >= spike_start), None)
+    # The meter's own decision time (``since``) when it was seen, else when the poller first saw it shed.
+    decided = [t for t in shed_decisions if t >= spike_start - 1]
+    seen = [s for s, e in shed_periods if e >= spike_start]
+    detection = (decided[0] if decided else seen[0]) - spike_start if (decided or seen) else None
     spiker_spike = (project == spiker) & phases["during"]
     realtime = spiker_spike & (kind != KIND_DELAYED)
     delayed = (project == spiker) & (kind == KIND_DELAYED)
@@ -182,6 +186,7 @@ def analyse_arm(
         },
         "spiking_project": {
             "detection_seconds": round(detection, 2) if detection is not None else None,
+            "shed_seen_seconds": round(seen[0] - spike_start, 2) if seen else None,
             "shed_periods_seconds": [[round(s - t0, 2), round(e - t0, 2)] for s, e in shed_periods],
             "in_quota_delivery_seconds": delivery(realtime),
             "catch_up_seconds": round(catch_up, 2) if catch_up is not None else None,

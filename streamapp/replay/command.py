@@ -12,6 +12,7 @@ import argparse
 import json
 import multiprocessing
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -134,10 +135,12 @@ def run_arm(
                 f"{scenario.projects - 1} others at {d['base_eps_per_project']:,.1f} ev/s each"
             )
             task = bar.add_task(f"{arm}: creating {scenario.projects} projects", total=scenario.projects)
-            keys = {}
-            for i, project in enumerate(scenario.project_ids()):
-                keys[project] = stack.create_project(project, d["quota_eps"])
-                bar.update(task, completed=i + 1)
+            keys: dict[str, str] = {}
+            with ThreadPoolExecutor(8) as pool:  # each creation waits for the control topic round trip
+                futures = {p: pool.submit(stack.create_project, p, d["quota_eps"]) for p in scenario.project_ids()}
+                for project, future in futures.items():
+                    keys[project] = future.result()
+                    bar.update(task, completed=len(keys))
             summary, series = replay(stack, scenario, keys, mode, out / f"requests-{arm}.npz", bar)
         finally:
             task = bar.add_task(f"{arm}: stopping", total=None)
@@ -263,6 +266,7 @@ def replay(
         table,
         watcher.events(),
         shed.periods(scenario.spiking_project),
+        shed.decisions(scenario.spiking_project),
         t0,
         shed_mode=mode,
         settled=settled,

@@ -145,6 +145,8 @@ class ShedWatcher:
     web: str
     poll: float = 0.5
     samples: list[tuple[float, list[str]]] = field(default_factory=list)
+    #: project -> the meter's own decision times (``since`` of its shed states), seen so far.
+    since: dict[str, set[float]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -163,13 +165,20 @@ class ShedWatcher:
                 with urllib.request.urlopen(f"{self.web}/shed/", timeout=5) as resp:
                     body = json.loads(resp.read())
                 shed = [s["project_id"] for s in body.get("shed", []) if isinstance(s.get("project_id"), str)]
+                for state in body.get("shed", []):
+                    if isinstance(state.get("since"), int | float):
+                        self.since.setdefault(str(state.get("project_id")), set()).add(float(state["since"]))
                 self.samples.append((time.time(), shed))
             except (OSError, ValueError):
                 pass
             self._stop.wait(self.poll)
 
+    def decisions(self, project: str) -> list[float]:
+        """When the meter decided to shed ``project`` (its clock), each episode once."""
+        return sorted(self.since.get(project, ()))
+
     def periods(self, project: str) -> list[tuple[float, float]]:
-        """Intervals during which ``project`` was seen shed."""
+        """Intervals during which ``project`` was seen shed (by this poller's clock)."""
         out: list[tuple[float, float]] = []
         start: float | None = None
         last = 0.0

@@ -98,28 +98,42 @@ class Generator:
         import aiohttp
         from aiokafka import AIOKafkaProducer
 
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.config["bootstrap"],
-            linger_ms=5,
-            acks="all",
-            max_batch_size=1 << 20,
-            max_request_size=4 << 20,
-            request_timeout_ms=int(self.timeout * 1000),
-        )
-        await self.producer.start()
-        connector = aiohttp.TCPConnector(limit=int(self.config.get("connections", 256)))
+        # The spiking customer and the others are different clients: separate connection pools and
+        # producers, so the spike's queue in *this* process cannot delay the others' writes.
+        self.producers = [
+            AIOKafkaProducer(
+                bootstrap_servers=self.config["bootstrap"],
+                linger_ms=5,
+                acks="all",
+                max_batch_size=1 << 20,
+                max_request_size=4 << 20,
+                request_timeout_ms=int(self.timeout * 1000),
+            )
+            for _ in range(2)
+        ]
+        for producer in self.producers:
+            await producer.start()
         timeout = aiohttp.ClientTimeout(total=self.timeout)
+        limit = int(self.config.get("connections", 256))
+        self.sessions = [
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) for _ in range(2)
+        ]
         try:
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as self.session:
-                if self.config["mode"] == "calibrate":
-                    await self.calibrate()
-                else:
-                    await self.replay()
-                while self.pending:
-                    await asyncio.wait(list(self.pending), timeout=self.timeout + 5)
-                    break
+            if self.config["mode"] == "calibrate":
+                await self.calibrate()
+            else:
+                await self.replay()
+            if self.pending:
+                await asyncio.wait(list(self.pending), timeout=self.timeout + 5)
         finally:
-            await self.producer.stop()
+            for session in self.sessions:
+                await session.close()
+            for producer in self.producers:
+                await producer.stop()
+
+    def client(self, writer: Writer) -> int:
+        """0 for the spiking customer's own client, 1 for everybody else's."""
+        return 0 if writer.name == self.config.get("spiking_project") or writer.index == 0 else 1
 
     # ---------------------------------------------------------------- schedules
     def rate(self, writer: Writer, elapsed: float) -> float:
@@ -216,7 +230,7 @@ class Generator:
         url = f"{self.web}/3.0/projects/{writer.name}/events"
         status, ok = NO_ANSWER, 0
         try:
-            async with self.session.post(
+            async with self.sessions[self.client(writer)].post(
                 url, data=body, headers={"Authorization": writer.key, "Content-Type": "application/json"}
             ) as resp:
                 answer = await resp.read()
@@ -235,7 +249,7 @@ class Generator:
         url = f"{self.web}/3.0/projects/{writer.name}/events/pageviews"
         status = NO_ANSWER
         try:
-            async with self.session.post(
+            async with self.sessions[self.client(writer)].post(
                 url, data=body, headers={"Authorization": writer.key, "Content-Type": "application/json"}
             ) as resp:
                 await resp.read()
@@ -253,7 +267,7 @@ class Generator:
             value = head + b'"events":[' + events + b"]}"
         status = NO_ANSWER
         try:
-            await (await self.producer.send(self.topic, value, key=writer.name.encode()))
+            await (await self.producers[self.client(writer)].send(self.topic, value, key=writer.name.encode()))
             status = KAFKA_ACKED
         except Exception:  # noqa: BLE001 - any producer failure is an unacknowledged write
             pass
