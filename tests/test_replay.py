@@ -23,13 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Small windows and a short spike: the whole replay (two arms) in under two minutes.
 REDUCED = [
     "--projects", "10",
-    "--warmup-seconds", "8",
+    "--warmup-seconds", "6",
     "--spike-seconds", "20",
     "--after-seconds", "4",
     "--window-seconds", "5",
     "--lateness-seconds", "2",
     "--idle-flush-seconds", "1",
     "--settle-seconds", "60",
+    "--calibration-seconds", "4",
 ]  # fmt: skip
 
 

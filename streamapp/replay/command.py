@@ -49,6 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spike-kafka-share", type=float, default=None, help="share of the spike sent to Kafka")
     parser.add_argument("--capacity-eps", type=float, default=None, help="skip the calibration: capacity, events/s")
     parser.add_argument("--settle-seconds", type=float, default=None)
+    parser.add_argument("--calibration-seconds", type=float, default=None)
+    parser.add_argument("--spike-connections", type=int, default=None, help="HTTP connections of the spiking client")
     parser.add_argument("--arms", default="baseline,protected", help="comma-separated arms to run")
 
 
@@ -66,6 +68,8 @@ _FLAG_FIELDS = {
     "spike_kafka_share": "spike_kafka_share",
     "capacity_eps": "capacity_eps",
     "settle_seconds": "settle_seconds",
+    "calibration_seconds": "calibration_seconds",
+    "spike_connections": "spike_connections",
 }
 
 
@@ -198,6 +202,8 @@ def _traffic_config(
         "batch_size": scenario.batch_size,
         "spike_kafka_share": scenario.spike_kafka_share,
         "single_write_max_eps": scenario.single_write_max_eps,
+        "spike_connections": scenario.spike_connections,
+        "other_connections": scenario.other_connections,
         "writers": [
             {"name": name, "index": base_index + i, "key": keys[name], "channel": channels[name]}
             for i, name in enumerate(names)

@@ -30,13 +30,18 @@ class Scenario:
     spike_seconds: float = 60.0
     after_seconds: float = 60.0
     #: The spike's rate as a multiple of the measured end-to-end capacity of one worker.
-    overload: float = 2.0
+    overload: float = 3.0
     #: The other projects' total steady rate as a share of that capacity.
     base_load: float = 0.1
     #: Share of the spike written straight to Kafka (the rest through the HTTP batch endpoint).
     spike_kafka_share: float = 0.1
     #: Events per HTTP batch request and per Kafka batch record of the spike.
     batch_size: int = 500
+    #: HTTP connections of the spiking customer's client (a real client has a few; every one of them
+    #: holds a batch that the worker accepts in full before the shed decision reaches the API).
+    spike_connections: int = 64
+    #: HTTP connections of the other customers' client.
+    other_connections: int = 256
     window_seconds: int = 10
     allowed_lateness_seconds: int = 5
     idle_flush_seconds: float = 2.0

@@ -114,9 +114,9 @@ class Generator:
         for producer in self.producers:
             await producer.start()
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        limit = int(self.config.get("connections", 256))
+        limits = (int(self.config["spike_connections"]), int(self.config["other_connections"]))
         self.sessions = [
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) for _ in range(2)
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) for limit in limits
         ]
         try:
             if self.config["mode"] == "calibrate":
@@ -200,7 +200,8 @@ class Generator:
                 n = int(grown * kafka_share / max(1e-9, 1 - kafka_share))
                 self.send_chunks(writer, n, now, int(now * 1000), kafka=True)
 
-        await asyncio.gather(kafka_loop(), *(http_loop() for _ in range(int(self.config.get("calib_connections", 16)))))
+        loops = int(self.config["spike_connections"])
+        await asyncio.gather(kafka_loop(), *(http_loop() for _ in range(loops)))
 
     # ---------------------------------------------------------------- sends
     def take(self, writer: Writer, n: int) -> int:
