@@ -119,7 +119,10 @@ def run_arm(
         "allowed_lateness_seconds": scenario.allowed_lateness_seconds,
         "idle_flush_seconds": scenario.idle_flush_seconds,
         "shed_mode": mode,
+        "health_backlog_seconds": scenario.health_backlog_seconds,
     }
+    if scenario.derived:
+        worker_settings["overflow_max_eps"] = scenario.derived["overflow_max_eps"]
     stack = ArmStack(arm, out / "logs" / arm, worker_settings, external=external)
     with report.progress(console) as bar:
         task = bar.add_task(f"{arm}: starting broker, S3, worker", total=None)

@@ -34,7 +34,7 @@ class Scenario:
     #: The other projects' total steady rate as a share of that capacity.
     base_load: float = 0.1
     #: Share of the spike written straight to Kafka (the rest through the HTTP batch endpoint).
-    spike_kafka_share: float = 0.1
+    spike_kafka_share: float = 0.2
     #: Events per HTTP batch request and per Kafka batch record of the spike.
     batch_size: int = 500
     #: HTTP connections of the spiking customer's client (a real client has a few; every one of them
@@ -42,6 +42,9 @@ class Scenario:
     spike_connections: int = 64
     #: HTTP connections of the other customers' client.
     other_connections: int = 256
+    #: Ceiling of the overflow drain as a share of the measured capacity (STREAMAPP_OVERFLOW_MAX_EPS):
+    #: its default (20,000 events/s) is more than a whole worker sustains on a 2-core machine.
+    drain_share: float = 0.5
     window_seconds: int = 10
     allowed_lateness_seconds: int = 5
     idle_flush_seconds: float = 2.0
@@ -61,6 +64,13 @@ class Scenario:
     def bound_seconds(self) -> float:
         """B = window + lateness + idle flush + 5 s: the delivery latency the protected arm promises."""
         return self.window_seconds + self.allowed_lateness_seconds + self.idle_flush_seconds + 5.0
+
+    @property
+    def health_backlog_seconds(self) -> float:
+        """STREAMAPP_HEALTH_BACKLOG_SECONDS for the replay: window + lateness. Its default (120 s) is
+        sized for Keen's 300 s windows; with windows of seconds the drain would keep its full rate
+        while the real-time export is already many windows behind."""
+        return float(self.window_seconds + self.allowed_lateness_seconds)
 
     @property
     def traffic_seconds(self) -> float:
@@ -86,6 +96,8 @@ class Scenario:
             "quota_eps": round(quota_eps, 1),
             "base_eps_per_project": round(base_eps, 2),
             "bound_seconds": self.bound_seconds,
+            "overflow_max_eps": round(self.drain_share * capacity_eps, 1),
+            "health_backlog_seconds": self.health_backlog_seconds,
         }
         return replace(self, capacity_eps=capacity_eps, derived=derived)
 
