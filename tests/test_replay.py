@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Small windows and a short spike: the whole replay (two arms) in under two minutes.
 REDUCED = [
     "--projects", "10",
-    "--warmup-seconds", "6",
+    "--warmup-seconds", "5",
     "--spike-seconds", "20",
-    "--after-seconds", "4",
+    "--after-seconds", "3",
     "--window-seconds", "5",
     "--lateness-seconds", "2",
     "--idle-flush-seconds", "1",
