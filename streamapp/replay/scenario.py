@@ -34,7 +34,7 @@ class Scenario:
     #: The other projects' total steady rate as a share of that capacity.
     base_load: float = 0.1
     #: Share of the spike written straight to Kafka (the rest through the HTTP batch endpoint).
-    spike_kafka_share: float = 0.15
+    spike_kafka_share: float = 0.1
     #: Events per HTTP batch request and per Kafka batch record of the spike.
     batch_size: int = 500
     #: HTTP connections of the spiking customer's client (a real client has a few; every one of them
