@@ -5,6 +5,7 @@ Either way the replay starts its own worker, since the arm decides the shed mode
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 import urllib.error
@@ -64,7 +65,9 @@ class ArmStack:
                 data_dir=str(self.log_dir / "data"),
                 log_level="warn",
             )
-            self.worker = WorkerProcess(self.settings, self.log_dir, name=f"worker-{self.arm}")
+            # The embedded stack takes devstack's dummy credentials; a real S3 needs the caller's own.
+            aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} if self.external else {}
+            self.worker = WorkerProcess(self.settings, self.log_dir, name=f"worker-{self.arm}", extra_env=aws)
             self.worker.start()
             self.worker.wait_ready(timeout=180)
         except BaseException:
@@ -100,11 +103,13 @@ class ArmStack:
 
     def s3_client(self) -> Any:
         endpoint = str(self.settings.get("s3_endpoint_url") or "")
-        if endpoint:
+        if not self.external:
             return s3_client(endpoint, timeout=30)
         import boto3
 
-        return boto3.client("s3", region_name=str(self.settings.get("s3_region", "us-east-1")))
+        return boto3.client(
+            "s3", endpoint_url=endpoint or None, region_name=str(self.settings.get("s3_region", "us-east-1"))
+        )
 
     def create_project(self, project_id: str, quota_eps: float) -> str:
         """Create ``project_id`` through the admin API (retrying while the worker warms up); its write key."""
