@@ -203,6 +203,7 @@ def _traffic_config(
         "tick_seconds": scenario.tick_seconds,
         "http_timeout_seconds": scenario.http_timeout_seconds,
         "batch_size": scenario.batch_size,
+        "kafka_batch_size": scenario.kafka_batch_size,
         "spike_kafka_share": scenario.spike_kafka_share,
         "single_write_max_eps": scenario.single_write_max_eps,
         "spike_connections": scenario.spike_connections,

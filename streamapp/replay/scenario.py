@@ -34,9 +34,12 @@ class Scenario:
     #: The other projects' total steady rate as a share of that capacity.
     base_load: float = 0.1
     #: Share of the spike written straight to Kafka (the rest through the HTTP batch endpoint).
-    spike_kafka_share: float = 0.1
+    spike_kafka_share: float = 0.05
     #: Events per HTTP batch request and per Kafka batch record of the spike.
     batch_size: int = 500
+    #: Events per Kafka batch record of the spike's Kafka share: the sink diverts a shed record's
+    #: excess as one overflow record, and every one of them waits in Faust's shared producer.
+    kafka_batch_size: int = 500
     #: HTTP connections of the spiking customer's client (a real client has a few; every one of them
     #: holds a batch that the worker accepts in full before the shed decision reaches the API).
     spike_connections: int = 64
@@ -134,9 +137,9 @@ def quick(scenario: Scenario) -> Scenario:
     """The ``--quick`` variant: short phases and small windows (a demo or CI run of a few minutes)."""
     return replace(
         scenario,
-        warmup_seconds=15.0,
+        warmup_seconds=10.0,
         spike_seconds=30.0,
-        after_seconds=20.0,
+        after_seconds=10.0,
         window_seconds=5,
         allowed_lateness_seconds=2,
         idle_flush_seconds=1.0,

@@ -90,6 +90,7 @@ class Generator:
         self.tick = float(config["tick_seconds"])
         self.timeout = float(config["http_timeout_seconds"])
         self.batch_size = int(config["batch_size"])
+        self.kafka_batch_size = int(config["kafka_batch_size"])
         self.writers = [Writer(**w) for w in config["writers"]]
         self.log = RequestLog()
         self.pending: set[asyncio.Task[None]] = set()
@@ -215,8 +216,9 @@ class Generator:
         task.add_done_callback(self.pending.discard)
 
     def send_chunks(self, writer: Writer, n: int, due: float, epoch_ms: int, *, kafka: bool) -> None:
+        chunk = self.kafka_batch_size if kafka else self.batch_size
         while n > 0:
-            size = min(n, self.batch_size)
+            size = min(n, chunk)
             first = self.take(writer, size)
             if kafka:
                 self.spawn(self.kafka_batch(writer, first, size, due, epoch_ms))
