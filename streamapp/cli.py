@@ -332,6 +332,21 @@ async def produce_load(
     return sent
 
 
+# ----------------------------------------------------------------- replay
+def _replay_args(parser: argparse.ArgumentParser) -> None:
+    from streamapp.replay.command import configure
+
+    configure(parser)
+
+
+@command("replay", _replay_args)
+def replay(args: argparse.Namespace) -> int:
+    """Replay the 2019 incident: baseline (nothing shed) vs protected, side by side, with plots."""
+    from streamapp.replay.command import main as replay_main
+
+    return replay_main(args)
+
+
 # -------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     import streamapp.operator_cli  # noqa: F401 - registers quota/shed/project/status

@@ -1,0 +1,212 @@
+"""What the replay observes from outside the worker: S3 objects (first seen, then read) and shed states.
+
+Delivery latency comes from the objects themselves: a watcher lists the bucket every
+``poll`` seconds and records when each object key was first seen (its *visible* time); after the
+traffic every object is read and each event's ``"x"`` (id) and ``"t"`` (event time) are taken
+from its line. Nothing here asks the worker how far it got. The shed watcher polls ``GET /shed/``
+only to shade the plots and time the detection.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+KIND_ON_TIME, KIND_LATE, KIND_DELAYED = 0, 1, 2
+KIND_NAMES = ("on_time", "late", "delayed")
+_ID_AND_TIME = re.compile(rb'"x":(\d+),"t":(\d+)')
+
+
+def object_kind(key: str) -> int:
+    if key.endswith("-delayed.json.gz"):
+        return KIND_DELAYED
+    if key.endswith("-late.json.gz"):
+        return KIND_LATE
+    return KIND_ON_TIME
+
+
+def is_event_object(key: str, prefix: str, exclude: tuple[str, ...] = ()) -> bool:
+    """Objects with events (not manifests or checkpoints, nor those of the ``exclude`` projects)."""
+    rest = key[len(prefix) + 1 :] if prefix else key
+    return (
+        key.endswith(".json.gz") and not rest.startswith("_") and not rest.startswith(tuple(p + "/" for p in exclude))
+    )
+
+
+def parse_object(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, event times in ms) of the replay's events in one gzip object."""
+    found = _ID_AND_TIME.findall(gzip.decompress(data))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pairs = np.array(found, dtype=np.int64)
+    return pairs[:, 0], pairs[:, 1]
+
+
+@dataclass
+class ObjectEvents:
+    """Every replay event found in S3: id, event time (s), visible time (s), object kind."""
+
+    ids: np.ndarray
+    event_time: np.ndarray
+    visible: np.ndarray
+    kind: np.ndarray
+
+    @property
+    def project(self) -> np.ndarray:
+        return self.ids >> 32
+
+
+@dataclass
+class S3Watcher:
+    """Lists the bucket every ``poll`` seconds in a thread; ``first_seen[key]`` is the visible time."""
+
+    client: Any
+    bucket: str
+    prefix: str
+    poll: float = 1.0
+    exclude: tuple[str, ...] = ()
+    first_seen: dict[str, float] = field(default_factory=dict)
+    last_modified: dict[str, float] = field(default_factory=dict)
+    read_keys: set[str] = field(default_factory=set)
+    errors: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="replay-s3-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.time()
+            self.list_once()
+            self._stop.wait(max(0.05, self.poll - (time.time() - started)))
+
+    def list_once(self) -> None:
+        """One full listing; new keys get the time the listing answered (an upper bound of visibility)."""
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + "/" if self.prefix else ""):
+                seen_at = time.time()
+                for item in page.get("Contents", []):
+                    key = item["Key"]
+                    if key not in self.first_seen and is_event_object(key, self.prefix, self.exclude):
+                        self.first_seen[key] = seen_at
+                        self.last_modified[key] = item["LastModified"].timestamp()
+        except Exception:  # noqa: BLE001 - a failed listing is retried at the next poll
+            self.errors += 1
+
+    def read_new(self) -> int:
+        """Read objects not read yet; returns how many events they held."""
+        added = 0
+        for key, seen in list(self.first_seen.items()):
+            if key in self.read_keys:
+                continue
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            ids, times = parse_object(body)
+            self.read_keys.add(key)
+            kind = np.full(len(ids), object_kind(key), np.int8)
+            self._parts.append((ids, times / 1000.0, np.full(len(ids), seen), kind))
+            added += len(ids)
+        return added
+
+    def events(self) -> ObjectEvents:
+        if not self._parts:
+            empty = np.zeros(0)
+            return ObjectEvents(empty.astype(np.int64), empty, empty, empty.astype(np.int8))
+        ids, times, seen, kind = (np.concatenate(col) for col in zip(*self._parts, strict=True))
+        return ObjectEvents(ids, times, seen, kind)
+
+    def last_modified_resolution(self) -> float:
+        """Smallest non-zero fractional part of LastModified: 0 means whole seconds only."""
+        fractions = [t % 1 for t in self.last_modified.values()]
+        return float(max(fractions, default=0.0))
+
+
+@dataclass
+class ShedWatcher:
+    """Polls the worker's ``/shed/`` view: (time, shed project ids) samples."""
+
+    web: str
+    poll: float = 0.5
+    samples: list[tuple[float, list[str]]] = field(default_factory=list)
+    #: project -> the meter's own decision times (``since`` of its shed states), seen so far.
+    since: dict[str, set[float]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="replay-shed-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(f"{self.web}/shed/", timeout=5) as resp:
+                    body = json.loads(resp.read())
+                shed = [s["project_id"] for s in body.get("shed", []) if isinstance(s.get("project_id"), str)]
+                for state in body.get("shed", []):
+                    if isinstance(state.get("since"), int | float):
+                        self.since.setdefault(str(state.get("project_id")), set()).add(float(state["since"]))
+                self.samples.append((time.time(), shed))
+            except (OSError, ValueError):
+                pass
+            self._stop.wait(self.poll)
+
+    def decisions(self, project: str) -> list[float]:
+        """When the meter decided to shed ``project`` (its clock), each episode once."""
+        return sorted(self.since.get(project, ()))
+
+    def periods(self, project: str) -> list[tuple[float, float]]:
+        """Intervals during which ``project`` was seen shed (by this poller's clock)."""
+        out: list[tuple[float, float]] = []
+        start: float | None = None
+        last = 0.0
+        for t, shed in self.samples:
+            if project in shed and start is None:
+                start = t
+            elif project not in shed and start is not None:
+                out.append((start, t))
+                start = None
+            last = t
+        if start is not None:
+            out.append((start, last))
+        return out
+
+
+def settle(
+    watcher: S3Watcher,
+    accepted_ids: np.ndarray,
+    deadline: float,
+    on_progress: Callable[[int, int], None] = lambda found, total: None,
+) -> bool:
+    """Read objects until every accepted id is in S3 or ``deadline`` (epoch) passes."""
+    wanted = np.unique(accepted_ids)
+    while True:
+        watcher.read_new()
+        ids = watcher.events().ids
+        found = int(np.isin(wanted, ids, assume_unique=False).sum()) if len(ids) else 0
+        on_progress(found, len(wanted))
+        if found >= len(wanted) or time.time() >= deadline:
+            return found >= len(wanted)
+        time.sleep(2.0)

@@ -1,0 +1,148 @@
+"""The replayed incident as data: every knob of a replay and the rates derived from the measured capacity.
+
+A replay is only meaningful if the spike overloads the unprotected pipeline *on the machine it runs
+on*, so the spike is not a fixed number: it is ``overload`` times the end-to-end capacity that a
+calibration phase measured (or that the user gave with ``--capacity-eps``). The spiking project's
+quota is then ``spike / spike_factor`` (the 2019 bug multiplied one customer's volume by that
+factor), and the other projects' steady traffic is a small share of the capacity, well under their
+quota, so that they are the bystanders the incident hurt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Every parameter of a replay; ``summary.json`` records all of them."""
+
+    projects: int = 50
+    #: Share of the other projects that write straight to Kafka (the event contract) instead of HTTP.
+    kafka_project_share: float = 0.2
+    #: Share of the HTTP projects that use Keen's single-event endpoint (the others send batches).
+    single_write_share: float = 0.25
+    #: Single-event writers send at most this many events/s (one request per event).
+    single_write_max_eps: float = 10.0
+    spike_factor: float = 20.0
+    warmup_seconds: float = 45.0
+    spike_seconds: float = 60.0
+    after_seconds: float = 60.0
+    #: The spike's rate as a multiple of the measured end-to-end capacity of one worker.
+    overload: float = 3.0
+    #: The other projects' total steady rate as a share of that capacity.
+    base_load: float = 0.1
+    #: Share of the spike written straight to Kafka (the rest through the HTTP batch endpoint).
+    spike_kafka_share: float = 0.05
+    #: Events per HTTP batch request and per Kafka batch record of the spike.
+    batch_size: int = 500
+    #: Events per Kafka batch record of the spike's Kafka share: the sink diverts a shed record's
+    #: excess as one overflow record, and every one of them waits in Faust's shared producer.
+    kafka_batch_size: int = 500
+    #: HTTP connections of the spiking customer's client (a real client has a few; every one of them
+    #: holds a batch that the worker accepts in full before the shed decision reaches the API).
+    spike_connections: int = 64
+    #: HTTP connections of the other customers' client.
+    other_connections: int = 256
+    #: Ceiling of the overflow drain as a share of the measured capacity (STREAMAPP_OVERFLOW_MAX_EPS):
+    #: its default (20,000 events/s) is more than a whole worker sustains on a 2-core machine.
+    drain_share: float = 0.5
+    window_seconds: int = 10
+    allowed_lateness_seconds: int = 5
+    idle_flush_seconds: float = 2.0
+    #: Longest wait after the traffic for every accepted event to be in S3.
+    settle_seconds: float = 240.0
+    calibration_seconds: float = 8.0
+    #: Skip the calibration and take this as the capacity (events/s end to end).
+    capacity_eps: float | None = None
+    tick_seconds: float = 0.2
+    http_timeout_seconds: float = 10.0
+    s3_poll_seconds: float = 1.0
+    seed: int = 2019
+    #: Filled in once the capacity is known.
+    derived: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bound_seconds(self) -> float:
+        """B = window + lateness + idle flush + 5 s: the delivery latency the protected arm promises."""
+        return self.window_seconds + self.allowed_lateness_seconds + self.idle_flush_seconds + 5.0
+
+    @property
+    def health_backlog_seconds(self) -> float:
+        """STREAMAPP_HEALTH_BACKLOG_SECONDS for the replay: window + lateness. Its default (120 s) is
+        sized for Keen's 300 s windows; with windows of seconds the drain would keep its full rate
+        while the real-time export is already many windows behind."""
+        return float(self.window_seconds + self.allowed_lateness_seconds)
+
+    @property
+    def traffic_seconds(self) -> float:
+        return self.warmup_seconds + self.spike_seconds + self.after_seconds
+
+    @property
+    def spike_start(self) -> float:
+        """Seconds after the traffic starts."""
+        return self.warmup_seconds
+
+    @property
+    def spike_end(self) -> float:
+        return self.warmup_seconds + self.spike_seconds
+
+    def sized(self, capacity_eps: float) -> Scenario:
+        """The scenario with its rates derived from ``capacity_eps`` (pure: same input, same rates)."""
+        spike_eps = self.overload * capacity_eps
+        quota_eps = spike_eps / self.spike_factor
+        base_eps = self.base_load * capacity_eps / max(1, self.projects)
+        derived = {
+            "capacity_eps": round(capacity_eps, 1),
+            "spike_eps": round(spike_eps, 1),
+            "quota_eps": round(quota_eps, 1),
+            "base_eps_per_project": round(base_eps, 2),
+            "bound_seconds": self.bound_seconds,
+            "overflow_max_eps": round(self.drain_share * capacity_eps, 1),
+            "health_backlog_seconds": self.health_backlog_seconds,
+        }
+        return replace(self, capacity_eps=capacity_eps, derived=derived)
+
+    def project_ids(self) -> list[str]:
+        return [f"p{i:03d}" for i in range(self.projects)]
+
+    @property
+    def spiking_project(self) -> str:
+        return self.project_ids()[0]
+
+    def channels(self) -> dict[str, str]:
+        """How each project writes: ``batch`` / ``single`` (HTTP) or ``kafka``; the spiker uses HTTP batches."""
+        ids = self.project_ids()
+        others = ids[1:]
+        kafka_n = round(len(others) * self.kafka_project_share)
+        http = others[kafka_n:]
+        single_n = round(len(http) * self.single_write_share)
+        out = {ids[0]: "batch"}
+        out.update(dict.fromkeys(others[:kafka_n], "kafka"))
+        out.update(dict.fromkeys(http[:single_n], "single"))
+        out.update(dict.fromkeys(http[single_n:], "batch"))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bound_seconds"] = self.bound_seconds
+        out["spiking_project"] = self.spiking_project
+        out["spike_start_seconds"] = self.spike_start
+        out["spike_end_seconds"] = self.spike_end
+        return out
+
+
+def quick(scenario: Scenario) -> Scenario:
+    """The ``--quick`` variant: short phases and small windows (a demo or CI run of a few minutes)."""
+    return replace(
+        scenario,
+        warmup_seconds=10.0,
+        spike_seconds=30.0,
+        after_seconds=10.0,
+        window_seconds=5,
+        allowed_lateness_seconds=2,
+        idle_flush_seconds=1.0,
+        settle_seconds=90.0,
+        calibration_seconds=6.0,
+    )

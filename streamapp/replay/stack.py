@@ -1,0 +1,133 @@
+"""Where an arm runs: a fresh embedded stack (broker + moto S3 + worker on free ports), or the
+configured Kafka/S3 (``--external``) with a fresh topic, consumer group and key prefix per arm.
+Either way the replay starts its own worker, since the arm decides the shed mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, s3_client
+from streamapp.settings import Settings
+
+
+@dataclass
+class ArmStack:
+    """The servers of one arm; ``start()`` returns once the worker's API answers."""
+
+    arm: str
+    log_dir: Path
+    worker_settings: dict[str, object]
+    external: bool = False
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    broker: BrokerProcess | None = None
+    s3: S3Process | None = None
+    worker: WorkerProcess | None = None
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.external:
+                base = Settings.from_env()
+                self.settings = {
+                    "kafka_bootstrap": base.kafka_bootstrap,
+                    "s3_endpoint_url": base.s3_endpoint_url,
+                    "s3_region": base.s3_region,
+                    "s3_bucket": base.s3_bucket,
+                    "s3_prefix": f"replay/{self.run_id}/{self.arm}",
+                    "events_topic": f"replay-{self.run_id}-{self.arm}",
+                    "app_id": f"replay-{self.run_id}-{self.arm}",
+                    "control_secret": base.control_secret,  # the cluster's: required, as for any worker
+                }
+            else:
+                self.broker = BrokerProcess(log_dir=self.log_dir)
+                self.broker.start()
+                self.s3 = S3Process(log_dir=self.log_dir)
+                self.s3.start()
+                self.s3.create_bucket("replay-events")
+                self.settings = {
+                    "kafka_bootstrap": self.broker.bootstrap,
+                    "s3_endpoint_url": self.s3.endpoint_url,
+                    "s3_bucket": "replay-events",
+                    "s3_prefix": "events",
+                    "control_secret": secrets.token_hex(32),  # one per embedded stack, like `streamapp dev`
+                }
+            self.settings.update(
+                self.worker_settings,
+                admin_token=self.admin_token,
+                data_dir=str(self.log_dir / "data"),
+                log_level="warn",
+            )
+            # The embedded stack takes devstack's dummy credentials; a real S3 needs the caller's own.
+            aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} if self.external else {}
+            self.worker = WorkerProcess(self.settings, self.log_dir, name=f"worker-{self.arm}", extra_env=aws)
+            self.worker.start()
+            self.worker.wait_ready(timeout=180)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        # The arm's data is in memory and measured already: no need for a long graceful shutdown.
+        for proc in (self.worker, self.s3, self.broker):
+            if proc is not None:
+                proc.stop(timeout=5.0)
+
+    @property
+    def web(self) -> str:
+        assert self.worker is not None
+        return self.worker.web_url
+
+    @property
+    def bootstrap(self) -> str:
+        return str(self.settings["kafka_bootstrap"])
+
+    @property
+    def topic(self) -> str:
+        return str(self.settings.get("events_topic", "events"))
+
+    @property
+    def bucket(self) -> str:
+        return str(self.settings["s3_bucket"])
+
+    @property
+    def prefix(self) -> str:
+        return str(self.settings["s3_prefix"])
+
+    def s3_client(self) -> Any:
+        endpoint = str(self.settings.get("s3_endpoint_url") or "")
+        if not self.external:
+            return s3_client(endpoint, timeout=30)
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=endpoint or None, region_name=str(self.settings.get("s3_region", "us-east-1"))
+        )
+
+    def create_project(self, project_id: str, quota_eps: float) -> str:
+        """Create ``project_id`` through the admin API (retrying while the worker warms up); its write key."""
+        body = {"project_id": project_id, "s3_streaming": True, "quota_eps": quota_eps, "quota_bps": quota_eps * 4000}
+        deadline = time.monotonic() + 120
+        while True:
+            request = urllib.request.Request(
+                f"{self.web}/admin/projects",
+                data=json.dumps(body).encode(),
+                method="POST",
+                headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    return str(json.loads(resp.read())["write_key"])
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503 or time.monotonic() > deadline:
+                    raise RuntimeError(f"creating {project_id}: HTTP {exc.code} {exc.read()[:300]!r}") from None
+            time.sleep(1.0)

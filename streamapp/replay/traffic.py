@@ -1,0 +1,292 @@
+"""The replay's load generator: Keen HTTP writes (batch and single) and Kafka writes, open loop.
+
+Runs in its own process (``run_traffic``) so that its CPU use does not share a GIL with the
+measurement threads. Every event carries ``"x"`` (a unique id: project index << 32 | sequence) and
+``"t"`` (its event time in ms, also its ``keen.timestamp``), so the objects in S3 say by themselves
+which event they hold and how long it took. Each request (or Kafka record) is logged with its due
+time, latency, outcome and the range of sequence numbers it carried; an event counts as *accepted*
+when the API answered 200/201 for it or Kafka acknowledged its record.
+
+Open loop: each tick's requests are due at a fixed time and latency counts from then, so a server
+that falls behind cannot hide its queueing in the client (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Outcome codes for writes that got no HTTP status (client timeout, connection error, Kafka error).
+NO_ANSWER = 0
+KAFKA_ACKED = 200
+#: Channels, as stored in the request log.
+CHANNELS = ("batch", "single", "kafka")
+ID_SHIFT = 32
+
+_EVENT = b'{"x":%d,"t":%d,"page":"/p/%d","user":%d,"keen":{"timestamp":"%s"}}'
+
+
+def event_id(project_index: int, seq: int) -> int:
+    return (project_index << ID_SHIFT) | seq
+
+
+def iso_ms(epoch_ms: int) -> bytes:
+    seconds, ms = divmod(epoch_ms, 1000)
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z").encode()
+
+
+def encode_events(project_index: int, first_seq: int, count: int, epoch_ms: int) -> bytes:
+    """``count`` events joined by commas (the inside of a JSON array)."""
+    stamp = iso_ms(epoch_ms)
+    base = project_index << ID_SHIFT
+    return b",".join(
+        [_EVENT % (base | seq, epoch_ms, seq % 50, seq % 9973, stamp) for seq in range(first_seq, first_seq + count)]
+    )
+
+
+@dataclass
+class Writer:
+    """One project's write path in the generator."""
+
+    name: str
+    index: int
+    key: str
+    channel: str
+    seq: int = 0
+    carry: float = 0.0
+
+
+class RequestLog:
+    """Columns of the request log (plain lists while running, numpy arrays when saved)."""
+
+    columns = ("due", "latency", "project", "channel", "status", "first", "n", "ok")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float, int, int, int, int, int, int]] = []
+
+    def add(self, due: float, latency: float, writer: Writer, status: int, first: int, n: int, ok: int) -> None:
+        self.rows.append((due, latency, writer.index, CHANNELS.index(writer.channel), status, first, n, ok))
+
+    def save(self, path: Path, **extra: Any) -> None:
+        import numpy as np
+
+        arrays = {}
+        for i, name in enumerate(self.columns):
+            kind = np.float64 if name in ("due", "latency") else np.int64
+            arrays[name] = np.array([row[i] for row in self.rows], dtype=kind)
+        np.savez(path, **arrays, **{k: np.asarray(v) for k, v in extra.items()})
+
+
+class Generator:
+    """Sends the scenario's traffic; ``config`` is plain data so the process can be spawned."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.web = config["web"].rstrip("/")
+        self.topic = config["topic"]
+        self.tick = float(config["tick_seconds"])
+        self.timeout = float(config["http_timeout_seconds"])
+        self.batch_size = int(config["batch_size"])
+        self.kafka_batch_size = int(config["kafka_batch_size"])
+        self.writers = [Writer(**w) for w in config["writers"]]
+        self.log = RequestLog()
+        self.pending: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        import aiohttp
+        from aiokafka import AIOKafkaProducer
+
+        # The spiking customer and the others are different clients: separate connection pools and
+        # producers, so the spike's queue in *this* process cannot delay the others' writes.
+        self.producers = [
+            AIOKafkaProducer(
+                bootstrap_servers=self.config["bootstrap"],
+                linger_ms=5,
+                acks="all",
+                max_batch_size=1 << 20,
+                max_request_size=4 << 20,
+                request_timeout_ms=int(self.timeout * 1000),
+            )
+            for _ in range(2)
+        ]
+        for producer in self.producers:
+            await producer.start()
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        limits = (int(self.config["spike_connections"]), int(self.config["other_connections"]))
+        self.sessions = [
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) for limit in limits
+        ]
+        try:
+            if self.config["mode"] == "calibrate":
+                await self.calibrate()
+            else:
+                await self.replay()
+            if self.pending:
+                await asyncio.wait(list(self.pending), timeout=self.timeout + 5)
+        finally:
+            for session in self.sessions:
+                await session.close()
+            for producer in self.producers:
+                await producer.stop()
+
+    def client(self, writer: Writer) -> int:
+        """0 for the spiking customer's own client, 1 for everybody else's."""
+        return 0 if writer.name == self.config.get("spiking_project") or writer.index == 0 else 1
+
+    # ---------------------------------------------------------------- schedules
+    def rate(self, writer: Writer, elapsed: float) -> float:
+        cfg = self.config
+        if writer.name == cfg["spiking_project"] and cfg["spike_start"] <= elapsed < cfg["spike_end"]:
+            return float(cfg["spike_eps"])
+        if writer.channel == "single":
+            return min(float(cfg["base_eps"]), float(cfg["single_write_max_eps"]))
+        return float(cfg["base_eps"])
+
+    async def replay(self) -> None:
+        t0 = float(self.config["t0"])
+        duration = float(self.config["duration"])
+        kafka_share = float(self.config["spike_kafka_share"])
+        tick_no = 0
+        while True:
+            due = t0 + tick_no * self.tick
+            elapsed = due - t0
+            if elapsed >= duration:
+                return
+            delay = due - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            epoch_ms = int(due * 1000)
+            for writer in self.writers:
+                writer.carry += self.rate(writer, elapsed) * self.tick
+                n = int(writer.carry)
+                writer.carry -= n
+                if n <= 0:
+                    continue
+                if n > self.batch_size:  # the spike: a share straight to Kafka, the rest in HTTP batches
+                    to_kafka = int(n * kafka_share)
+                    self.send_chunks(writer, to_kafka, due, epoch_ms, kafka=True)
+                    self.send_chunks(writer, n - to_kafka, due, epoch_ms, kafka=False)
+                elif writer.channel == "single":
+                    for _ in range(n):
+                        self.spawn(self.http_single(writer, self.take(writer, 1), due, epoch_ms))
+                else:
+                    self.send_chunks(writer, n, due, epoch_ms, kafka=writer.channel == "kafka")
+            tick_no += 1
+
+    async def calibrate(self) -> None:
+        """Closed loop at the spike's mix: HTTP batches as fast as the worker answers, plus the Kafka
+        share of what the API accepted in the previous tick."""
+        duration = float(self.config["duration"])
+        kafka_share = float(self.config["spike_kafka_share"])
+        writer = self.writers[0]
+        started = time.time()
+        accepted_http = [0]
+
+        async def http_loop() -> None:
+            while time.time() - started < duration:
+                now = time.time()
+                first = self.take(writer, self.batch_size)
+                ok = await self.http_batch(writer, first, self.batch_size, now, int(now * 1000))
+                accepted_http[0] += ok
+
+        async def kafka_loop() -> None:
+            last = 0
+            while time.time() - started < duration:
+                await asyncio.sleep(self.tick)
+                now = time.time()
+                grown, last = accepted_http[0] - last, accepted_http[0]
+                n = int(grown * kafka_share / max(1e-9, 1 - kafka_share))
+                self.send_chunks(writer, n, now, int(now * 1000), kafka=True)
+
+        loops = int(self.config["spike_connections"])
+        await asyncio.gather(kafka_loop(), *(http_loop() for _ in range(loops)))
+
+    # ---------------------------------------------------------------- sends
+    def take(self, writer: Writer, n: int) -> int:
+        first = writer.seq
+        writer.seq += n
+        return first
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    def send_chunks(self, writer: Writer, n: int, due: float, epoch_ms: int, *, kafka: bool) -> None:
+        chunk = self.kafka_batch_size if kafka else self.batch_size
+        while n > 0:
+            size = min(n, chunk)
+            first = self.take(writer, size)
+            if kafka:
+                self.spawn(self.kafka_batch(writer, first, size, due, epoch_ms))
+            else:
+                self.spawn(self.http_batch(writer, first, size, due, epoch_ms))
+            n -= size
+
+    async def http_batch(self, writer: Writer, first: int, n: int, due: float, epoch_ms: int) -> int:
+        import aiohttp
+
+        body = b'{"pageviews":[' + encode_events(writer.index, first, n, epoch_ms) + b"]}"
+        url = f"{self.web}/3.0/projects/{writer.name}/events"
+        status, ok = NO_ANSWER, 0
+        try:
+            async with self.sessions[self.client(writer)].post(
+                url, data=body, headers={"Authorization": writer.key, "Content-Type": "application/json"}
+            ) as resp:
+                answer = await resp.read()
+                status = resp.status
+                if status == 200:
+                    ok = answer.count(b'"success":true')
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+        self.log.add(due, time.time() - due, writer, status, first, n, ok)
+        return ok
+
+    async def http_single(self, writer: Writer, first: int, due: float, epoch_ms: int) -> None:
+        import aiohttp
+
+        body = encode_events(writer.index, first, 1, epoch_ms)
+        url = f"{self.web}/3.0/projects/{writer.name}/events/pageviews"
+        status = NO_ANSWER
+        try:
+            async with self.sessions[self.client(writer)].post(
+                url, data=body, headers={"Authorization": writer.key, "Content-Type": "application/json"}
+            ) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+        self.log.add(due, time.time() - due, writer, status, first, 1, 1 if status == 201 else 0)
+
+    async def kafka_batch(self, writer: Writer, first: int, n: int, due: float, epoch_ms: int) -> None:
+        events = encode_events(writer.index, first, n, epoch_ms)
+        head = b'{"project_id":"%s","collection":"pageviews",' % writer.name.encode()
+        if n == 1:
+            value = head + b'"event":' + events + b"}"
+        else:
+            value = head + b'"events":[' + events + b"]}"
+        status = NO_ANSWER
+        try:
+            await (await self.producers[self.client(writer)].send(self.topic, value, key=writer.name.encode()))
+            status = KAFKA_ACKED
+        except Exception:  # noqa: BLE001 - any producer failure is an unacknowledged write
+            pass
+        self.log.add(due, time.time() - due, writer, status, first, n, n if status == KAFKA_ACKED else 0)
+
+
+def run_traffic(config: dict[str, Any]) -> str:
+    """Process entry point: run the generator, save its request log to ``config["out"]`` (npz)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    generator = Generator(config)
+    asyncio.run(generator.run())
+    out = Path(config["out"])
+    generator.log.save(out, names=[w.name for w in generator.writers])
+    return str(out)

@@ -1,0 +1,123 @@
+"""``streamapp replay``: a reduced replay (both arms, real broker, moto S3 and workers started by the
+command itself) checked for its outputs and exactly-once accounting on ``summary.json``; plus the
+pure parts (id ranges, object parsing, the spike sized from the capacity) on hand-made inputs.
+
+Issue #12's latency invariants (protected p99 <= B, baseline p99 >= 2B, API >= 99.9 %) are not
+asserted here because they do not hold yet: above ~10,000 diverted events/s the sink's diversions
+fill Faust's shared producer buffer, Faust pauses the consumer and the protected real-time path
+stalls (see the README's "The incident, replayed"). The issue stays open until they hold."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamapp.replay.analysis import expand_ids, first_delivery
+from streamapp.replay.measure import KIND_DELAYED, KIND_LATE, ObjectEvents, is_event_object, object_kind, parse_object
+from streamapp.replay.scenario import Scenario
+from streamapp.replay.traffic import encode_events, event_id
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Small windows and a short spike: the whole replay (two arms) in under two minutes.
+REDUCED = [
+    "--projects", "10",
+    "--warmup-seconds", "5",
+    "--spike-seconds", "20",
+    "--after-seconds", "3",
+    "--window-seconds", "5",
+    "--lateness-seconds", "2",
+    "--idle-flush-seconds", "1",
+    "--settle-seconds", "60",
+    "--calibration-seconds", "4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def replay_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str]:
+    out = tmp_path_factory.mktemp("replay")
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamapp", "replay", "--out", str(out), *REDUCED],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, out, proc.stdout + proc.stderr
+
+
+def test_reduced_replay_writes_its_outputs_and_is_exactly_once(replay_run: tuple[int, Path, str]) -> None:
+    code, out, log = replay_run
+    assert (out / "summary.json").exists(), log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for arm in ("baseline", "protected"):
+        events = summary["runs"][arm]["events"]
+        assert events["accepted"] > 0
+        assert events["missing"] == 0, (arm, events)
+        assert events["duplicated"] == 0, (arm, events)
+        assert events["in_s3"] == events["accepted"], (arm, events)
+    assert code == 0, log[-3000:]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    for name in ("ingest_rate", "delivery_latency", "export_backlog", "api"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scenario = summary["scenario"]
+    for key in ("window_seconds", "allowed_lateness_seconds", "idle_flush_seconds", "bound_seconds", "derived"):
+        assert key in scenario
+
+
+# ----------------------------------------------------------------------------------------- pure parts
+
+
+def test_expand_ids_gives_every_id_of_each_range_once() -> None:
+    ids = expand_ids(np.array([0, 3]), np.array([5, 0]), np.array([3, 2]))
+    assert ids.tolist() == [5, 6, 7, event_id(3, 0), event_id(3, 1)]
+
+
+def test_parse_object_reads_ids_and_event_times_of_the_generated_events() -> None:
+    lines = b"\n".join(
+        [
+            b'{"x":%d,"t":1700000000123,"keen":{"id":"a"}}' % event_id(2, 7),
+            b'{"x":%d,"t":1700000000999,"page":"/p/1"}' % event_id(0, 1),
+            b'{"other":"event without replay fields"}',
+        ]
+    )
+    ids, times = parse_object(gzip.compress(lines))
+    assert ids.tolist() == [event_id(2, 7), event_id(0, 1)]
+    assert times.tolist() == [1700000000123, 1700000000999]
+    generated = b"[" + encode_events(4, 10, 3, 1700000000500) + b"]"
+    assert [e["x"] for e in json.loads(generated)] == [event_id(4, s) for s in (10, 11, 12)]
+
+
+def test_object_kinds_and_filtering_follow_the_s3_layout() -> None:
+    assert object_kind("events/p/w/c/p-c-w-d1-o5-delayed.json.gz") == KIND_DELAYED
+    assert object_kind("events/p/w/c/p-c-w-p1-o5-late.json.gz") == KIND_LATE
+    assert is_event_object("events/p001/w/c/x.json.gz", "events")
+    assert not is_event_object("events/_manifests/w.json", "events")
+    assert not is_event_object("events/_checkpoints/a/b.json.gz", "events")
+    assert not is_event_object("events/calib/w/c/x.json.gz", "events", ("calib",))
+
+
+def test_first_delivery_keeps_the_earliest_copy_of_a_duplicate() -> None:
+    events = ObjectEvents(
+        ids=np.array([1, 2, 1]), event_time=np.array([10.0, 11.0, 10.0]), visible=np.array([30.0, 20.0, 15.0]),
+        kind=np.array([0, 0, 2], np.int8),
+    )  # fmt: skip
+    ids, _, visible, kind = first_delivery(events)
+    assert ids.tolist() == [1, 2]
+    assert visible.tolist() == [15.0, 20.0]
+    assert kind.tolist() == [2, 0]
+
+
+def test_spike_and_quota_follow_the_measured_capacity() -> None:
+    sized = Scenario(overload=2.0, spike_factor=20.0, base_load=0.1, projects=50).sized(10_000.0)
+    assert sized.derived["spike_eps"] == 20_000.0
+    assert sized.derived["quota_eps"] == 1_000.0
+    assert sized.derived["base_eps_per_project"] == 20.0
+    assert Scenario(window_seconds=5, allowed_lateness_seconds=2, idle_flush_seconds=1.0).bound_seconds == 13.0
