@@ -80,6 +80,8 @@ class App:
             idle_flush_seconds=IDLE,
             overflow_max_eps=OVERFLOW_MAX_EPS,
             session_timeout_seconds=6,
+            control_secret=f"{self.app_id}-control-secret",
+            unknown_projects="export",  # its projects are never created: each is metered on its own
         )
 
     def start(self, n: int) -> WorkerProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import re
 import threading
@@ -16,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamapp.cli import produce_load
+from streamapp.contract import DEAD_LETTER_PREVIEW_BYTES
 from tests.helpers import event_counts, list_keys, read_objects, wait_until
 
 pytestmark = pytest.mark.integration
@@ -165,7 +167,12 @@ def test_invalid_records_go_to_dead_letters_and_the_worker_keeps_going(
         key, value = bad[index]
         assert record.key == key, "the dead letter keeps the record's key"
         assert letter["key"] == key.decode()
-        assert letter["value"] == value.decode("utf-8", "replace"), "the dead letter holds the record's bytes"
+        if len(value) <= DEAD_LETTER_PREVIEW_BYTES:
+            assert letter["value"] == value.decode("utf-8", "replace"), "the dead letter holds the record's bytes"
+        else:  # bounded: a preview plus the original's size and hash (the record stays in the events topic)
+            assert letter["value_truncated"] is True and letter["value_bytes"] == len(value)
+            assert letter["value_sha256"] == hashlib.sha256(value).hexdigest()
+            assert value.decode("utf-8", "replace").startswith(letter["value"]) and len(letter["value"]) > 1000
     assert sorted(by_source) == [0, 1, 2, 3], "each bad record dead-lettered once"
     assert "not valid JSON" in by_source[0]["reason"]
     assert "not an object" in by_source[1]["reason"]
