@@ -15,6 +15,7 @@ import faust
 
 import streamapp.transport  # noqa: F401 - registers the streamapp:// broker scheme
 from streamapp.local_state import StreamappTableManager
+from streamapp.process_memory import limit_malloc_arenas
 from streamapp.runtime import Runtime
 from streamapp.settings import ENV_PREFIX, Settings, SettingsError
 from streamapp.topics import declare_topics
@@ -43,6 +44,7 @@ class StreamappApp(faust.App):
         if runtime is not None and not runtime.settings.control_secret:
             log.error(NO_SECRET)
             raise SettingsError(NO_SECRET)
+        limit_malloc_arenas()  # before the S3 upload threads start
         await super().on_first_start()
 
     async def _stop_consumer(self) -> None:

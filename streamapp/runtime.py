@@ -33,6 +33,7 @@ class Runtime:
         self.parking = Parking(self)  # a tenant's failing bucket: park its objects (streamapp.sink.parking)
         self.sink = S3Sink(self)
         self._background: set[asyncio.Future[Any]] = set()
+        self.background_failures = 0
 
     def export_target(self, project_id: str) -> Target | None:
         """(bucket, prefix) where a project's events go, or None when it does not stream to S3."""
@@ -55,4 +56,8 @@ class Runtime:
     def _finished(self, future: asyncio.Future[Any]) -> None:
         self._background.discard(future)
         if not future.cancelled() and future.exception() is not None:
-            log.warning("background task failed: %r", future.exception())
+            # Bounded: at shutdown every notice still queued fails the same way (the producer has
+            # stopped), and 50,000 of them must not become 50,000 log lines.
+            self.background_failures += 1
+            if self.background_failures <= 10 or self.background_failures % 1000 == 0:
+                log.warning("background task failed (%d so far): %r", self.background_failures, future.exception())

@@ -23,6 +23,7 @@ Why each piece of the checkpoint is needed:
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +80,10 @@ class Route:
     fraction: float  # share admitted to the real-time path
 
 
+#: Bodies up to this size are copied into exact-size bytes when their object is emitted.
+SMALL_BODY_BYTES = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     watermark: float
@@ -112,7 +117,7 @@ class PendingObject:
     id: int
     bucket: str
     key: str
-    body_lines: bytearray | None  # JSON lines, gzipped on upload
+    body_lines: bytes | bytearray | None  # JSON lines, gzipped on upload
     body_json: bytes | None  # manifest parts
     events: int
     nbytes: int
@@ -120,9 +125,9 @@ class PendingObject:
     collection: str
     start: int
     kind: str
-    first_pos: int
+    first_pos: int  # also where it holds the commit point until durable
     last_pos: int
-    hold: tuple[int, Snapshot]
+    snapshot: Snapshot  # the state to restore from if the commit point stays at ``first_pos``
     flush_at: int
 
     def body(self) -> bytes:
@@ -144,7 +149,11 @@ class DivertedBatch:
     collection: str
     events: list[bytes]
     positions: list[int]
-    hold: tuple[int, Snapshot]
+    snapshot: Snapshot  # the state to restore from if the commit point stays at its first position
+
+    @property
+    def first_pos(self) -> int:
+        return self.positions[0]
 
 
 @dataclass(slots=True)
@@ -159,8 +168,32 @@ class InvalidItem:
 class _Flushes:
     """Flushes of one (project, collection, window) after the commit point."""
 
-    pending: list[list[int]] = field(default_factory=list)  # [flush position, objects not durable]
+    # Flat pairs: flush position, objects of that flush not durable yet. Flat (not a list per
+    # flush) because a window close of 50,000 one-object projects holds 50,000 of these.
+    pending: list[int] = field(default_factory=list)
     durable_through: int = 0  # its events before this position are all in S3
+
+    def add(self, at: int) -> None:
+        """One more object of the flush at read position ``at``."""
+        pending = self.pending
+        if pending and pending[-2] == at:
+            pending[-1] += 1
+        else:
+            pending += (at, 1)
+
+    def durable(self, at: int) -> bool:
+        """One object of the flush at ``at`` is durable; True if ``durable_through`` advanced."""
+        pending = self.pending
+        for i in range(0, len(pending), 2):
+            if pending[i] == at:
+                pending[i + 1] -= 1
+                break
+        advanced = False
+        while pending and pending[1] == 0:
+            self.durable_through = max(self.durable_through, pending[0])
+            del pending[:2]
+            advanced = True
+        return advanced
 
 
 @dataclass(slots=True)
@@ -217,6 +250,7 @@ class PartitionWindows:
         self.shared_id = shared_meter_id(partition)
         self.watermark = _NEG_INF
         self.routes: Mapping[str, Route] = {}
+        self._last_snapshot = Snapshot(self.watermark, self.routes)
         self.skip_pos = 0
         self.next_pos = 0
         self.open: dict[tuple[str, str, int], Buffer] = {}
@@ -363,8 +397,9 @@ class PartitionWindows:
                     kind = KIND_LATE_OLDER if start == older_start else KIND_LATE
                 else:
                     kind = (KIND_EARLY_LATER if start == later_start else KIND_EARLY) if early else KIND_ON_TIME
+                # One string per collection name, not one per buffer (they live until uploaded).
                 buf = buffers[(project, collection, start)] = Buffer(
-                    project, collection, start, kind, target, pos, self._snapshot()
+                    project, sys.intern(collection), start, kind, target, pos, self._snapshot()
                 )
                 if not (late or early) and start + size + self.lateness < self._next_close:
                     self._next_close = start + size + self.lateness
@@ -377,8 +412,9 @@ class PartitionWindows:
                 self._emit(buf, pos + 1)
         self.events_in += len(record.events)
         if diverted_events:
-            hold = (diverted_positions[0], self._snapshot())
-            batch = DivertedBatch(next(self._ids), project, collection, diverted_events, diverted_positions, hold)
+            batch = DivertedBatch(
+                next(self._ids), project, collection, diverted_events, diverted_positions, self._snapshot()
+            )
             self.inflight[batch.id] = batch
             self.diverted.append(batch)
         if unexported:
@@ -448,7 +484,12 @@ class PartitionWindows:
 
     # ------------------------------------------------------------ windowing
     def _snapshot(self) -> Snapshot:
-        return Snapshot(self.watermark, self.routes)
+        # Shared while nothing changed: a window close emits one object per project, and 50,000
+        # invented project ids must not cost 50,000 copies of the same (watermark, routes).
+        snapshot = self._last_snapshot
+        if snapshot.watermark != self.watermark or snapshot.routes is not self.routes:
+            snapshot = self._last_snapshot = Snapshot(self.watermark, self.routes)
+        return snapshot
 
     def _advance(self, watermark: float, at: int, flush_late: bool = False) -> None:
         if watermark > self.watermark:
@@ -509,7 +550,9 @@ class PartitionWindows:
             id=next(self._ids),
             bucket=bucket,
             key=key,
-            body_lines=buf.data,
+            # Small bodies as exact-size bytes: a bytearray's header and spare capacity are most
+            # of a one-event object's bytes, and 50,000 of them can wait for their upload.
+            body_lines=bytes(buf.data) if buf.nbytes <= SMALL_BODY_BYTES else buf.data,
             body_json=None,
             events=buf.events,
             nbytes=buf.nbytes,
@@ -519,16 +562,12 @@ class PartitionWindows:
             kind=buf.kind,
             first_pos=buf.first_pos,
             last_pos=buf.last_pos,
-            hold=(buf.first_pos, buf.snapshot),
+            snapshot=buf.snapshot,
             flush_at=at,
         )
         if buf.kind == KIND_ON_TIME:
             self.windows.setdefault(buf.start, _WindowMeta()).objects[obj.id] = obj.describe()
-        flushes = self.flushes.setdefault((buf.project_id, buf.collection, buf.start), _Flushes())
-        if flushes.pending and flushes.pending[-1][0] == at:
-            flushes.pending[-1][1] += 1
-        else:
-            flushes.pending.append([at, 1])
+        self.flushes.setdefault((buf.project_id, buf.collection, buf.start), _Flushes()).add(at)
         self.inflight[obj.id] = obj
         self.outbox.append(obj)
 
@@ -565,7 +604,7 @@ class PartitionWindows:
             kind=KIND_MANIFEST_PART,
             first_pos=at,
             last_pos=at,
-            hold=(at, self._snapshot()),
+            snapshot=self._snapshot(),
             flush_at=at,
         )
         self.inflight[obj.id] = obj
@@ -589,15 +628,7 @@ class PartitionWindows:
         flushes = self.flushes.get(wkey)
         if flushes is None:
             return
-        for flush in flushes.pending:
-            if flush[0] == item.flush_at:
-                flush[1] -= 1
-                break
-        advanced = False
-        while flushes.pending and flushes.pending[0][1] == 0:
-            flushes.durable_through = max(flushes.durable_through, flushes.pending.pop(0)[0])
-            advanced = True
-        if advanced:
+        if flushes.durable(item.flush_at):
             self.skip.setdefault(item.start, {})[(item.project_id, item.collection)] = flushes.durable_through
 
     def commit_point(self) -> tuple[int, dict[str, Any]]:
@@ -607,8 +638,8 @@ class PartitionWindows:
             if item.first_pos < hold_pos:
                 hold_pos, snapshot = item.first_pos, item.snapshot
         for pending in self.inflight.values():
-            if pending.hold[0] < hold_pos:
-                hold_pos, snapshot = pending.hold
+            if pending.first_pos < hold_pos:
+                hold_pos, snapshot = pending.first_pos, pending.snapshot
         hold_pos = max(hold_pos, self.skip_pos)
         skip = []
         for wkey, flushes in list(self.flushes.items()):
