@@ -104,7 +104,10 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def sink_run(broker: BrokerProcess, s3: S3Process, topic: str, events: int, log_dir: str) -> tuple[float, dict]:
+def sink_run(
+    broker: BrokerProcess, s3: S3Process, topic: str, events: int, log_dir: str, code_root: Path = ROOT
+) -> tuple[float, dict]:
+    """The sink's events/s over the backlog in ``topic``; the worker runs the code in ``code_root``."""
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(bucket)
     port = free_port()
@@ -130,6 +133,7 @@ def sink_run(broker: BrokerProcess, s3: S3Process, topic: str, events: int, log_
             "STREAMAPP_UNKNOWN_PROJECTS": "export",
         },
         log_dir=log_dir,
+        cwd=code_root,  # `python -m streamapp` imports the package from its working directory
     )
     worker.start()
     try:

@@ -31,7 +31,9 @@ from typing import Any
 import orjson
 
 from streamapp.contract import (
+    END_EVENT_SECONDS,
     MAX_FUTURE_SKEW_SECONDS,
+    MIN_EVENT_SECONDS,
     InvalidRecord,
     RecordStamps,
     check_identity,
@@ -283,7 +285,8 @@ class PartitionWindows:
             return
         try:
             record = parse_record(value, self.max_record_bytes)
-            check_identity(key, record.project_id)
+            if key is None or key != record.project_id.encode():
+                check_identity(key, record.project_id)  # raises, with the reason
         except InvalidRecord as exc:
             if base >= self.skip_pos:
                 self.invalid.append(InvalidItem(offset, key, value, exc.reason))
@@ -294,22 +297,24 @@ class PartitionWindows:
                 self.invalid.append(InvalidItem(offset, key, value, f"unknown project {project!r}: not created"))
             return
         target = self.target(project)
-        route = self.routes.get(project)
-        if route is None and self.shared_id in self.routes and not self.known(project):
-            route = self.routes[self.shared_id]  # unknown projects are shed as one
+        routes = self.routes
+        route = routes.get(project) if routes else None  # usually none: nothing is shed
+        if route is None and routes and self.shared_id in routes and not self.known(project):
+            route = routes[self.shared_id]  # unknown projects are shed as one
         counts = self.counts.get(project)
         if counts is None:
             counts = self.counts[project] = RouteCounts()
         watermark = self.watermark
         size = self.size
         late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
-        time_cap = timestamp_ms / 1000.0 + MAX_FUTURE_SKEW_SECONDS
-        future_cap = timestamp_ms / 1000.0 + self.max_future_seconds
+        record_seconds = timestamp_ms / 1000.0
+        time_cap = record_seconds + MAX_FUTURE_SKEW_SECONDS
+        future_cap = record_seconds + self.max_future_seconds
         # Windows starting past this are ahead of the record: their events are written at the next
         # flush (like late ones), so an event stamped ahead never holds the commit point open.
-        early_edge = timestamp_ms / 1000.0 + self.lateness
+        early_edge = record_seconds + self.lateness
         # ... and those more than LATE_WINDOWS windows ahead share one "early-later" object.
-        later_start = int(timestamp_ms / 1000.0 // size) * size + LATE_WINDOWS * size
+        later_start = int(record_seconds // size) * size + LATE_WINDOWS * size
         # Late windows at or before this share one object (see LATE_WINDOWS); none before any event.
         older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
@@ -340,7 +345,7 @@ class PartitionWindows:
                 event["keen"]["window_timestamp"] = stamps.created_at
                 event_time = stamps.seconds
                 self.future_corrected += 1
-            if not event_time_in_range(event_time):
+            if not MIN_EVENT_SECONDS <= event_time < END_EVENT_SECONDS:  # event_time_in_range, inlined
                 self.invalid.append(
                     InvalidItem(offset, key, dumps(event), f"event {index} time {event_time} is outside 1970-9999")
                 )
