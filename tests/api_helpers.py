@@ -83,8 +83,17 @@ def write(web: str, project: str, key: str, body: Any, collection: str | None = 
 
 def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes]:
     """Every record value on ``topic`` from the beginning up to its end offsets at the call."""
+    return [value for _, value in topic_entries(bootstrap, topic, timeout)]
 
-    async def read() -> list[bytes]:
+
+def topic_entries(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes]]:
+    """(key, value) of every record on ``topic`` from the beginning up to its end offsets at the call.
+
+    Up to the end offsets, not "until the topic is quiet": workers write idle ticks into the events
+    topic every idle-flush period, so it never is.
+    """
+
+    async def read() -> list[tuple[bytes | None, bytes]]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
         await consumer.start()
         try:
@@ -96,13 +105,13 @@ def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[byte
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
-            found: list[bytes] = []
+            found: list[tuple[bytes | None, bytes]] = []
             deadline = time.monotonic() + timeout
             pending = {tp for tp in tps if ends[tp] > 0}
             while pending and time.monotonic() < deadline:
                 batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
                 for tp, records in batch.items():
-                    found.extend(r.value for r in records if r.value is not None and r.offset < ends[tp])
+                    found.extend((r.key, r.value) for r in records if r.value is not None and r.offset < ends[tp])
                     if records and records[-1].offset + 1 >= ends[tp]:
                         pending.discard(tp)
             assert not pending, f"could not read {topic} to its end within {timeout}s"
