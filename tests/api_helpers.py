@@ -87,10 +87,13 @@ def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[byte
 
 
 def topic_entries(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes]]:
-    """(key, value) of every record on ``topic`` from the beginning up to its end offsets at the call.
+    """(key, value) of every record on ``topic`` from the beginning up to its end at the call, in
+    offset order per partition.
 
-    Up to the end offsets, not "until the topic is quiet": workers write idle ticks into the events
-    topic every idle-flush period, so it never is.
+    Up to the end, not "until the topic is quiet": workers write idle ticks into the events topic
+    every idle-flush period, so it never is. The end of a partition is the high watermark of the
+    first fetch answer, not ``end_offsets``: Tansu answers ListOffsets with the base offset of its
+    last batch + 1, which leaves out the rest of a batch of several records.
     """
 
     async def read() -> list[tuple[bytes | None, bytes]]:
@@ -104,18 +107,29 @@ def topic_entries(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tup
                 return []
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            found: list[tuple[bytes | None, bytes]] = []
+            lower = await consumer.end_offsets(tps)  # 0 only when the partition is empty (also on Tansu)
+            fetched: dict[TopicPartition, list[Any]] = {tp: [] for tp in tps}
+            ends: dict[TopicPartition, int] = {}
             deadline = time.monotonic() + timeout
-            pending = {tp for tp in tps if ends[tp] > 0}
+            pending = {tp for tp in tps if lower[tp] > 0}
             while pending and time.monotonic() < deadline:
                 batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
                 for tp, records in batch.items():
-                    found.extend((r.key, r.value) for r in records if r.value is not None and r.offset < ends[tp])
-                    if records and records[-1].offset + 1 >= ends[tp]:
+                    fetched[tp].extend(records)
+                for tp in list(pending):
+                    highwater = consumer.highwater(tp)
+                    if highwater is None:
+                        continue  # no fetch answer for it yet
+                    end = ends.setdefault(tp, max(highwater, lower[tp]))
+                    if await consumer.position(tp) >= end:
                         pending.discard(tp)
             assert not pending, f"could not read {topic} to its end within {timeout}s"
-            return found
+            return [
+                (r.key, r.value)
+                for tp in tps
+                for r in fetched[tp]
+                if r.value is not None and r.offset < ends.get(tp, 0)
+            ]
         finally:
             await consumer.stop()
 
