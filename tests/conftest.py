@@ -143,7 +143,10 @@ def start_worker(request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path
     failed = _test_failed(request)
     for proc in workers:
         try:
-            proc.stop()
+            # SIGKILL, not a graceful stop (2-5 s each): the test is over and nothing checks how its
+            # workers end (tests of the shutdown itself call stop()). Each test has its own app,
+            # topics and consumer group, so nothing of a killed worker reaches another test.
+            proc.kill()
         finally:
             if failed:
                 print(f"\n===== {proc.name} (exit {proc.returncode}) log tail: {proc.log_path} =====")
@@ -209,7 +212,7 @@ def app_worker(
         print(worker.log_tail(80))
         raise
     finally:
-        worker.stop()
+        worker.kill()  # as in start_worker: nothing checks how a test's worker ends
 
 
 class StartAppWorker(Protocol):
