@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port
+from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
+from tests.conftest import app_worker
 
 ADMIN_TOKEN = "admin-tok-3f1c9e"
 
@@ -140,30 +140,23 @@ def topic_entries(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tup
 def module_worker(
     broker: BrokerProcess, s3: S3Process, log_dir: Path, **settings: object
 ) -> Iterator[tuple[WorkerProcess, dict[str, object]]]:
-    """One worker of a fresh app (own topics, bucket, data dir) for a whole test module."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    bucket = f"{name}-bucket"
-    s3.create_bucket(bucket)
-    env: dict[str, object] = {
-        "kafka_bootstrap": broker.bootstrap,
-        "s3_endpoint_url": s3.endpoint_url,
-        "s3_bucket": bucket,
-        "app_id": name,
-        "events_topic": f"{name}-events",
-        "web_host": "127.0.0.1",
-        "web_port": free_port(),
-        "data_dir": log_dir / f"{name}-data",
+    """One worker of a fresh app (conftest's ``app_worker``) for a whole test module, with the API
+    tests' defaults; yields it and its settings by field name (``env["events_topic"]``)."""
+    settings = {
         "admin_token": ADMIN_TOKEN,
-        "control_secret": f"{name}-control-secret",
         "window_seconds": 2,
         "allowed_lateness_seconds": 1,
         "idle_flush_seconds": 1,
         **settings,
     }
-    worker = WorkerProcess(env, log_dir)
-    worker.start()
-    try:
-        worker.wait_ready(90)
-        yield worker, env
-    finally:
-        worker.stop()
+    with app_worker(broker, s3, log_dir, ready_timeout=90, **settings) as app:
+        env: dict[str, object] = {
+            "kafka_bootstrap": broker.bootstrap,
+            "s3_endpoint_url": s3.endpoint_url,
+            "s3_bucket": app.bucket,
+            "app_id": app.app_id,
+            "events_topic": app.events_topic,
+            "web_port": app.worker.web_port,
+            **settings,
+        }
+        yield app.worker, env

@@ -21,8 +21,9 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.devstack import BrokerProcess, S3Process
 from streamapp.web.keen import PIXEL_GIF
+from tests.conftest import app_worker
 from tests.helpers import wait_until
 from tests.test_api_integration import ADMIN, FAST, create_project, exported, http, topic_records
 
@@ -56,34 +57,10 @@ def stack(
     broker: BrokerProcess, s3: S3Process, s3_client: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """One worker for the module; 127.0.0.1 is a trusted proxy (the tests play the proxy)."""
-    name = "k" + uuid.uuid4().hex[:10]
-    bucket = f"{name}-bucket"
-    s3.create_bucket(bucket)
     tmp = tmp_path_factory.mktemp("keen-parity")
-    env = settings_env(
-        FAST,
-        kafka_bootstrap=broker.bootstrap,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_bucket=bucket,
-        app_id=name,
-        events_topic=f"{name}-events",
-        web_host="127.0.0.1",
-        web_port=free_port(),
-        data_dir=tmp / "data",
-        trusted_proxies="127.0.0.1/32",
-        control_secret="keen-parity-" + uuid.uuid4().hex,
-    )
-    worker = WorkerProcess(env, tmp / "logs")
-    worker.start()
-    try:
-        worker.wait_ready(90)
-        key = create_project(worker.web_url, "webshop")
-        yield Stack(worker.web_url, bucket, broker.bootstrap, f"{name}-events", key, "webshop", s3_client)
-    except BaseException:
-        print(worker.log_tail(80))
-        raise
-    finally:
-        worker.stop()
+    with app_worker(broker, s3, tmp, prefix="k", trusted_proxies="127.0.0.1/32", **FAST) as app:
+        key = create_project(app.web_url, "webshop")
+        yield Stack(app.web_url, app.bucket, broker.bootstrap, app.events_topic, key, "webshop", s3_client)
 
 
 def events_url(stack: Stack, collection: str | None = None, **query: str) -> str:
