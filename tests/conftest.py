@@ -182,7 +182,7 @@ def app_worker(
     ready_timeout: float = 90.0,
     **settings: object,
 ) -> Iterator[AppWorker]:
-    """Start one worker of a fresh app and stop it on exit; its log tail is printed if it raised.
+    """Start one worker of a fresh app and kill it on exit; its log tail is printed if it raised.
 
     ``settings`` (Settings field names or full variable names) override the connection defaults; the
     worker signs control records with ``CONTROL_SECRET`` unless ``control_secret`` is given.
@@ -226,7 +226,7 @@ def start_app_worker(
     """``start_app_worker(**settings)``: a worker of a fresh app (``app_worker``) shared by the module.
 
     For tests that can share one worker: each uses its own project ids or collections, so none sees
-    another's data. Every worker is stopped at the module's end; if a test of the module failed,
+    another's data. Every worker is killed at the module's end; if a test of the module failed,
     their log tails are printed. Tests that kill, restart or rebalance workers use ``start_worker``.
     """
     log_dir = tmp_path_factory.mktemp("module-workers")
