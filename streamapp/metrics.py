@@ -124,13 +124,18 @@ class BoundedProjectCounters:
                 out.append(project_id)
         return out
 
-    def update(self, counters: Mapping[str, Mapping[str, Any]], top: Iterable[str]) -> list[str]:
-        """Fold the current cumulative ``counters`` in; returns the labelled projects."""
-        labelled = self.labelled(top)
+    def _evict_unlabelled(self, labelled: list[str]) -> set[str]:
+        """Drop the series of projects no longer labelled (``other`` stays); returns the labelled set."""
         keep = set(labelled)
         for label in list(self.totals):
             if label != OTHER and label not in keep:
                 del self.totals[label]
+        return keep
+
+    def update(self, counters: Mapping[str, Mapping[str, Any]], top: Iterable[str]) -> list[str]:
+        """Fold the current cumulative ``counters`` in; returns the labelled projects."""
+        labelled = self.labelled(top)
+        keep = self._evict_unlabelled(labelled)
         outcomes = self.outcomes
         last = self._last
         totals = self.totals
@@ -176,10 +181,7 @@ class BoundedProjectCounters:
         revoked) is a new baseline: nothing is added for it in that scrape.
         """
         labelled = self.labelled(top)
-        keep = set(labelled)
-        for label in list(self.totals):
-            if label != OTHER and label not in keep:
-                del self.totals[label]
+        self._evict_unlabelled(labelled)
         outcomes = self.outcomes
         now_totals = tuple(int(totals.get(name, 0) or 0) for name in outcomes)
         before_totals = self._last.get(_TOTALS)

@@ -160,6 +160,7 @@ import sys as _pj_sys  # noqa: E402
 import time as _pj_time  # noqa: E402
 import urllib.error as _pj_urlerror  # noqa: E402
 import urllib.request as _pj_urlrequest  # noqa: E402
+from collections.abc import Iterable as _PjIterable  # noqa: E402
 from typing import Any as _PjAny  # noqa: E402
 
 from streamapp.cli import command as _pj_command  # noqa: E402
@@ -376,27 +377,38 @@ async def list_projects_via_topic(args: _pj_argparse.Namespace) -> dict[str, _Pj
     return {"projects": projects}
 
 
+def render_table(header: str, rows: _PjIterable[str], empty: str) -> str:
+    """An operator table: the header line, one line per row, or ``empty`` when there is none."""
+    lines = [header, *rows]
+    if len(lines) == 1:
+        lines.append(empty)
+    return "\n".join(lines)
+
+
+def _project_row(p: dict[str, _PjAny], now: float) -> str:
+    expires = p.get("previous_key_expires_at")
+    shown = "set" if p.get("has_key") else "revoked" if p.get("key_revoked_at") else "none"
+    if isinstance(expires, int | float) and expires > now:
+        shown += f", old key valid {expires - now:.0f}s more"
+    state = (p.get("shed_state") or {}).get("state") or "ok"
+    override = (p.get("override") or {}).get("action")
+    if override in ("shed", "unshed"):
+        state = f"{state} (manual {override})"
+    quota = p.get("quota_eps")
+    return (
+        f"{str(p.get('project_id'))[:24]:<24} {'yes' if p.get('s3_streaming') else 'no':<4} "
+        f"{'default' if quota is None else f'{float(quota):g}':>10}  {state:<14} {shown}"
+    )
+
+
 def render_projects(projects: list[dict[str, _PjAny]]) -> str:
     """The ``project list`` table; the key column says whether a key is valid (keys are never kept)."""
-    lines = [f"{'project':<24} {'s3':<4} {'quota ev/s':>10}  {'state':<14} write key"]
     now = _pj_time.time()
-    for p in projects:
-        expires = p.get("previous_key_expires_at")
-        shown = "set" if p.get("has_key") else "revoked" if p.get("key_revoked_at") else "none"
-        if isinstance(expires, int | float) and expires > now:
-            shown += f", old key valid {expires - now:.0f}s more"
-        state = (p.get("shed_state") or {}).get("state") or "ok"
-        override = (p.get("override") or {}).get("action")
-        if override in ("shed", "unshed"):
-            state = f"{state} (manual {override})"
-        quota = p.get("quota_eps")
-        lines.append(
-            f"{str(p.get('project_id'))[:24]:<24} {'yes' if p.get('s3_streaming') else 'no':<4} "
-            f"{'default' if quota is None else f'{float(quota):g}':>10}  {state:<14} {shown}"
-        )
-    if not projects:
-        lines.append("(no projects: create one with `streamapp project create ID`)")
-    return "\n".join(lines)
+    return render_table(
+        f"{'project':<24} {'s3':<4} {'quota ev/s':>10}  {'state':<14} write key",
+        (_project_row(p, now) for p in projects),
+        "(no projects: create one with `streamapp project create ID`)",
+    )
 
 
 # ============================================================================================
@@ -617,17 +629,20 @@ def sink(args: _pk_argparse.Namespace) -> int:
     return 0
 
 
+def _parked_row(pid: str, p: dict[str, _PkAny], now: float) -> str:
+    since = p.get("since")
+    age = f"{max(0.0, now - float(since)):.0f}s" if isinstance(since, int | float) else "-"
+    return (
+        f"{str(pid)[:24]:<24} {age:>7} {int(p.get('backlog_objects') or 0):>8} "
+        f"{int(p.get('backlog_bytes') or 0):>12}  {p.get('reason') or ''}"
+    )
+
+
 def render_parked(parked: dict[str, _PkAny]) -> str:
     """The ``sink parked`` table."""
     now = _pk_time.time()
-    lines = [f"{'project':<24} {'since':>7} {'objects':>8} {'bytes':>12}  reason"]
-    for pid, p in sorted(parked.items()):
-        since = p.get("since")
-        age = f"{max(0.0, now - float(since)):.0f}s" if isinstance(since, int | float) else "-"
-        lines.append(
-            f"{str(pid)[:24]:<24} {age:>7} {int(p.get('backlog_objects') or 0):>8} "
-            f"{int(p.get('backlog_bytes') or 0):>12}  {p.get('reason') or ''}"
-        )
-    if not parked:
-        lines.append("(no parked destinations)")
-    return "\n".join(lines)
+    return render_table(
+        f"{'project':<24} {'since':>7} {'objects':>8} {'bytes':>12}  reason",
+        (_parked_row(pid, p, now) for pid, p in sorted(parked.items())),
+        "(no parked destinations)",
+    )

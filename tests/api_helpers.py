@@ -10,7 +10,6 @@ import asyncio
 import http.client
 import json
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port
+from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
+from tests.conftest import app_worker
 
 ADMIN_TOKEN = "admin-tok-3f1c9e"
 
@@ -83,8 +83,20 @@ def write(web: str, project: str, key: str, body: Any, collection: str | None = 
 
 def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[bytes]:
     """Every record value on ``topic`` from the beginning up to its end offsets at the call."""
+    return [value for _, value in topic_entries(bootstrap, topic, timeout)]
 
-    async def read() -> list[bytes]:
+
+def topic_entries(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[bytes | None, bytes]]:
+    """(key, value) of every record on ``topic`` from the beginning up to its end at the call, in
+    offset order per partition.
+
+    Up to the end, not "until the topic is quiet": workers write idle ticks into the events topic
+    every idle-flush period, so it never is. The end of a partition is the high watermark of the
+    first fetch answer, not ``end_offsets``: Tansu answers ListOffsets with the base offset of its
+    last batch + 1, which leaves out the rest of a batch of several records.
+    """
+
+    async def read() -> list[tuple[bytes | None, bytes]]:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
         await consumer.start()
         try:
@@ -95,18 +107,29 @@ def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[byte
                 return []
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            found: list[bytes] = []
+            lower = await consumer.end_offsets(tps)  # 0 only when the partition is empty (also on Tansu)
+            fetched: dict[TopicPartition, list[Any]] = {tp: [] for tp in tps}
+            ends: dict[TopicPartition, int] = {}
             deadline = time.monotonic() + timeout
-            pending = {tp for tp in tps if ends[tp] > 0}
+            pending = {tp for tp in tps if lower[tp] > 0}
             while pending and time.monotonic() < deadline:
                 batch = await consumer.getmany(*pending, timeout_ms=500, max_records=10_000)
                 for tp, records in batch.items():
-                    found.extend(r.value for r in records if r.value is not None and r.offset < ends[tp])
-                    if records and records[-1].offset + 1 >= ends[tp]:
+                    fetched[tp].extend(records)
+                for tp in list(pending):
+                    highwater = consumer.highwater(tp)
+                    if highwater is None:
+                        continue  # no fetch answer for it yet
+                    end = ends.setdefault(tp, max(highwater, lower[tp]))
+                    if await consumer.position(tp) >= end:
                         pending.discard(tp)
             assert not pending, f"could not read {topic} to its end within {timeout}s"
-            return found
+            return [
+                (r.key, r.value)
+                for tp in tps
+                for r in fetched[tp]
+                if r.value is not None and r.offset < ends.get(tp, 0)
+            ]
         finally:
             await consumer.stop()
 
@@ -117,30 +140,23 @@ def topic_values(bootstrap: str, topic: str, timeout: float = 30.0) -> list[byte
 def module_worker(
     broker: BrokerProcess, s3: S3Process, log_dir: Path, **settings: object
 ) -> Iterator[tuple[WorkerProcess, dict[str, object]]]:
-    """One worker of a fresh app (own topics, bucket, data dir) for a whole test module."""
-    name = f"t{uuid.uuid4().hex[:10]}"
-    bucket = f"{name}-bucket"
-    s3.create_bucket(bucket)
-    env: dict[str, object] = {
-        "kafka_bootstrap": broker.bootstrap,
-        "s3_endpoint_url": s3.endpoint_url,
-        "s3_bucket": bucket,
-        "app_id": name,
-        "events_topic": f"{name}-events",
-        "web_host": "127.0.0.1",
-        "web_port": free_port(),
-        "data_dir": log_dir / f"{name}-data",
+    """One worker of a fresh app (conftest's ``app_worker``) for a whole test module, with the API
+    tests' defaults; yields it and its settings by field name (``env["events_topic"]``)."""
+    settings = {
         "admin_token": ADMIN_TOKEN,
-        "control_secret": f"{name}-control-secret",
         "window_seconds": 2,
         "allowed_lateness_seconds": 1,
         "idle_flush_seconds": 1,
         **settings,
     }
-    worker = WorkerProcess(env, log_dir)
-    worker.start()
-    try:
-        worker.wait_ready(90)
-        yield worker, env
-    finally:
-        worker.stop()
+    with app_worker(broker, s3, log_dir, ready_timeout=90, **settings) as app:
+        env: dict[str, object] = {
+            "kafka_bootstrap": broker.bootstrap,
+            "s3_endpoint_url": s3.endpoint_url,
+            "s3_bucket": app.bucket,
+            "app_id": app.app_id,
+            "events_topic": app.events_topic,
+            "web_port": app.worker.web_port,
+            **settings,
+        }
+        yield app.worker, env

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Generator, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -141,8 +143,104 @@ def start_worker(request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path
     failed = _test_failed(request)
     for proc in workers:
         try:
-            proc.stop()
+            # SIGKILL, not a graceful stop (2-5 s each): the test is over and nothing checks how its
+            # workers end (tests of the shutdown itself call stop()). Each test has its own app,
+            # topics and consumer group, so nothing of a killed worker reaches another test.
+            proc.kill()
         finally:
             if failed:
                 print(f"\n===== {proc.name} (exit {proc.returncode}) log tail: {proc.log_path} =====")
                 print(proc.log_tail(80))
+
+
+# ------------------------------------------------------------------ one worker per module
+@dataclass
+class AppWorker:
+    """A worker of a fresh app (own app id, topics, bucket, data dir) and the settings it runs with."""
+
+    worker: WorkerProcess
+    env: dict[str, str]  # STREAMAPP_* variables
+    app_id: str
+    bucket: str
+
+    @property
+    def web_url(self) -> str:
+        return self.worker.web_url
+
+    @property
+    def events_topic(self) -> str:
+        return self.env["STREAMAPP_EVENTS_TOPIC"]
+
+
+@contextmanager
+def app_worker(
+    broker: BrokerProcess,
+    s3: S3Process,
+    log_dir: Path,
+    *,
+    prefix: str = "t",
+    ready_timeout: float = 90.0,
+    **settings: object,
+) -> Iterator[AppWorker]:
+    """Start one worker of a fresh app and kill it on exit; its log tail is printed if it raised.
+
+    ``settings`` (Settings field names or full variable names) override the connection defaults; the
+    worker signs control records with ``CONTROL_SECRET`` unless ``control_secret`` is given.
+    """
+    name = prefix + uuid.uuid4().hex[:10]
+    bucket = f"{name}-bucket"
+    s3.create_bucket(bucket)
+    env = settings_env(
+        kafka_bootstrap=broker.bootstrap,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_bucket=bucket,
+        app_id=name,
+        events_topic=f"{name}-events",
+        web_host="127.0.0.1",
+        web_port=free_port(),
+        data_dir=log_dir / f"{name}-data",
+        control_secret=CONTROL_SECRET,
+    )
+    env.update(settings_env(settings))
+    worker = WorkerProcess(env, log_dir, name=f"{name}-worker")
+    worker.start()
+    try:
+        worker.wait_ready(ready_timeout)
+        yield AppWorker(worker, env, name, bucket)
+    except BaseException:
+        print(f"\n===== {worker.name} (exit {worker.returncode}) log tail: {worker.log_path} =====")
+        print(worker.log_tail(80))
+        raise
+    finally:
+        worker.kill()  # as in start_worker: nothing checks how a test's worker ends
+
+
+class StartAppWorker(Protocol):
+    def __call__(self, **settings: object) -> AppWorker: ...
+
+
+@pytest.fixture(scope="module")
+def start_app_worker(
+    request: pytest.FixtureRequest, broker: BrokerProcess, s3: S3Process, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StartAppWorker]:
+    """``start_app_worker(**settings)``: a worker of a fresh app (``app_worker``) shared by the module.
+
+    For tests that can share one worker: each uses its own project ids or collections, so none sees
+    another's data. Every worker is killed at the module's end; if a test of the module failed,
+    their log tails are printed. Tests that kill, restart or rebalance workers use ``start_worker``.
+    """
+    log_dir = tmp_path_factory.mktemp("module-workers")
+    started: list[AppWorker] = []
+    with ExitStack() as stack:
+
+        def start(**settings: object) -> AppWorker:
+            app = stack.enter_context(app_worker(broker, s3, log_dir, **settings))
+            started.append(app)
+            return app
+
+        failed_before = request.session.testsfailed
+        yield start
+        if request.session.testsfailed > failed_before:
+            for app in started:
+                print(f"\n===== {app.worker.name} (exit {app.worker.returncode}) log tail: {app.worker.log_path} =====")
+                print(app.worker.log_tail(80))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import json
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -59,3 +61,14 @@ def wait_until(check: Callable[[], T], timeout: float, interval: float = 0.5, wh
         time.sleep(interval)
         last = check()
     return last
+
+
+def every_partition_has_a_watermark(web_url: str, partitions: int = 4) -> bool:
+    """Whether the worker at ``web_url`` (its merged /sink/ view) has a watermark on every partition.
+
+    Idle partitions are ticked from their assignment on, so this is the moment after which every
+    new window gets a manifest part from every partition.
+    """
+    with urllib.request.urlopen(f"{web_url}/sink/", timeout=5) as response:
+        parts = json.loads(response.read())["partitions"]
+    return len(parts) == partitions and all(info["watermark"] is not None for info in parts.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -17,9 +16,10 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from streamapp.cli import main as cli_main
+from tests.api_helpers import topic_entries
+from tests.conftest import AppWorker, StartAppWorker
 from tests.helpers import read_objects, wait_until
 
 pytestmark = pytest.mark.integration
@@ -93,32 +93,24 @@ def exported(s3_client: Any, bucket: str, project: str) -> list[tuple[str, dict[
 
 
 def topic_records(bootstrap: str, topic: str, key: str) -> list[dict[str, Any]]:
-    """Every record value (decoded) on ``topic`` with this key, from the beginning."""
-
-    async def read() -> list[dict[str, Any]]:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
-        await consumer.start()
-        try:
-            found: list[dict[str, Any]] = []
-            idle = 0
-            while idle < 3:
-                batch = await consumer.getmany(timeout_ms=500)
-                idle = 0 if batch else idle + 1
-                for records in batch.values():
-                    found.extend(orjson.loads(r.value) for r in records if r.key == key.encode())
-            return found
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
+    """Every record value (decoded) on ``topic`` with this key, from the beginning to the end offsets
+    at the call (``api_helpers.topic_entries``: the events topic is never quiet, idle ticks go there)."""
+    return [orjson.loads(value) for k, value in topic_entries(bootstrap, topic) if k == key.encode()]
 
 
 # --------------------------------------------------------------------------- tests
 
 
-def test_single_and_batch_events_land_in_s3(broker, s3_client, bucket, worker_env, start_worker) -> None:
-    env = worker_env(**FAST)
-    web = start_worker(env).web_url
+@pytest.fixture(scope="module")
+def fast_app(start_app_worker: StartAppWorker) -> AppWorker:
+    """One FAST worker shared by the tests that need no settings of their own and do not stop, pause
+    or restart anything; each uses its own project ids, so none sees another's events or keys."""
+    # Like worker_env: projects are never created by the producer side, each is metered on its own.
+    return start_app_worker(**FAST, unknown_projects="export")
+
+
+def test_single_and_batch_events_land_in_s3(broker, s3_client, fast_app: AppWorker) -> None:
+    web, bucket = fast_app.web_url, fast_app.bucket
     key = create_project(web, "shop")
 
     for n in range(5):
@@ -145,14 +137,14 @@ def test_single_and_batch_events_land_in_s3(broker, s3_client, bucket, worker_en
     assert client["keen"]["timestamp"] == client_time and client["keen"]["created_at"] != client_time
 
     # The batch request became one batch record per collection, not one record per event.
-    records = topic_records(broker.bootstrap, env["STREAMAPP_EVENTS_TOPIC"], "shop")
+    records = topic_records(broker.bootstrap, fast_app.events_topic, "shop")
     batched = sorted((r["collection"], len(r["events"])) for r in records if "events" in r)
     assert batched == [("clicks", 50), ("views", 20)]
     assert sum(1 for r in records if "event" in r) == 6
 
 
-def test_keys_are_checked_like_keen(worker_env, start_worker) -> None:
-    web = start_worker(worker_env(**FAST)).web_url
+def test_keys_are_checked_like_keen(fast_app: AppWorker) -> None:
+    web = fast_app.web_url
     key = create_project(web, "locked")
     other = create_project(web, "other")
 
@@ -212,8 +204,8 @@ def test_bad_requests_are_rejected_and_nothing_of_them_is_written(
     assert written == [1, 10, 12], "nothing of a rejected request reaches Kafka"
 
 
-def test_shed_project_gets_429_while_another_project_gets_201(worker_env, start_worker) -> None:
-    web = start_worker(worker_env(**FAST)).web_url
+def test_shed_project_gets_429_while_another_project_gets_201(fast_app: AppWorker) -> None:
+    web = fast_app.web_url
     loud = create_project(web, "loud", quota_eps=2)
     quiet = create_project(web, "quiet")
     reply = http("POST", f"{web}/admin/projects/loud/shed", {"reason": "incident 42"}, ADMIN)
@@ -344,9 +336,8 @@ def test_paused_broker_gives_fast_503_and_recovers_without_losing_accepted_event
     assert len(accepted) == len(set(accepted))
 
 
-def test_admin_api_and_project_cli(broker, worker_env, start_worker, capsys) -> None:
-    env = worker_env(**FAST)
-    web = start_worker(env).web_url
+def test_admin_api_and_project_cli(broker, fast_app: AppWorker, capsys) -> None:
+    web = fast_app.web_url
 
     assert http("GET", f"{web}/admin/projects").status == 401
     assert http("GET", f"{web}/admin/projects", headers={"Authorization": "Bearer nope"}).status == 401
@@ -370,7 +361,7 @@ def test_admin_api_and_project_cli(broker, worker_env, start_worker, capsys) -> 
 
     # Without --web the CLI goes straight through the control topic (no worker needed); every
     # worker picks the project up from its replicated view.
-    kafka = ["--bootstrap", broker.bootstrap, "--topic", env["STREAMAPP_EVENTS_TOPIC"] + "-control"]
+    kafka = ["--bootstrap", broker.bootstrap, "--topic", fast_app.events_topic + "-control"]
     assert cli_main(["project", "create", "via-kafka", "--quota-eps", "20", *kafka]) == 0
     via_kafka = json.loads(capsys.readouterr().out)
     wait_until(

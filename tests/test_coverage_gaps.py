@@ -39,7 +39,7 @@ from streamapp.devstack import PROJECT_ROOT, BrokerProcess, S3Process, WorkerPro
 from streamapp.devstack import s3_client as make_s3_client
 from streamapp.sink.s3 import MULTIPART_THRESHOLD, PART_SIZE
 from streamapp.web.views import key_partition
-from tests.helpers import list_keys, read_objects, wait_until
+from tests.helpers import every_partition_has_a_watermark, list_keys, read_objects, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -142,13 +142,7 @@ def app(
         )
     )
     wait_until(
-        lambda: (
-            (parts := get_json(f"{shared.worker.web_url}/sink/")["partitions"])
-            and len(parts) == 4
-            and all(info["watermark"] is not None for info in parts.values())
-        ),
-        60,
-        what="every partition with a watermark",
+        lambda: every_partition_has_a_watermark(shared.worker.web_url), 60, what="every partition with a watermark"
     )
     failed_before = request.session.testsfailed
     yield shared

@@ -28,11 +28,9 @@ import re
 import threading
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -42,8 +40,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamapp.contract import InvalidRecord, check_identity, parse_record
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
 from streamapp.meter import default_partition
+from tests.conftest import app_worker
 from tests.helpers import list_keys, wait_until
 
 pytestmark = pytest.mark.integration
@@ -258,36 +257,21 @@ class Hostile:
 
 @pytest.fixture(scope="module")
 def hostile(broker: BrokerProcess, s3: S3Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
-    name = "h" + uuid.uuid4().hex[:10]
-    bucket = f"{name}-bucket"
-    s3.create_bucket(bucket)
-    tmp: Path = tmp_path_factory.mktemp("hostile")
-    env = settings_env(
-        kafka_bootstrap=broker.bootstrap,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_bucket=bucket,
-        app_id=name,
-        events_topic=f"{name}-events",
-        web_host="127.0.0.1",
-        web_port=free_port(),
-        data_dir=tmp / "data",
+    with app_worker(
+        broker,
+        s3,
+        tmp_path_factory.mktemp("hostile"),
+        prefix="h",
         window_seconds=WINDOW,
         allowed_lateness_seconds=LATENESS,
         idle_flush_seconds=IDLE_FLUSH,
-        control_secret="hostile-" + uuid.uuid4().hex,
-    )
-    worker = WorkerProcess(env, tmp / "logs")
-    worker.start()
-    kafka: Kafka | None = None
-    try:
-        worker.wait_ready(90)
+    ) as app:
         kafka = Kafka(broker.bootstrap)
-        yield Hostile(worker, env, bucket, kafka)
-    finally:
-        if kafka is not None:
+        try:
+            yield Hostile(app.worker, app.env, app.bucket, kafka)
+        finally:
             kafka.close()
-        worker.stop()
-        print(f"\n===== hostile worker log tail: {worker.log_path} =====\n{worker.log_tail(60)}")
+            print(f"\n===== hostile worker log tail: {app.worker.log_path} =====\n{app.worker.log_tail(60)}")
 
 
 def assert_worker_healthy(worker: WorkerProcess) -> None:

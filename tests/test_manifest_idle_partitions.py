@@ -10,15 +10,13 @@ partitions got objects but no manifests. Assigned partitions are now ticked whil
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.request
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.helpers import list_keys, wait_until
+from tests.helpers import every_partition_has_a_watermark, list_keys, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +29,10 @@ def test_a_window_gets_its_manifest_when_some_partitions_never_saw_an_event(
     env = worker_env(window_seconds=WINDOW, allowed_lateness_seconds=LATENESS, idle_flush_seconds=IDLE)
     worker = start_worker(env)
 
-    def every_partition_has_a_watermark() -> bool:
-        with urllib.request.urlopen(f"{worker.web_url}/sink/", timeout=5) as response:
-            parts = json.loads(response.read())["partitions"]
-        return len(parts) == 4 and all(info["watermark"] is not None for info in parts.values())
-
     # Idle partitions are ticked from their assignment on: a window that starts after that gets
     # a part from every partition. (A window that closed before a partition's first tick does not:
     # events produced before the worker was assigned its partitions may have no manifest.)
-    wait_until(every_partition_has_a_watermark, 30, what="every partition ticked while idle")
+    wait_until(lambda: every_partition_has_a_watermark(worker.web_url), 30, what="every partition ticked while idle")
     second = int(time.time())
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second))
     window = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second // WINDOW * WINDOW))

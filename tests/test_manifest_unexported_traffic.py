@@ -9,9 +9,7 @@ partition passed the window"). Their records now move the watermark by the recor
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.request
 
 import orjson
 import pytest
@@ -19,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from streamapp.control import ProjectSettings, project_record, publish_records
 from streamapp.web.views import key_partition
-from tests.helpers import list_keys, wait_until
+from tests.helpers import every_partition_has_a_watermark, list_keys, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +43,8 @@ def test_a_window_gets_its_manifest_while_a_partition_carries_only_unexported_tr
     )
     worker = start_worker(env)
 
-    def every_partition_has_a_watermark() -> bool:
-        with urllib.request.urlopen(f"{worker.web_url}/sink/", timeout=5) as response:
-            parts = json.loads(response.read())["partitions"]
-        return len(parts) == 4 and all(info["watermark"] is not None for info in parts.values())
-
     # Not the startup race (tests/test_manifest_idle_partitions.py): every partition ticked first.
-    wait_until(every_partition_has_a_watermark, 30, what="every partition ticked while idle")
+    wait_until(lambda: every_partition_has_a_watermark(worker.web_url), 30, what="every partition ticked while idle")
     second = int(time.time())
     window = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second // WINDOW * WINDOW))
     manifest = f"events/_manifests/{window}.json"

@@ -22,11 +22,11 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamapp.cli import produce_load
 from streamapp.control import publish_records, quota_record
 from streamapp.devstack import PROJECT_ROOT, WorkerProcess
+from tests.api_helpers import topic_entries
 
 pytestmark = pytest.mark.integration
 
@@ -114,27 +114,9 @@ class Producer:
 
 
 def control_records(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """Every record on the control topic so far, oldest first."""
-
-    async def read() -> list[dict[str, Any]]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-        await consumer.start()
-        try:
-            tp = TopicPartition(topic, 0)
-            if topic not in await consumer.topics():
-                return []
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            out: list[dict[str, Any]] = []
-            while await consumer.position(tp) < end:
-                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    out.append(orjson.loads(record.value))
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
+    """Every record on the control topic so far, oldest first (to its end at the call:
+    ``api_helpers.topic_entries``, which also reads the rest of a last batch of several records)."""
+    return [orjson.loads(value) for _, value in topic_entries(bootstrap, topic)]
 
 
 def shed_states(records: list[dict[str, Any]], project: str | None = None) -> list[dict[str, Any]]:
