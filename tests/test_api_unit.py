@@ -251,6 +251,15 @@ def test_a_manual_shed_override_sheds_before_any_meter_reacts() -> None:
     assert decide(override={"action": "shed", "mode": "shadow"}) is None
 
 
+def test_the_operators_reason_stays_once_a_meter_has_taken_the_manual_shed_over() -> None:
+    override = {"action": "shed", "reason": "incident 42"}
+    taken_over = ShedState("proj", state="shed", manual="shed", reason="manual shed", limit_eps=5.0).to_dict()
+    assert decide(taken_over, override=override).reason == "manual shed: incident 42"
+    # A shed the meter decided on its own (no override) keeps the meter's reason.
+    decided = ShedState("proj", state="shed", reason="burst 50 eps over 10", limit_eps=5.0).to_dict()
+    assert decide(decided).reason == "burst 50 eps over 10"
+
+
 def test_a_malformed_shed_state_still_sheds() -> None:
     assert decide({"state": "shed", "mode": "bogus"}, quota=7.0) == keen.Shed(7.0, "shed", 30)
 

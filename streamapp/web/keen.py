@@ -561,15 +561,21 @@ def shed_decision(
         except (TypeError, ValueError):
             parsed = ShedState(project_id, state="shed")
         limit = parsed.limit_eps if parsed.limit_eps > 0 else fallback_limit
-        reason = parsed.reason or "shed"
+        # The meter's state says only "manual shed": the operator's own words stay the answer's
+        # reason once the meter has taken the override over, as they were before.
+        reason = _manual_reason(override) if action == "shed" and parsed.manual == "shed" else parsed.reason or "shed"
         return Shed(limit, reason, retry_after_seconds(parsed, now, cooldown))
     if action == "shed":
         if override and override.get("mode") == "shadow":
             return None
         manual = ShedState(project_id, state="shed", manual="shed")
-        reason = str(override.get("reason") or "manual shed") if override else "manual shed"
-        return Shed(fallback_limit, f"manual shed: {reason}", retry_after_seconds(manual, now, cooldown))
+        return Shed(fallback_limit, _manual_reason(override), retry_after_seconds(manual, now, cooldown))
     return None
+
+
+def _manual_reason(override: Mapping[str, Any] | None) -> str:
+    reason = str(override.get("reason") or "manual shed") if override else "manual shed"
+    return f"manual shed: {reason}"
 
 
 def bucket_for(limit_eps: float) -> TokenBucket:
