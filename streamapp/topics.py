@@ -43,9 +43,14 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
     def raw(name: str, **kwargs: object) -> TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", **kwargs)
 
-    # The events topic is read in bulk (see streamapp.transport): each Faust event is one
-    # fetched batch of a partition, a RecordBatch of raw records.
-    app.bulk_topics = {settings.events_topic}  # type: ignore[attr-defined]
+    # The events and overflow topics are read in bulk (see streamapp.transport): each Faust event
+    # is one fetched batch of a partition, a RecordBatch of raw records. For the overflow topic it
+    # also keeps the paced drain from blocking everyone: Faust stops fetching a partition when its
+    # agent's buffer is under pressure, but puts what was fetched already with a blocking put once
+    # the buffer is full, which stalls the whole consumer (the real-time sink too). One item per
+    # partition per fetch always fits in the headroom between "pressure" and "full".
+    overflow_topic = settings.topic_name("overflow")
+    app.bulk_topics = {settings.events_topic, overflow_topic}  # type: ignore[attr-defined]
     return Topics(
         # acks=False: Faust never commits these; their owners commit once events are durable in S3.
         events=app.topic(
@@ -58,7 +63,15 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
             acks=False,
         ),
         invalid=raw(settings.topic_name("invalid"), partitions=partitions),
-        overflow=raw(settings.topic_name("overflow"), partitions=partitions, acks=False),
+        overflow=app.topic(
+            overflow_topic,
+            key_type=bytes,
+            value_type=None,
+            key_serializer="raw",
+            value_serializer="streamapp-bulk",
+            partitions=partitions,
+            acks=False,
+        ),
         objects=raw(settings.topic_name("s3-objects"), partitions=partitions),
         control=raw(settings.topic_name("control"), partitions=1),
     )

@@ -10,8 +10,10 @@ Pacing (``metering.Pacer``): each chunk reserves ``events / allowance`` seconds;
 allowance is ``overflow_max_eps`` while the real-time sink has no backlog and falls
 linearly to 5 % of it as the sink's backlog age reaches ``health_backlog_seconds``. The
 drain waits inside its agent, so its Faust buffer fills and Faust stops fetching the
-overflow partitions (per-partition flow control) while the events partitions flow on.
-Nothing is skipped, only delayed.
+overflow partitions (per-partition flow control) while the events partitions flow on. The
+overflow topic is read in bulk (one buffer item per fetched batch, see streamapp.topics), so
+what was fetched before the stop always fits in the buffer: a full buffer would block Faust's
+delivery to every agent. Nothing is skipped, only delayed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_MAX_EVENTS = 5000
 CHUNK_MAX_BYTES = 8 * 1024 * 1024
-DRAIN_BATCH = 500
+DRAIN_BATCH = 16  # fetched batches of the overflow topic (bulk: each one a RecordBatch)
 
 
 class Drainer:
@@ -104,47 +106,50 @@ class Drainer:
 
     # ---------------------------------------------------------------- input
     async def handle(self, events: list[EventT]) -> None:
+        """Each event is one fetched batch of an overflow partition: a RecordBatch of raw records
+        in offset order (the overflow topic is read in bulk, see streamapp.topics)."""
         touched: dict[int, OverflowChunks] = {}
         now = time.monotonic()
         for event in events:
             message = event.message
-            chunks = touched.get(message.partition)
+            partition = message.partition
+            chunks = touched.get(partition)
             if chunks is None:
-                chunks = touched[message.partition] = await self.partition(message.tp)
-            forged = verify_control(
-                self._control_secrets,
-                self.topic,
-                message.partition,
-                message.key or b"",
-                message.value,
-                message.headers,
-            )
-            if forged is not None:
-                # Only the sink writes here (diversions, ticks): anything else could claim source
-                # positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
-                chunks.reject(message.offset)
-                if chunks.forged <= 10:
-                    log.warning("drain: %s at %s offset %s; skipped", forged, message.tp, message.offset)
-                self.last_record_at[message.partition] = now
-                continue
-            try:
-                chunks.process(message.offset, message.key, message.value)
-            except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
-                chunks.invalid += 1
-                log.warning(
-                    "drain: overflow record at %s offset %s failed (%s: %.200s); skipped",
-                    message.tp,
-                    message.offset,
-                    type(exc).__name__,
-                    exc,
-                )
-            self.last_record_at[message.partition] = now
+                chunks = touched[partition] = await self.partition(message.tp)
+            for record in event.value:
+                self._record(chunks, message.tp, record)
+            self.last_record_at[partition] = now
         for partition, chunks in touched.items():
             ready, chunks.ready = chunks.ready, []
             for chunk in ready:
                 await self.deliver(chunk)
                 if self.partitions.get(partition) is not chunks:
                     break  # revoked meanwhile: the new owner replays from the committed offset
+
+    def _record(self, chunks: OverflowChunks, tp: TP, record: Any) -> None:
+        """One raw overflow record: only a signed diversion (or tick) of this partition is obeyed."""
+        key = record.key
+        forged = verify_control(
+            self._control_secrets, self.topic, tp.partition, key or b"", record.value, record.headers
+        )
+        if forged is not None:
+            # Only the sink writes here (diversions, ticks): anything else could claim source
+            # positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
+            chunks.reject(record.offset)
+            if chunks.forged <= 10:
+                log.warning("drain: %s at %s offset %s; skipped", forged, tp, record.offset)
+            return
+        try:
+            chunks.process(record.offset, key, record.value)
+        except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
+            chunks.invalid += 1
+            log.warning(
+                "drain: overflow record at %s offset %s failed (%s: %.200s); skipped",
+                tp,
+                record.offset,
+                type(exc).__name__,
+                exc,
+            )
 
     def backlog_age(self) -> float:
         s = self.settings

@@ -32,6 +32,15 @@ def register_sink(app: faust.App, runtime: Runtime) -> None:
     async def sink_commits() -> None:
         await sink.commit_loop()
 
+    # The overflow lane's own producer (streamapp.sink.overflow_lane) lives as long as the worker.
+    @app.task
+    async def overflow_producer() -> None:
+        await sink.overflow.start()
+
+    @app.on_before_shutdown.connect
+    async def stop_overflow_producer(app: faust.App, **kwargs: object) -> None:
+        await asyncio.shield(sink.overflow.stop())
+
     @app.timer(interval=max(0.5, settings.idle_flush_seconds / 2))
     async def sink_ticks() -> None:
         await sink.tick_idle_partitions()

@@ -39,6 +39,7 @@ from streamapp.sink.layout import (
     manifest_key,
     manifest_parts_prefix,
 )
+from streamapp.sink.overflow_lane import OverflowLane
 from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route, Target
 from streamapp.sink.s3 import S3Writer
 from streamapp.sink.uploads import FairQueue
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 COMMIT_INTERVAL_SECONDS = 1.0
 YIELD_EVERY_EVENTS = 5000  # ~20 ms of sink work on this project's machine
 BACKLOG_CACHE_SECONDS = 1.5  # > the meter tick (1 s), which reads it for the health check
+#: A partition's diverted bytes not yet acknowledged by Kafka above which the sink stops taking
+#: records until the overflow lane catches up (backpressure from the lane's own producer).
+MAX_DIVERTING_BYTES = 32 * 1024 * 1024
 
 
 @dataclass
@@ -92,6 +96,10 @@ class S3Sink:
         # The first signs this worker's ticks; any of them verifies (a rotation: control_records).
         self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
         self._control_secret = self._control_secrets[0]
+        # Diversions have their own producer (streamapp.sink.overflow_lane), never Faust's shared one.
+        self.overflow = OverflowLane(runtime)
+        self.diverting_bytes: dict[int, int] = {}  # partition -> diverted bytes not acknowledged yet
+        self._diverted_acked = asyncio.Event()
 
     @property
     def events_in(self) -> int:
@@ -209,6 +217,7 @@ class S3Sink:
                 # (~20 ms of work at most between yields), and stop taking records while too
                 # many bytes wait for S3.
                 await (self.wait_for_s3() if self.pending_bytes > self.max_pending_bytes else asyncio.sleep(0))
+                await self.wait_for_overflow(tp.partition)
                 if generation_id is not None and app.consumer_generation_id != generation_id:
                     break
                 yield_at = windows.events_in + YIELD_EVERY_EVENTS
@@ -216,6 +225,7 @@ class S3Sink:
             log.warning("sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.read_offset)
         self._dispatch_if_owned(tp.partition, windows)
         await self.wait_for_s3()
+        await self.wait_for_overflow(tp.partition)
 
     def _record_failed(self, windows: PartitionWindows, partition: int, record: Any, exc: Exception) -> None:
         """The safety net: a record whose handling raised is dead-lettered and read past.
@@ -248,6 +258,14 @@ class S3Sink:
         while self.pending_bytes > self.max_pending_bytes:
             self._drained.clear()
             await self._drained.wait()
+
+    async def wait_for_overflow(self, partition: int) -> None:
+        """Backpressure from the overflow lane: while over ``MAX_DIVERTING_BYTES`` of this
+        partition's diversions wait for Kafka, take no more records (the lane's own producer is
+        behind; Faust's shared producer is never involved)."""
+        while self.diverting_bytes.get(partition, 0) > MAX_DIVERTING_BYTES:
+            self._diverted_acked.clear()
+            await self._diverted_acked.wait()
 
     def _control(
         self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None, headers: Any = None
@@ -307,6 +325,7 @@ class S3Sink:
             windows.invalid.clear()
         for batch in windows.diverted:
             value = overflow_record(batch.project_id, batch.collection, partition, batch.positions, batch.events)
+            self.diverting_bytes[partition] = self.diverting_bytes.get(partition, 0) + len(value)
             self._track(self._divert(windows, partition, batch.id, batch.project_id, value))
         windows.diverted.clear()
         queue = self._upload_queue
@@ -345,19 +364,20 @@ class S3Sink:
     async def _divert(
         self, windows: PartitionWindows, partition: int, item_id: int, project: str, value: bytes
     ) -> None:
-        producer = self.runtime.app.producer
+        """Produce a diverted batch through the overflow lane; done (committable) once acknowledged."""
         topic = self.runtime.topics.overflow.get_topic_name()
         key = project.encode()
         # Signed like a control record: the drain delivers only what a worker diverted.
         headers = control_headers(self._control_secret, topic, partition, key, value)
-        while True:
-            try:
-                fut = await producer.send(topic, key, value, partition, None, headers)
-                await fut
-                break
-            except Exception as exc:  # noqa: BLE001 - Kafka hiccup: retry, never lose the excess
-                log.warning("overflow produce failed (%r); retrying", exc)
-                await asyncio.sleep(0.5)
+        try:
+            await self.overflow.produce(topic, key, value, partition, headers)
+        finally:
+            left = self.diverting_bytes.get(partition, 0) - len(value)
+            if left > 0:
+                self.diverting_bytes[partition] = left
+            else:
+                self.diverting_bytes.pop(partition, None)
+            self._diverted_acked.set()
         windows.done(item_id)
         self._commit_wanted.set()
 

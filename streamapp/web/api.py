@@ -21,8 +21,10 @@ Checks, cheapest first; everything up to the body read is a pure in-memory decis
    tokens, the bucket may go into debt, and while it holds no token -> 429 + a Retry-After that
    covers the debt;
 3. Kafka back-pressure: at most ``api_max_inflight`` requests wait on Kafka acks; none more is
-   admitted while no ack has arrived for ``STALL_SECONDS``, and after a failed write only one
-   request at a time probes Kafka until a write succeeds -> 503 + Retry-After at once;
+   admitted while no ack has arrived for ``STALL_SECONDS`` and the broker showed no other sign of
+   life meanwhile (new records fetched by this worker's consumer; time in which this process did
+   not run is not counted), and after a failed write only one request at a time probes Kafka until
+   a write succeeds -> 503 + Retry-After at once;
 4. body: a share of ``api_max_body_bytes_in_flight`` (else 503), read within
    ``api_body_read_timeout_seconds`` (else 408), over ``api_max_body_bytes`` (after gzip/deflate
    decompression too) -> 413; more than ``api_max_batch_events`` events or
@@ -66,8 +68,11 @@ from streamapp.web.keen import ApiError
 log = logging.getLogger(__name__)
 
 #: No Kafka ack for this long while requests wait on one = Kafka is stalled: new requests get 503
-#: at once instead of queueing behind the stuck ones (capped by the produce timeout).
+#: at once instead of queueing behind the stuck ones (capped by the produce timeout). Only time in
+#: which Kafka could have shown progress counts (see ``IngestApi.watch_kafka``).
 STALL_SECONDS = 1.0
+#: How often the API looks for other signs that Kafka is up (see ``IngestApi.watch_kafka``).
+WATCH_SECONDS = 0.1
 #: How long a request may wait for the API producer to finish starting (only right after start).
 START_WAIT_SECONDS = 2.0
 SERVER_TIME_HEADER = "X-Streamapp-Server-Ms"
@@ -130,6 +135,9 @@ class IngestApi:
         self.started = asyncio.Event()
         self.inflight = 0
         self._last_progress = 0.0  # monotonic time of the last ack (or of inflight going 0 -> 1)
+        self._watched_at = 0.0  # monotonic time of watch_kafka's last look
+        self._highwaters = -1  # sum of the events partitions' high watermarks at that look
+        self._watch: asyncio.Task[None] | None = None
         self.failing = False  # the last write timed out or failed, and none succeeded since
         self.buckets: dict[str, TokenBucket] = {}
         self.trusted_proxies = enrichment.parse_trusted_proxies(settings.trusted_proxies)
@@ -173,6 +181,7 @@ class IngestApi:
             self.producer = producer
         self.started.set()
         log.info("API producer started (acks=all, max in-flight %s)", self.max_inflight)
+        self._watch = asyncio.ensure_future(self.watch_kafka())
         self.parser = self.new_parser()
         with contextlib.suppress(Exception):  # warm it up: the first big body should not wait for a spawn
             await asyncio.get_running_loop().run_in_executor(self.parser, keen.warm_up)
@@ -187,11 +196,49 @@ class IngestApi:
     async def stop(self) -> None:
         producer, self.producer = self.producer, None
         self.started.clear()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
         parser, self.parser = self.parser, None
         if parser is not None:
             parser.shutdown(wait=False, cancel_futures=True)
         if producer is not None:
             await producer.stop()
+
+    async def watch_kafka(self) -> None:
+        """Keep the stall clock honest: it should say "the broker is down", not "one slow second".
+
+        A missing ack for ``STALL_SECONDS`` meant "Kafka is stalled" even when this worker's event
+        loop had not run (acks sat unread in the socket: CPU contention, a long step) or when the
+        broker was merely slow under load while serving fetches. Every ``WATCH_SECONDS``: time in
+        which the loop did not run (beyond the watch interval) is not counted, and new records
+        fetched by the consumer (the events partitions' high watermarks moved: the broker answers
+        fetches and takes writes) count as progress. A stopped or unreachable broker shows neither,
+        so it still gets 503s after ``STALL_SECONDS``.
+        """
+        self._watched_at = time.monotonic()
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            now = time.monotonic()
+            late = now - self._watched_at - WATCH_SECONDS
+            self._watched_at = now
+            highwaters, before = self.events_highwaters(), self._highwaters
+            self._highwaters = highwaters
+            if not self.inflight:
+                continue
+            if before >= 0 and highwaters > before:
+                self._last_progress = now
+            elif late > WATCH_SECONDS:
+                self._last_progress = min(now, self._last_progress + late)
+
+    def events_highwaters(self) -> int:
+        """Sum of the high watermarks this worker's consumer knows for its events partitions
+        (updated by each fetch response); -1 when unknown."""
+        try:
+            consumer = self.runtime.app.consumer
+            return sum(consumer.highwater(tp) or 0 for tp in consumer.assignment() if tp.topic == self.topic)
+        except Exception:  # noqa: BLE001 - not started / no assignment yet: no signal
+            return -1
 
     # ----------------------------------------------------------------- checks
     def project(self, request: web.Request, project_id: str) -> ProjectSettings:
@@ -251,7 +298,9 @@ class IngestApi:
             if self.failing:
                 # The last write failed: one request at a time probes Kafka, the others fail fast.
                 raise keen.unavailable("Kafka is failing writes; retry")
-            if time.monotonic() - self._last_progress > self.stall_seconds:
+            now = time.monotonic()
+            # (watch_kafka held up as well: the loop itself was late, and acks may sit unread)
+            if now - self._last_progress > self.stall_seconds and now - self._watched_at < 3 * WATCH_SECONDS:
                 raise keen.unavailable(f"Kafka has not acknowledged a write for over {self.stall_seconds:g}s; retry")
 
     async def read_body(self, request: web.Request) -> tuple[bytes, int]:
