@@ -105,9 +105,16 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def sink_run(
-    broker: BrokerProcess, s3: S3Process, topic: str, events: int, log_dir: str, code_root: Path = ROOT
+    broker: BrokerProcess,
+    s3: S3Process,
+    topic: str,
+    events: int,
+    log_dir: str,
+    code_root: Path = ROOT,
+    settings: dict[str, str] | None = None,
 ) -> tuple[float, dict]:
-    """The sink's events/s over the backlog in ``topic``; the worker runs the code in ``code_root``."""
+    """The sink's events/s over the backlog in ``topic``; the worker runs the code in ``code_root``
+    with ``settings`` (``STREAMAPP_*`` variables) over the benchmark's own."""
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(bucket)
     port = free_port()
@@ -131,6 +138,7 @@ def sink_run(
             "STREAMAPP_LOG_LEVEL": "warn",
             # The projects are never created: meter each on its own, as the figures were measured.
             "STREAMAPP_UNKNOWN_PROJECTS": "export",
+            **(settings or {}),
         },
         log_dir=log_dir,
         cwd=code_root,  # `python -m streamapp` imports the package from its working directory

@@ -6,8 +6,9 @@ A machine shared with other work drifts by tens of per cent within an hour, so t
 ``bench_sink.py`` runs cannot show a 5 % difference. Here one broker and one backlog serve both:
 the base's worker and this checkout's worker read it in turn (base, head, base, head, ...), each
 from the start with its own consumer group and bucket, and the figures are compared pairwise.
-The base is any checkout of this repository (``git worktree add --detach ../base REV``); its
-worker runs in this checkout's virtualenv.
+The base is any checkout of this repository (``git worktree add --detach ../base REV``), or this
+one with other settings (``--base . --base-env STREAMAPP_S3_UPLOAD_CONCURRENCY=8``); its worker
+runs in this checkout's virtualenv.
 """
 
 from __future__ import annotations
@@ -35,8 +36,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each side")
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--per-record", type=int, default=1, help="events per record")
+    parser.add_argument(
+        "--base-env", action="append", default=[], metavar="NAME=VALUE", help="a setting of the base worker"
+    )
+    parser.add_argument(
+        "--head-env", action="append", default=[], metavar="NAME=VALUE", help="a setting of the head worker"
+    )
     args = parser.parse_args()
     base = args.base.resolve()
+    env = {
+        "base": dict(kv.split("=", 1) for kv in args.base_env),
+        "head": dict(kv.split("=", 1) for kv in args.head_env),
+    }
     if not (base / "streamapp" / "__init__.py").exists():
         parser.error(f"{base} is not a checkout of streamapp")
     log_dir = tempfile.mkdtemp(prefix="bench-sink-ab-")
@@ -61,14 +72,14 @@ def main() -> None:
         )
         for round_no in range(args.rounds):
             for side, root in (("base", base), ("head", ROOT)):
-                rate, _ = sink_run(broker, s3, topic, events, log_dir, code_root=root)
+                rate, _ = sink_run(broker, s3, topic, events, log_dir, code_root=root, settings=env[side])
                 results[side].append(rate)
                 print(f"round {round_no + 1} {side:<4} {rate:>10,.0f} events/s", flush=True)
     ratios = [h / b for b, h in zip(results["base"], results["head"], strict=True)]
     print()
     print(f"{args.records} records of {args.per_record} event(s), {PARTITIONS} partitions, {PROJECTS} projects")
-    print(f"base {base}: median {statistics.median(results['base']):,.0f} events/s")
-    print(f"head {ROOT}: median {statistics.median(results['head']):,.0f} events/s")
+    print(f"base {base} {env['base'] or ''}: median {statistics.median(results['base']):,.0f} events/s")
+    print(f"head {ROOT} {env['head'] or ''}: median {statistics.median(results['head']):,.0f} events/s")
     print(
         "head / base per round: " + ", ".join(f"{r:.3f}" for r in ratios) + f"; median {statistics.median(ratios):.3f}"
     )

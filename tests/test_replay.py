@@ -4,9 +4,11 @@ command itself) checked for its outputs, exactly-once accounting and issue #12's
 capacity) on hand-made inputs.
 
 Invariants (B = window + lateness + idle flush + 5 s = 13 s here), on the other projects during the
-spike: protected p99 delivery <= B and API success >= 99.9 % are asserted; baseline p99 >= 2B is
-asserted too but marked xfail (not strict), because on this 2-core machine it does not hold with
-a spike the protected arm can divert: the figures are in its reason and in the README.
+spike: protected p99 delivery <= B and API success >= 99.9 % are asserted. Baseline p99 >= 2B is
+not, because it does not hold yet on one 2-core worker: the baseline's others p99 was 10.7-19.0 s
+(< 2B = 26 s) with a 20 s spike at Kafka shares 0.05-0.3, while the protected arm misses B above
+a share of ~0.2 (16.8 s at 0.3, 49 s at 0.5); see the README's "The incident, replayed". Issue
+#12 stays open for it: a check that cannot fail (an xfail) would only hide it.
 """
 
 from __future__ import annotations
@@ -85,18 +87,6 @@ def test_protected_arm_keeps_the_others_within_the_bound(replay_run: tuple[int, 
     assert others["delivery_seconds"]["p99"] is not None
     assert others["delivery_seconds"]["p99"] <= bound, others["delivery_seconds"]
     assert others["api"]["success_rate"] >= 0.999, others["api"]
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="does not hold on one 2-core worker yet: the baseline's others p99 was 10.7-19.0 s (< 2B = 26 s) "
-    "with a 20 s spike at Kafka shares 0.05-0.3, while the protected arm misses B above ~0.2 "
-    "(16.8 s at 0.3, 49 s at 0.5): see the README's 'The incident, replayed'",
-)
-def test_baseline_misses_twice_the_bound(replay_run: tuple[int, Path, str]) -> None:
-    others, bound = _others(replay_run, "baseline")
-    assert others["delivery_seconds"]["p99"] is not None
-    assert others["delivery_seconds"]["p99"] >= 2 * bound, others["delivery_seconds"]
 
 
 # ----------------------------------------------------------------------------------------- pure parts
