@@ -51,27 +51,23 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
     # partition per fetch always fits in the headroom between "pressure" and "full".
     overflow_topic = settings.topic_name("overflow")
     app.bulk_topics = {settings.events_topic, overflow_topic}  # type: ignore[attr-defined]
-    return Topics(
+
+    def bulk(name: str) -> TopicT:
         # acks=False: Faust never commits these; their owners commit once events are durable in S3.
-        events=app.topic(
-            settings.events_topic,
+        return app.topic(
+            name,
             key_type=bytes,
             value_type=None,
             key_serializer="raw",
             value_serializer="streamapp-bulk",
             partitions=partitions,
             acks=False,
-        ),
+        )
+
+    return Topics(
+        events=bulk(settings.events_topic),
         invalid=raw(settings.topic_name("invalid"), partitions=partitions),
-        overflow=app.topic(
-            overflow_topic,
-            key_type=bytes,
-            value_type=None,
-            key_serializer="raw",
-            value_serializer="streamapp-bulk",
-            partitions=partitions,
-            acks=False,
-        ),
+        overflow=bulk(overflow_topic),
         objects=raw(settings.topic_name("s3-objects"), partitions=partitions),
         control=raw(settings.topic_name("control"), partitions=1),
     )

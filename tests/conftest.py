@@ -82,6 +82,22 @@ class StartWorker(Protocol):
     ) -> WorkerProcess: ...
 
 
+def connection_env(broker: BrokerProcess, s3: S3Process, bucket: str, app_id: str, data_dir: Path) -> dict[str, str]:
+    """STREAMAPP_* variables of one worker of app ``app_id``: the test servers, its own web port
+    and data dir, the events topic ``{app_id}-events``, and the control secret."""
+    return settings_env(
+        kafka_bootstrap=broker.bootstrap,
+        s3_endpoint_url=s3.endpoint_url,
+        s3_bucket=bucket,
+        app_id=app_id,
+        events_topic=f"{app_id}-events",
+        web_host="127.0.0.1",
+        web_port=free_port(),
+        data_dir=data_dir,
+        control_secret=CONTROL_SECRET,
+    )
+
+
 @pytest.fixture
 def worker_env(broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: str, tmp_path: Path) -> WorkerEnv:
     """``worker_env(**overrides)``: STREAMAPP_* variables for one worker of this test's app.
@@ -95,20 +111,10 @@ def worker_env(broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: s
     def make(**overrides: object) -> dict[str, str]:
         nonlocal calls
         calls += 1
-        env = settings_env(
-            kafka_bootstrap=broker.bootstrap,
-            s3_endpoint_url=s3.endpoint_url,
-            s3_bucket=bucket,
-            app_id=unique_name,
-            events_topic=f"{unique_name}-events",
-            web_host="127.0.0.1",
-            web_port=free_port(),
-            data_dir=tmp_path / f"worker-data-{calls}",
-            control_secret=CONTROL_SECRET,
-            # Tests produce to projects they never create and expect each to be metered and shed on
-            # its own; the default (shared) is covered by tests/test_cardinality.py.
-            unknown_projects="export",
-        )
+        env = connection_env(broker, s3, bucket, unique_name, tmp_path / f"worker-data-{calls}")
+        # Tests produce to projects they never create and expect each to be metered and shed on
+        # its own; the default (shared) is covered by tests/test_cardinality.py.
+        env.update(settings_env(unknown_projects="export"))
         env.update(settings_env(overrides))
         return env
 
@@ -190,17 +196,7 @@ def app_worker(
     name = prefix + uuid.uuid4().hex[:10]
     bucket = f"{name}-bucket"
     s3.create_bucket(bucket)
-    env = settings_env(
-        kafka_bootstrap=broker.bootstrap,
-        s3_endpoint_url=s3.endpoint_url,
-        s3_bucket=bucket,
-        app_id=name,
-        events_topic=f"{name}-events",
-        web_host="127.0.0.1",
-        web_port=free_port(),
-        data_dir=log_dir / f"{name}-data",
-        control_secret=CONTROL_SECRET,
-    )
+    env = connection_env(broker, s3, bucket, name, log_dir / f"{name}-data")
     env.update(settings_env(settings))
     worker = WorkerProcess(env, log_dir, name=f"{name}-worker")
     worker.start()

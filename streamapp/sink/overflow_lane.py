@@ -16,12 +16,12 @@ compression, request timeout), so it honours the same Kafka configuration.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+
+from streamapp.kafka_producers import start_producer
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
@@ -95,17 +95,8 @@ class OverflowLane:
 
     async def start(self) -> None:
         """Start the producer, retrying while the broker is not reachable."""
-        while self.producer is None:
-            producer = AIOKafkaProducer(**self.producer_config())
-            try:
-                await producer.start()
-            except KafkaError as exc:
-                log.warning("overflow producer cannot start yet (%r); retrying", exc)
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                await asyncio.sleep(START_RETRY_SECONDS)
-                continue
-            self.producer = producer
+        if self.producer is None:
+            self.producer = await start_producer(self.producer_config(), "overflow", START_RETRY_SECONDS)
         self.started.set()
         log.info(
             "overflow producer started (acks=all, at most %d batches / %d MiB in flight)",

@@ -60,6 +60,7 @@ from prometheus_client import Counter, Gauge
 from streamapp import enrichment
 from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import ProjectSettings, key_matches
+from streamapp.kafka_producers import start_producer
 from streamapp.metering.bucket import TokenBucket
 from streamapp.runtime import Runtime
 from streamapp.web import keen
@@ -160,25 +161,17 @@ class IngestApi:
     async def start(self) -> None:
         """Start the producer, retrying while the broker is not reachable."""
         settings = self.settings
-        while self.producer is None:
-            producer = AIOKafkaProducer(
-                bootstrap_servers=settings.kafka_bootstrap,
-                client_id=f"{settings.app_id}-api",
-                acks="all",
-                linger_ms=0,
-                max_batch_size=max(1 << 20, settings.max_record_bytes + 4096),
-                max_request_size=max(2 << 20, settings.max_record_bytes * 2),
-                request_timeout_ms=max(1000, int(self.timeout * 1000)),
-            )
-            try:
-                await producer.start()
-            except KafkaError as exc:
-                log.warning("API producer cannot start yet (%r); retrying", exc)
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                await asyncio.sleep(1.0)
-                continue
-            self.producer = producer
+        if self.producer is None:
+            config = {
+                "bootstrap_servers": settings.kafka_bootstrap,
+                "client_id": f"{settings.app_id}-api",
+                "acks": "all",
+                "linger_ms": 0,
+                "max_batch_size": max(1 << 20, settings.max_record_bytes + 4096),
+                "max_request_size": max(2 << 20, settings.max_record_bytes * 2),
+                "request_timeout_ms": max(1000, int(self.timeout * 1000)),
+            }
+            self.producer = await start_producer(config, "API", 1.0)
         self.started.set()
         log.info("API producer started (acks=all, max in-flight %s)", self.max_inflight)
         self._watch = asyncio.ensure_future(self.watch_kafka())
