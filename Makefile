@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test unit lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check streamapp tests benchmarks
 	$(BIN)/ruff check streamapp tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The fast tests only (no broker, S3 server, worker process or browser): seconds, not minutes.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: $(STAMP)
 	$(BIN)/ruff format streamapp tests benchmarks

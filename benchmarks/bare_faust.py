@@ -29,7 +29,7 @@ def main() -> None:
     uvloop.install()
     import faust
 
-    import streamapp.transport  # noqa: F401 - registers streamapp://
+    import streamapp.infra.transport  # noqa: F401 - registers streamapp://
 
     app = faust.App(
         f"bare-{uuid.uuid4().hex[:8]}",

@@ -129,7 +129,7 @@ def child(args: argparse.Namespace) -> None:
     uvloop.install()
     import faust
 
-    import streamapp.transport  # noqa: F401 - registers streamapp://
+    import streamapp.infra.transport  # noqa: F401 - registers streamapp://
 
     variant = args.child
     transport = "kafka" if variant == "bare-kafka" else "streamapp"

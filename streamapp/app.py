@@ -13,9 +13,9 @@ from typing import Any
 
 import faust
 
-import streamapp.transport  # noqa: F401 - registers the streamapp:// broker scheme
-from streamapp.local_state import StreamappTableManager
-from streamapp.process_memory import limit_malloc_arenas
+import streamapp.infra.transport  # noqa: F401 - registers the streamapp:// broker scheme
+from streamapp.infra.local_state import StreamappTableManager
+from streamapp.infra.process_memory import limit_malloc_arenas
 from streamapp.runtime import Runtime
 from streamapp.settings import ENV_PREFIX, Settings, SettingsError
 from streamapp.topics import declare_topics
@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
         broker_max_poll_records=5000,
         consumer_max_fetch_size=8 * 1024 * 1024,
         # Items queued per agent stream. An events-topic item is a whole fetched batch (bulk
-        # delivery, see streamapp.transport): a few dozen keep the agents fed and bound memory.
+        # delivery, see streamapp.infra.transport): a few dozen keep the agents fed and bound memory.
         stream_buffer_maxsize=64,
         producer_linger=0.005,
         producer_max_request_size=max(2 * 1024 * 1024, settings.max_record_bytes * 2),

@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> int:
     from streamapp.app import app
 
     if args.reset_local_state:
-        from streamapp.local_state import reset_local_state
+        from streamapp.infra.local_state import reset_local_state
 
         if reset_local_state(app.conf.tabledir):
             print(f"streamapp: deleted local table state in {app.conf.tabledir}", file=sys.stderr)

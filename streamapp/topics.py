@@ -43,7 +43,7 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
     def raw(name: str, **kwargs: object) -> TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw", **kwargs)
 
-    # The events and overflow topics are read in bulk (see streamapp.transport): each Faust event
+    # The events and overflow topics are read in bulk (see streamapp.infra.transport): each Faust event
     # is one fetched batch of a partition, a RecordBatch of raw records. For the overflow topic it
     # also keeps the paced drain from blocking everyone: Faust stops fetching a partition when its
     # agent's buffer is under pressure, but puts what was fetched already with a blocking put once

@@ -27,6 +27,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+# A test that uses any of these needs the real servers: it is an integration test, whether or not
+# its module says so (`make unit` runs the others, in seconds).
+SERVER_FIXTURES = frozenset({"broker", "s3", "s3_client", "bucket", "worker_env", "start_worker", "start_app_worker"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def _test_failed(request: pytest.FixtureRequest) -> bool:
     reports = request.node.stash.get(_REPORTS, {})
     return any(r.failed for r in reports.values())

@@ -42,7 +42,7 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     async def meter_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
         meter.revoke()
 
-    # The events topic is a bulk topic (streamapp.transport): each Faust event is one fetched
+    # The events topic is a bulk topic (streamapp.infra.transport): each Faust event is one fetched
     # batch of one partition and its value the raw records, so Faust's per-record machinery
     # runs once per batch. Meter.observe counts the records; each touched project's row is
     # written at most once a second (never per event) through PartitionContext, which sets

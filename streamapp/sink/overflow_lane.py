@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 
-from streamapp.kafka_producers import start_producer
+from streamapp.infra.producers import start_producer
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime

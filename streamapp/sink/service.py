@@ -173,7 +173,7 @@ class S3Sink:
 
     # ---------------------------------------------------------------- input
     async def consume(self, stream: StreamT) -> None:
-        """The agent's loop: each item is one fetched batch of a partition (see streamapp.transport).
+        """The agent's loop: each item is one fetched batch of a partition (see streamapp.infra.transport).
 
         The window state machines batch by themselves (an object per window); the loop hands
         records over and dispatches only when an object, a diversion or a dead letter came out.

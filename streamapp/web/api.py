@@ -60,7 +60,7 @@ from prometheus_client import Counter, Gauge
 from streamapp import enrichment
 from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import ProjectSettings, key_matches
-from streamapp.kafka_producers import start_producer
+from streamapp.infra.producers import start_producer
 from streamapp.metering.bucket import TokenBucket
 from streamapp.runtime import Runtime
 from streamapp.web import keen

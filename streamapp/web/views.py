@@ -189,7 +189,7 @@ _MAX_FIELDS = ("age_seconds", "_at", "watermark")
 
 
 def _stopped_partitions(app: Any) -> list[dict[str, Any]]:
-    """Partitions the transport stopped at an undecodable batch (streamapp.transport, point 6)."""
+    """Partitions the transport stopped at an undecodable batch (streamapp.infra.transport, point 6)."""
     stopped = getattr(app.consumer, "stopped", None)
     return stopped() if callable(stopped) else []
 

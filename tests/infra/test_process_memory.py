@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from streamapp.process_memory import limit_malloc_arenas
+from streamapp.infra.process_memory import limit_malloc_arenas
 
-CHECK = "from streamapp.process_memory import limit_malloc_arenas as f; print(f())"
+CHECK = "from streamapp.infra.process_memory import limit_malloc_arenas as f; print(f())"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

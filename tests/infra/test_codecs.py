@@ -31,7 +31,7 @@ from aiokafka.structs import TopicPartition
 
 from streamapp.app import create_app
 from streamapp.settings import Settings
-from streamapp.transport import ISOLATION_LEVEL, GuardedFetchResults, StreamappConsumerThread
+from streamapp.infra.transport import ISOLATION_LEVEL, GuardedFetchResults, StreamappConsumerThread
 from streamapp.web.views import merge_sink
 from tests.helpers import read_objects, wait_until
 

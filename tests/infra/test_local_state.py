@@ -27,7 +27,7 @@ from aiokafka import AIOKafkaProducer
 from streamapp.app import data_dir
 from streamapp.cli import produce_load
 from streamapp.devstack import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
-from streamapp.local_state import stale_partitions
+from streamapp.infra.local_state import stale_partitions
 from streamapp.settings import Settings
 from tests.conftest import CONTROL_SECRET
 from tests.helpers import event_counts, read_objects, wait_until
@@ -149,7 +149,7 @@ def test_dev_exits_when_its_worker_dies_and_stale_local_state_is_rebuilt(
 
 
 def test_reset_local_state_deletes_the_table_stores(tmp_path: Path) -> None:
-    from streamapp.local_state import reset_local_state
+    from streamapp.infra.local_state import reset_local_state
 
     tables = tmp_path / "v1" / "tables"
     (tables / "meter-rates-0.db").mkdir(parents=True)

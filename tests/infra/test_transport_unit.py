@@ -9,7 +9,7 @@ from typing import Any
 from faust.types import TP
 from mode.utils.logging import CompositeLogger
 
-from streamapp.transport import (
+from streamapp.infra.transport import (
     ACCEPT_GAP,
     DELIVER,
     MAX_RESEEKS,

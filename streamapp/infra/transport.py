@@ -54,7 +54,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, T
 from faust.types import TP
 from mode import Service
 
-TRANSPORTS.aliases.setdefault("streamapp", "streamapp.transport:StreamappTransport")
+TRANSPORTS.aliases.setdefault("streamapp", "streamapp.infra.transport:StreamappTransport")
 
 
 log = logging.getLogger(__name__)
