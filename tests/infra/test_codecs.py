@@ -30,8 +30,8 @@ from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
 from streamapp.app import create_app
-from streamapp.settings import Settings
 from streamapp.infra.transport import ISOLATION_LEVEL, GuardedFetchResults, StreamappConsumerThread
+from streamapp.settings import Settings
 from streamapp.web.views import merge_sink
 from tests.helpers import read_objects, wait_until
 
