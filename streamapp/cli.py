@@ -104,7 +104,7 @@ def _dev_args(parser: argparse.ArgumentParser) -> None:
 @command("dev", _dev_args)
 def dev(args: argparse.Namespace) -> int:
     """Embedded stack: Tansu broker, moto S3 server, one worker; Ctrl-C or --duration stops all."""
-    from streamapp.devstack import BrokerProcess, DevStackError, S3Process, WorkerProcess
+    from streamapp.dev import BrokerProcess, DevStackError, S3Process, WorkerProcess
 
     base = Settings.from_env()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="streamapp-dev-")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from streamapp.devstack import free_port, s3_client
+from streamapp.dev import free_port, s3_client
 from tests.helpers import event_counts, read_objects, wait_until
 
 pytestmark = pytest.mark.integration

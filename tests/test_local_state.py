@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 
 from streamapp.app import data_dir
 from streamapp.cli import produce_load
-from streamapp.devstack import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.dev import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
 from streamapp.local_state import stale_partitions
 from streamapp.settings import Settings
 from tests.conftest import CONTROL_SECRET
