@@ -33,9 +33,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streamapp.cli import produce_load
 from streamapp.control import publish_records, quota_record
-from streamapp.dev import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.dev import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, produce_load, settings_env
 from streamapp.dev import s3_client as make_s3_client
 from streamapp.sink.s3 import MULTIPART_THRESHOLD, PART_SIZE
 from streamapp.web.views import key_partition

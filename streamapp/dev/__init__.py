@@ -9,10 +9,12 @@ One module per process: :mod:`~streamapp.dev.processes` (the base: process group
 log files), :mod:`~streamapp.dev.broker`, :mod:`~streamapp.dev.s3`, :mod:`~streamapp.dev.worker`,
 :mod:`~streamapp.dev.stack` (all of them together); :mod:`~streamapp.dev.ports` (free ports);
 :mod:`~streamapp.dev.demo` (``streamapp dev --demo``'s traffic) and :mod:`~streamapp.dev.load`
-(``streamapp produce``'s load generator).
+(``streamapp produce``'s load generator). The demo is not re-exported: it imports the Keen API
+(and so Faust), which importing the package must not cost.
 """
 
 from streamapp.dev.broker import BrokerProcess
+from streamapp.dev.load import produce_load
 from streamapp.dev.ports import HOST, free_port
 from streamapp.dev.processes import AWS_DUMMY_ENV, PROJECT_ROOT, DevStackError
 from streamapp.dev.s3 import S3Process, s3_client
@@ -29,6 +31,7 @@ __all__ = [
     "S3Process",
     "WorkerProcess",
     "free_port",
+    "produce_load",
     "s3_client",
     "settings_env",
 ]
