@@ -7,7 +7,7 @@ import uuid
 import orjson
 import pytest
 
-from streamapp.cli import render_projects
+from streamapp.cli.project import render_projects
 from streamapp.contract import encode_record, parse_iso_seconds, parse_record
 from streamapp.metering.shed import ShedState
 from streamapp.web import keen

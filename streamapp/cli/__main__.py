@@ -2,6 +2,6 @@
 
 import sys
 
-from streamapp.cli.main import main
+from streamapp.cli.commands import run
 
-sys.exit(main())
+sys.exit(run())

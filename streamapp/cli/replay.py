@@ -1,4 +1,5 @@
-"""``streamapp replay``: the command's arguments and its run live in :mod:`streamapp.replay.command`."""
+"""``streamapp replay``: the command's arguments and its run live in :mod:`streamapp.replay.command`
+(a product command with its own package: scenario, stack, traffic, measure, analysis, report)."""
 
 from __future__ import annotations
 

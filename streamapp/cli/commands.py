@@ -1,4 +1,4 @@
-"""``streamapp``'s entry point: the explicit list of commands, the argument parser, the dispatch."""
+"""The explicit list of ``streamapp``'s commands, its argument parser and the dispatch to a command."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ COMMANDS: tuple[Command, ...] = (
 DESCRIPTION = "The ``streamapp`` console script."
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: the process's arguments) and run the command; its exit code."""
     parser = argparse.ArgumentParser(prog="streamapp", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
