@@ -96,6 +96,7 @@ class Generator:
         self.pending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
+        # Imported in the traffic process (spawned) only, which is the one that needs them.
         import aiohttp
         from aiokafka import AIOKafkaProducer
 
