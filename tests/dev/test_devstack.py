@@ -153,7 +153,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", script],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.PIPE,
         text=True,
     )
