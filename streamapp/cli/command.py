@@ -1,6 +1,6 @@
 """What a ``streamapp`` subcommand is: its name, a function adding its arguments, a function running it.
 
-Each command group's module declares its commands as :class:`Command` values; :mod:`streamapp.cli.main`
+Each command group's module declares its commands as :class:`Command` values; :mod:`streamapp.cli.commands`
 lists them all explicitly (no registration on import).
 """
 
