@@ -107,7 +107,7 @@ class ArmStack:
         endpoint = str(self.settings.get("s3_endpoint_url") or "")
         if not self.external:
             return s3_client(endpoint, timeout=30)
-        import boto3
+        import boto3  # slow to import (~0.5 s): only for a replay against a real S3 (--external)
 
         return boto3.client(
             "s3", endpoint_url=endpoint or None, region_name=str(self.settings.get("s3_region", "us-east-1"))
