@@ -206,7 +206,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
 
-    from streamapp.devstack import DevStack
+    from streamapp.dev import DevStack
 
     log_dir = Path(tempfile.mkdtemp(prefix="bench-api-"))
     results: dict[str, Any] = {"config": vars(args)}

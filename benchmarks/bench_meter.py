@@ -261,7 +261,7 @@ def main() -> None:
         return
 
     from benchmarks.backlog import fill
-    from streamapp.devstack import BrokerProcess
+    from streamapp.dev import BrokerProcess
 
     log_dir = tempfile.mkdtemp(prefix="bench-meter-")
     rows = []

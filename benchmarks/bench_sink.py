@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.backlog import fill  # noqa: E402
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port  # noqa: E402
+from streamapp.dev import BrokerProcess, S3Process, WorkerProcess, free_port  # noqa: E402
 
 PARTITIONS = 4
 PROJECTS = 50

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.backlog import fill  # noqa: E402
 from benchmarks.bench_sink import BACKLOG_SECONDS, PARTITIONS, PROJECTS, backlog_timestamp, sink_run  # noqa: E402
-from streamapp.devstack import BrokerProcess, S3Process  # noqa: E402
+from streamapp.dev import BrokerProcess, S3Process  # noqa: E402
 
 
 def main() -> None:

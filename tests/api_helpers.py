@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
+from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
 from tests.conftest import app_worker
 
 ADMIN_TOKEN = "admin-tok-3f1c9e"

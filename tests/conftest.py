@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import pytest
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
-from streamapp.devstack import s3_client as make_s3_client
+from streamapp.dev import BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.dev import s3_client as make_s3_client
 
 # The cluster secret of every test worker (tests that forge control records sign with others).
 CONTROL_SECRET = "test-control-secret-" + uuid.uuid4().hex

@@ -7,9 +7,9 @@ import uuid
 import orjson
 import pytest
 
+from streamapp.cli.project import render_projects
 from streamapp.contract import encode_record, parse_iso_seconds, parse_record
 from streamapp.metering.shed import ShedState
-from streamapp.operator_cli import render_projects
 from streamapp.web import keen
 from streamapp.web.admin import parse_quota
 from streamapp.web.keen import ApiError, Clock, EventRejected

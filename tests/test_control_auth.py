@@ -36,7 +36,7 @@ from streamapp.control_records import (
     parse_control,
     verify_control,
 )
-from streamapp.devstack import PROJECT_ROOT
+from streamapp.dev import PROJECT_ROOT
 from streamapp.metrics import Metrics
 from streamapp.settings import Settings
 from streamapp.sink.partition import PartitionWindows

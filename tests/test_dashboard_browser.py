@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from streamapp.cli import produce_load
+from streamapp.dev import produce_load
 from tests.helpers import wait_until
 
 CHROMIUM = os.environ.get("STREAMAPP_CHROMIUM", "/usr/bin/chromium")

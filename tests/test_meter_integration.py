@@ -23,9 +23,8 @@ from typing import Any
 import orjson
 import pytest
 
-from streamapp.cli import produce_load
 from streamapp.control import publish_records, quota_record
-from streamapp.devstack import PROJECT_ROOT, WorkerProcess
+from streamapp.dev import PROJECT_ROOT, WorkerProcess, produce_load
 from tests.api_helpers import topic_entries
 
 pytestmark = pytest.mark.integration

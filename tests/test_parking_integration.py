@@ -26,7 +26,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamapp.control import ProjectSettings, project_record, publish_records
-from streamapp.devstack import PROJECT_ROOT
+from streamapp.dev import PROJECT_ROOT
 from streamapp.sink.parking import parked_root
 from streamapp.web.views import key_partition
 from tests.helpers import list_keys, wait_until

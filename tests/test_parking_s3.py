@@ -16,7 +16,7 @@ import orjson
 import pytest
 from faust.types import TP
 
-from streamapp.devstack import AWS_DUMMY_ENV
+from streamapp.dev import AWS_DUMMY_ENV
 from streamapp.settings import Settings
 from streamapp.sink.drain import DelayedObject
 from streamapp.sink.layout import gzip_lines

@@ -234,7 +234,7 @@ def test_without_the_tenant_flag_every_error_is_retried() -> None:
 
 
 def test_sink_parked_table_shows_reason_and_backlog() -> None:
-    from streamapp.operator_cli import render_parked
+    from streamapp.cli.sink import render_parked
 
     book = ParkingBook(retry_seconds=30)
     book.parked(parked(1, "tenant", size=2048), "NoSuchBucket (404): gone", now=0)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port
+from streamapp.dev import BrokerProcess, S3Process, WorkerProcess, free_port
 from streamapp.settings import Settings, SettingsError, is_loopback
 from streamapp.web.views import (
     READ_COOKIE,

@@ -439,7 +439,7 @@ def test_names_starting_with_underscore_are_reserved_everywhere(name: str) -> No
     with pytest.raises(ApiError) as admin_error:
         AdminApi.project_id(name)
     assert admin_error.value.status == 400
-    from streamapp.operator_cli import _qt_project_id
+    from streamapp.cli.quota import project_id_arg as _qt_project_id
 
     with pytest.raises(argparse.ArgumentTypeError, match="reserved"):
         _qt_project_id(name)

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streamapp.cli import produce_load
 from streamapp.contract import DEAD_LETTER_PREVIEW_BYTES
+from streamapp.dev import produce_load
 from tests.helpers import event_counts, list_keys, read_objects, wait_until
 
 pytestmark = pytest.mark.integration

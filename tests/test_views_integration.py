@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamapp.cli import main as cli_main
-from streamapp.cli import produce_load
+from streamapp.dev import produce_load
 from streamapp.web.views import key_partition, merge_sink, merge_top, rate_from_series, read_allowed
 from tests.helpers import wait_until
 

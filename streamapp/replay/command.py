@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from streamapp.replay.analysis import RequestTable, analyse_arm
+import streamapp.replay.report as report
+from streamapp.replay.analysis import RequestTable, analyse_arm, expand_ids
 from streamapp.replay.measure import S3Watcher, ShedWatcher, settle
 from streamapp.replay.scenario import Scenario, quick
 from streamapp.replay.stack import ArmStack
@@ -80,8 +81,6 @@ def scenario_from(args: argparse.Namespace) -> Scenario:
 
 
 def main(args: argparse.Namespace) -> int:
-    from streamapp.replay import report
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scenario = scenario_from(args)
@@ -112,8 +111,6 @@ def main(args: argparse.Namespace) -> int:
 def run_arm(
     arm: str, mode: str, scenario: Scenario, out: Path, external: bool, console: Any
 ) -> tuple[dict[str, Any], dict[str, Any], Scenario]:
-    from streamapp.replay import report
-
     worker_settings: dict[str, object] = {
         "window_seconds": scenario.window_seconds,
         "allowed_lateness_seconds": scenario.allowed_lateness_seconds,
@@ -257,8 +254,6 @@ def replay(
         raise RuntimeError(f"the traffic generator failed (exit code {process.exitcode})")
     table = RequestTable.load(str(path))
     acked = table.ok > 0
-    from streamapp.replay.analysis import expand_ids
-
     accepted = expand_ids(table.project[acked], table.first[acked], table.ok[acked])
     task = bar.add_task(f"{arm}: waiting for S3 to hold every accepted event", total=len(np.unique(accepted)))
     settled = settle(

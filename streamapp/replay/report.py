@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import platform
 from pathlib import Path
@@ -170,6 +171,7 @@ def _shade(ax: Any, doc: dict[str, Any], arm: str) -> None:
 
 
 def plots(doc: dict[str, Any], series: dict[str, Any], out: Path) -> list[Path]:
+    # matplotlib is imported only to draw (~1 s): the CLI imports this module on every start.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,6 +289,4 @@ flows through the real-time path) and <b>protected</b> (the defaults). B = windo
 
 
 def _json(value: Any) -> str:
-    import json
-
     return json.dumps(value, indent=2)

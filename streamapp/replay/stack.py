@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, s3_client
+from streamapp.dev import BrokerProcess, S3Process, WorkerProcess, s3_client
 from streamapp.settings import Settings
 
 
@@ -67,7 +67,7 @@ class ArmStack:
                 data_dir=str(self.log_dir / "data"),
                 log_level="warn",
             )
-            # The embedded stack takes devstack's dummy credentials; a real S3 needs the caller's own.
+            # The embedded stack takes streamapp.dev's dummy credentials; a real S3 needs the caller's own.
             aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} if self.external else {}
             self.worker = WorkerProcess(self.settings, self.log_dir, name=f"worker-{self.arm}", extra_env=aws)
             self.worker.start()
@@ -107,7 +107,7 @@ class ArmStack:
         endpoint = str(self.settings.get("s3_endpoint_url") or "")
         if not self.external:
             return s3_client(endpoint, timeout=30)
-        import boto3
+        import boto3  # slow to import (~0.5 s): only for a replay against a real S3 (--external)
 
         return boto3.client(
             "s3", endpoint_url=endpoint or None, region_name=str(self.settings.get("s3_region", "us-east-1"))

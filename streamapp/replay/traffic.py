@@ -71,7 +71,7 @@ class RequestLog:
         self.rows.append((due, latency, writer.index, CHANNELS.index(writer.channel), status, first, n, ok))
 
     def save(self, path: Path, **extra: Any) -> None:
-        import numpy as np
+        import numpy as np  # the spawned traffic process needs it only once, to save its log
 
         arrays = {}
         for i, name in enumerate(self.columns):
@@ -96,6 +96,8 @@ class Generator:
         self.pending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
+        # aiohttp and aiokafka are imported in the spawned traffic process only (here and in the two
+        # http_* methods): the parent, and every `streamapp` command through the CLI, skip them.
         import aiohttp
         from aiokafka import AIOKafkaProducer
 
@@ -280,7 +282,7 @@ class Generator:
 def run_traffic(config: dict[str, Any]) -> str:
     """Process entry point: run the generator, save its request log to ``config["out"]`` (npz)."""
     try:
-        import uvloop
+        import uvloop  # optional: the plain asyncio loop otherwise
 
         uvloop.install()
     except ImportError:

@@ -25,8 +25,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamapp.app import data_dir
-from streamapp.cli import produce_load
-from streamapp.devstack import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, settings_env
+from streamapp.dev import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, produce_load, settings_env
 from streamapp.infra.local_state import stale_partitions
 from streamapp.settings import Settings
 from tests.conftest import CONTROL_SECRET

@@ -27,7 +27,7 @@ from streamapp.replay.measure import KIND_DELAYED, KIND_LATE, ObjectEvents, is_e
 from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Small windows and a short spike: the whole replay (two arms) in under two minutes.
 REDUCED = [

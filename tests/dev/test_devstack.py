@@ -19,7 +19,7 @@ import botocore.exceptions
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streamapp.devstack import (
+from streamapp.dev import (
     BrokerProcess,
     DevStack,
     DevStackError,
@@ -145,7 +145,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     # The parent gets no chance to call stop(): PR_SET_PDEATHSIG must end the servers.
     script = (
         "import sys, time\n"
-        "from streamapp.devstack import BrokerProcess, S3Process\n"
+        "from streamapp.dev import BrokerProcess, S3Process\n"
         f"b = BrokerProcess(log_dir={str(tmp_path)!r}); b.start()\n"
         f"s = S3Process(log_dir={str(tmp_path)!r}); s.start()\n"
         "print(b.pid, s.pid, flush=True)\n"
@@ -153,7 +153,7 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", script],
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.PIPE,
         text=True,
     )

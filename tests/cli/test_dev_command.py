@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from streamapp.devstack import free_port, s3_client
+from streamapp.dev import free_port, s3_client
 from tests.helpers import event_counts, read_objects, wait_until
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _alive(pid: int) -> bool:
