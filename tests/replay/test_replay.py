@@ -56,6 +56,7 @@ def replay_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, str
     return proc.returncode, out, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_reduced_replay_writes_its_outputs_and_is_exactly_once(replay_run: tuple[int, Path, str]) -> None:
     code, out, log = replay_run
     assert (out / "summary.json").exists(), log[-3000:]
@@ -82,6 +83,7 @@ def _others(replay_run: tuple[int, Path, str], arm: str) -> tuple[dict, float]:
     return summary["runs"][arm]["other_projects"], float(summary["scenario"]["bound_seconds"])
 
 
+@pytest.mark.integration
 def test_protected_arm_keeps_the_others_within_the_bound(replay_run: tuple[int, Path, str]) -> None:
     others, bound = _others(replay_run, "protected")
     assert others["delivery_seconds"]["p99"] is not None
