@@ -22,7 +22,7 @@ import orjson
 from faust.types import TP, StreamT
 
 from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value, position
-from streamapp.control_records import (
+from streamapp.control import (
     SHED_MODES,
     ShedMarker,
     Tick,
