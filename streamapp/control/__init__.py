@@ -1,4 +1,8 @@
-"""The control domain: the control plane (:mod:`.plane`) and the signed markers (:mod:`.markers`)."""
+"""The control domain: project settings, quotas and shed overrides replicated through the control
+topic: :mod:`.projects` (a project and its key hashes), :mod:`.records` (the records, built
+once for the CLI and the admin API), :mod:`.view` (the state they build), :mod:`.plane` (the
+Kafka tail and publisher); and the signed markers (watermark ticks, shed markers) the sink and the
+meter write into the events topic (:mod:`.markers`)."""
 
 from streamapp.control.markers import (
     ShedMarker,
@@ -10,24 +14,17 @@ from streamapp.control.markers import (
     parse_control,
     verify_control,
 )
-from streamapp.control.plane import (
+from streamapp.control.plane import ControlPlane, ensure_control_topic, publish_records, read_view
+from streamapp.control.projects import (
     KEY_FIELDS,
     SECRET_KEY_FIELDS,
-    SHED_MODES,
-    ControlPlane,
-    ControlView,
     ProjectSettings,
-    ensure_control_topic,
     hash_key,
     key_matches,
-    key_record,
     new_write_key,
-    override_record,
-    project_record,
-    publish_records,
-    quota_record,
-    read_view,
 )
+from streamapp.control.records import SHED_MODES, key_record, override_record, project_record, quota_record
+from streamapp.control.view import ControlView
 
 __all__ = [
     "KEY_FIELDS",
