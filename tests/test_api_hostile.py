@@ -34,8 +34,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamapp.api import keen
 from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess
-from streamapp.web import keen
 from tests.api_helpers import ADMIN_TOKEN, Reply, admin, create_project, module_worker, request, topic_values, write
 
 pytestmark = pytest.mark.integration

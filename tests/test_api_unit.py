@@ -1,4 +1,4 @@
-"""Pure logic of the Keen-compatible API (streamapp.web.keen) and the admin API's validation."""
+"""Pure logic of the Keen-compatible API (streamapp.api.keen) and the admin API's validation."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import uuid
 import orjson
 import pytest
 
+from streamapp.api import keen
+from streamapp.api.keen import ApiError, Clock, EventRejected
 from streamapp.contract import encode_record, parse_iso_seconds, parse_record
 from streamapp.metering.shed import ShedState
 from streamapp.operator_cli import render_projects
-from streamapp.web import keen
 from streamapp.web.admin import parse_quota
-from streamapp.web.keen import ApiError, Clock, EventRejected
 
 NOW = Clock.at(1_795_000_000.25)
 

@@ -37,6 +37,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from streamapp.api import keen
+from streamapp.api.keen import ApiError
 from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import (
     SECRET_KEY_FIELDS,
@@ -50,8 +52,6 @@ from streamapp.control import (
 )
 from streamapp.metering.shed import MODES
 from streamapp.runtime import Runtime
-from streamapp.web import keen
-from streamapp.web.keen import ApiError
 
 VIEW_WAIT_SECONDS = 2.0
 CONTROL_START_WAIT_SECONDS = 30.0

@@ -9,7 +9,7 @@
 * admission of a shed project: the shed decision from the replicated state and
   the token-bucket check, and the ``Retry-After`` seconds.
 
-The web views in :mod:`streamapp.web.api` only glue these to aiohttp and Kafka.
+The web views in :mod:`streamapp.api.ingest` only glue these to aiohttp and Kafka.
 """
 
 from __future__ import annotations

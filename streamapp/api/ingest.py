@@ -58,13 +58,13 @@ from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge
 
 from streamapp import enrichment
+from streamapp.api import keen
+from streamapp.api.keen import ApiError
 from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import ProjectSettings, key_matches
 from streamapp.kafka_producers import start_producer
 from streamapp.metering.bucket import TokenBucket
 from streamapp.runtime import Runtime
-from streamapp.web import keen
-from streamapp.web.keen import ApiError
 
 log = logging.getLogger(__name__)
 

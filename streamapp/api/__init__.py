@@ -1,0 +1,1 @@
+"""The Keen-compatible write API (split by concern in the next step)."""
