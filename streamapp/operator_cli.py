@@ -233,7 +233,7 @@ def project(args: _pj_argparse.Namespace) -> int:
 
     Keys are stored only as SHA-256 hashes: create and rotate-key print the key once; list never can.
     """
-    from streamapp.api.keen import curl_example
+    from streamapp.api import curl_example
 
     command = args.project_command
     try:

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamapp import api as keen
 from streamapp import enrichment
-from streamapp.api import keen
-from streamapp.api.keen import ApiError
+from streamapp.api import ApiError
 from streamapp.enrichment import AddonError, check_addons, client_ip, parse_trusted_proxies, run_addons
 from streamapp.sink.partition import PartitionWindows
 

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamapp.api.keen import PIXEL_GIF
+from streamapp.api import PIXEL_GIF
 from streamapp.devstack import BrokerProcess, S3Process
 from tests.conftest import app_worker
 from tests.helpers import wait_until

@@ -13,7 +13,7 @@ import pytest
 
 from streamapp.devstack import BrokerProcess, S3Process, WorkerProcess, free_port
 from streamapp.settings import Settings, SettingsError, is_loopback
-from streamapp.web.views import (
+from streamapp.web.auth import (
     READ_COOKIE,
     forward_headers,
     peer_token,

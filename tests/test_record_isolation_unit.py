@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamapp.api.keen import ApiError, check_collection
+from streamapp.api import ApiError, check_collection
 from streamapp.contract import (
     DEAD_LETTER_PREVIEW_BYTES,
     TICK_KEY,
@@ -591,7 +591,7 @@ def test_events_stamped_ahead_over_many_windows_make_a_bounded_number_of_objects
 def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_view_holds_it() -> None:
     from types import SimpleNamespace
 
-    from streamapp.api.ingest import IngestApi
+    from streamapp.api import IngestApi
     from streamapp.control import ProjectSettings, hash_key
 
     ready = asyncio.Event()
@@ -609,7 +609,7 @@ def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_
 
 @pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z"])
 def test_the_http_api_rejects_an_event_time_outside_1970_to_9999(stamp: str) -> None:
-    from streamapp.api.keen import Clock, EventRejected, enrich
+    from streamapp.api import Clock, EventRejected, enrich
 
     with pytest.raises(EventRejected, match="outside the years 1970-9999"):
         enrich({"keen": {"timestamp": stamp}}, Clock.at(T0))

@@ -26,7 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamapp.cli import main as cli_main
 from streamapp.cli import produce_load
-from streamapp.web.views import key_partition, merge_sink, merge_top, rate_from_series, read_allowed
+from streamapp.web.auth import read_allowed
+from streamapp.web.views import key_partition, merge_sink, merge_top, rate_from_series
 from tests.helpers import wait_until
 
 READ_TOKEN = "read-s3cret"

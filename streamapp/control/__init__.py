@@ -17,10 +17,10 @@ from streamapp.control.markers import (
 from streamapp.control.plane import ControlPlane, ensure_control_topic, publish_records, read_view
 from streamapp.control.projects import (
     KEY_FIELDS,
+    KEY_HASH_PREFIX,
     SECRET_KEY_FIELDS,
     ProjectSettings,
     hash_key,
-    key_matches,
     new_write_key,
 )
 from streamapp.control.records import SHED_MODES, key_record, override_record, project_record, quota_record
@@ -28,6 +28,7 @@ from streamapp.control.view import ControlView
 
 __all__ = [
     "KEY_FIELDS",
+    "KEY_HASH_PREFIX",
     "SECRET_KEY_FIELDS",
     "SHED_MODES",
     "ControlPlane",
@@ -41,7 +42,6 @@ __all__ = [
     "ensure_control_topic",
     "hash_key",
     "header_value",
-    "key_matches",
     "key_record",
     "new_write_key",
     "override_record",

@@ -1,13 +1,12 @@
 """A project as the control topic has it, and its write keys (kept only as SHA-256 hashes).
 
 Pure data and hashing, no I/O: the control view builds these, the admin API and the CLI make
-keys, the HTTP edge checks them with :func:`key_matches`.
+keys, the HTTP edge checks them (:func:`streamapp.web.auth.key_matches`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -39,9 +38,6 @@ def new_write_key() -> str:
 
 KEY_HASH_PREFIX = "sha256:"
 
-#: Compared when a project is unknown, so that an unknown id costs the same as a wrong key.
-_NO_PROJECT_HASH = KEY_HASH_PREFIX + "0" * 64
-
 
 def hash_key(key: str) -> str:
     """The stored form of a write key. Plain SHA-256 is enough: keys are 256 random bits, so there
@@ -52,29 +48,3 @@ def hash_key(key: str) -> str:
 #: The key fields of ProjectSettings: changed only by ``key`` records; hashes never leave the view.
 KEY_FIELDS = ("key_hash", "previous_key_hash", "previous_key_expires_at", "key_revoked_at")
 SECRET_KEY_FIELDS = ("key_hash", "previous_key_hash")
-
-
-def key_matches(project: ProjectSettings | None, provided: str, now: float) -> bool:
-    """Is ``provided`` the project's key, or its previous key within the rotation grace period?
-
-    Constant time in the key (hashes compared with hmac.compare_digest), and the same work for an
-    unknown project (None) as for a wrong key.
-    """
-    given = hash_key(provided).encode()
-    if project is None:
-        # The same two comparisons as for a known project with a wrong key.
-        hmac.compare_digest(given, _NO_PROJECT_HASH.encode())
-        hmac.compare_digest(given, _NO_PROJECT_HASH.encode())
-        return False
-    key_hash, previous_hash = project.key_hash, project.previous_key_hash
-    # Type checks: a malformed control record must read as "no key", never raise on the write path.
-    current = isinstance(key_hash, str) and hmac.compare_digest(given, key_hash.encode()) and bool(key_hash)
-    expires = project.previous_key_expires_at
-    previous = (
-        isinstance(previous_hash, str)
-        and hmac.compare_digest(given, previous_hash.encode())
-        and bool(previous_hash)
-        and isinstance(expires, int | float)
-        and now < expires
-    )
-    return current or previous

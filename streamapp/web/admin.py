@@ -37,8 +37,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from streamapp.api import keen
-from streamapp.api.keen import ApiError
+from streamapp.api import INVALID_JSON, NOT_FOUND, REQUEST_TIMEOUT, TOO_LARGE, ApiError, parse_object, unavailable
 from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control import (
     SECRET_KEY_FIELDS,
@@ -52,6 +51,7 @@ from streamapp.control import (
 )
 from streamapp.metering.shed import MODES
 from streamapp.runtime import Runtime
+from streamapp.web.auth import AdminAccess, admin_token_check
 
 VIEW_WAIT_SECONDS = 2.0
 CONTROL_START_WAIT_SECONDS = 30.0
@@ -72,16 +72,15 @@ class AdminApi:
 
     # ----------------------------------------------------------------- plumbing
     def authorize(self, request: web.Request) -> None:
-        token = self.settings.admin_token
-        if not token:
+        access = admin_token_check(self.settings.admin_token, request.headers.get("Authorization"))
+        if access is AdminAccess.DISABLED:
             raise ApiError(403, "AdminDisabledError", "the admin API is disabled (STREAMAPP_ADMIN_TOKEN is empty)")
-        provided = keen.bearer_token(request.headers.get("Authorization"))
-        if not keen.keys_match(provided, token):
+        if access is AdminAccess.REFUSED:
             raise ApiError(401, "InvalidAdminTokenError", "admin endpoints need 'Authorization: Bearer <admin token>'")
 
     async def body(self, request: web.Request, *, required: bool = True) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
-            raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+            raise ApiError(413, TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
         chunks: list[bytes] = []
         size = 0
         try:
@@ -89,18 +88,16 @@ class AdminApi:
                 while chunk := await request.content.readany():
                     size += len(chunk)
                     if size > MAX_ADMIN_BODY:
-                        raise ApiError(
-                            413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
-                        )
+                        raise ApiError(413, TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
                     chunks.append(chunk)
         except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:  # e.g. broken gzip
-            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be read: {exc}") from None
+            raise ApiError(400, INVALID_JSON, f"request body cannot be read: {exc}") from None
         except TimeoutError:
-            raise ApiError(408, keen.REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
+            raise ApiError(408, REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
         raw = b"".join(chunks)
         if not raw.strip() and not required:
             return {}
-        return keen.parse_object(raw)
+        return parse_object(raw)
 
     async def publish(self, record: dict[str, Any], visible: Callable[[], bool]) -> bool:
         """Publish a control record; True once this worker's view shows it (False after the wait)."""
@@ -108,12 +105,12 @@ class AdminApi:
         while getattr(self.control, "_producer", None) is None or not self.control.caught_up.is_set():
             # Right after a worker starts: admin calls are rare, so wait a little rather than fail.
             if time.monotonic() >= deadline:
-                raise keen.unavailable("the control plane is still starting", retry_after=1)
+                raise unavailable("the control plane is still starting", retry_after=1)
             await asyncio.sleep(0.05)
         try:
             await asyncio.wait_for(self.control.publish(record), PUBLISH_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - any failure means: not written
-            raise keen.unavailable(f"could not write to the control topic ({type(exc).__name__})") from None
+            raise unavailable(f"could not write to the control topic ({type(exc).__name__})") from None
         deadline = time.monotonic() + VIEW_WAIT_SECONDS
         while not visible():
             if time.monotonic() >= deadline:
@@ -209,7 +206,7 @@ class AdminApi:
     def known(self, project_id: str) -> ProjectSettings:
         project = self.view.projects.get(self.project_id(project_id))
         if project is None:
-            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
+            raise ApiError(404, NOT_FOUND, f"project {project_id!r} not found")
         return project
 
     def key_hash_is(self, project_id: str, key_hash: str) -> bool:
@@ -222,7 +219,7 @@ class AdminApi:
     def get(self, project_id: str) -> dict[str, Any]:
         project = self.view.projects.get(project_id)
         if project is None:
-            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
+            raise ApiError(404, NOT_FOUND, f"project {project_id!r} not found")
         return self.describe(project)
 
     async def set_quota(self, request: web.Request, project_id: str) -> dict[str, Any]:

@@ -39,8 +39,6 @@ token). Faust's own ``/table/`` dumps are disabled in ``create_app``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -54,6 +52,7 @@ from faust.web import Request, Response, View
 from yarl import URL
 
 from streamapp.contract import is_valid_name
+from streamapp.web.auth import forward_headers, read_allowed, token_in_url
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
@@ -70,63 +69,6 @@ MAX_EPISODES = 50
 
 class BadRequest(ValueError):
     pass
-
-
-# ------------------------------------------------------------------------------------------- auth
-#: The dashboard's session cookie (HttpOnly, SameSite=Strict): a value derived from the read token.
-READ_COOKIE = "streamapp_read"
-#: Query parameters that would carry a credential in a URL: refused on read views.
-URL_TOKEN_PARAMS = ("token", "access_token", "read_token")
-
-
-def _derive(secret: str, purpose: bytes) -> str:
-    return hmac.new(secret.encode(), purpose, hashlib.sha256).hexdigest()
-
-
-def peer_token(read_token: str, configured: str = "") -> str:
-    """The token workers send each other: STREAMAPP_PEER_TOKEN, else derived from the read token
-    (every worker of a deployment has the same read token, so they derive the same one)."""
-    if configured:
-        return configured
-    return _derive(read_token, b"streamapp peer token v1") if read_token else ""
-
-
-def session_cookie_value(read_token: str) -> str:
-    """The dashboard cookie's value: derived, so the read token itself is not stored in the browser."""
-    return _derive(read_token, b"streamapp dashboard session v1")
-
-
-def request_token(request: Any) -> str:
-    """The bearer token of a request: ``Authorization: Bearer`` only (never the URL)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return ""
-
-
-def token_in_url(request: Any) -> bool:
-    return any(name in request.query for name in URL_TOKEN_PARAMS)
-
-
-def read_allowed(request: Any, read_token: str, configured_peer_token: str = "") -> bool:
-    """True when read views are open (no read token: loopback only) or the request carries the
-    read token, the peer token or the dashboard cookie. Constant-time comparisons."""
-    if not read_token:
-        return True
-    given = request_token(request).encode()
-    if given:
-        peer = peer_token(read_token, configured_peer_token)
-        return any(hmac.compare_digest(given, t.encode()) for t in (read_token, peer) if t)
-    cookies = getattr(request, "cookies", None) or {}
-    cookie = str(cookies.get(READ_COOKIE, ""))
-    return bool(cookie) and hmac.compare_digest(cookie.encode(), session_cookie_value(read_token).encode())
-
-
-def forward_headers(settings: Any) -> dict[str, str]:
-    """Headers of a request to a peer: the peer token, never anything the caller sent."""
-    token = peer_token(settings.read_token, settings.peer_token)
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ------------------------------------------------------------------------------------------ query
