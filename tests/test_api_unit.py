@@ -10,10 +10,10 @@ import pytest
 from streamapp import api as keen
 from streamapp.api import ApiError, Clock, EventRejected
 from streamapp.contract import encode_record, parse_iso_seconds, parse_record
+from streamapp.control.admin import parse_quota
 from streamapp.metering.shed import ShedState
 from streamapp.operator_cli import render_projects
 from streamapp.web import auth
-from streamapp.web.admin import parse_quota
 
 NOW = Clock.at(1_795_000_000.25)
 

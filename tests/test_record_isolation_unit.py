@@ -37,6 +37,7 @@ from streamapp.contract import (
     parse_record,
     value_names_project,
 )
+from streamapp.control.admin import AdminApi
 from streamapp.settings import Settings
 from streamapp.sink.layout import (
     KIND_LATE,
@@ -48,7 +49,6 @@ from streamapp.sink.layout import (
 )
 from streamapp.sink.partition import LATE_WINDOWS, PartitionWindows
 from streamapp.sink.service import PartitionStatus, S3Sink, _manifest_part
-from streamapp.web.admin import AdminApi
 from tests.test_meter_unit import new_meter, one, rec
 
 WINDOW = 10

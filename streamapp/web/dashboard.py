@@ -13,16 +13,12 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
 
 import faust
 from faust.web import Request, Response, View
 
+from streamapp.runtime import Runtime
 from streamapp.web.auth import READ_COOKIE, is_read_token, session_cookie_value
-
-if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
-    from streamapp.web.views import Views
 
 SESSION_SECONDS = 12 * 3600
 
@@ -32,7 +28,7 @@ def dashboard_html() -> str:
     return resources.files("streamapp.web").joinpath("dashboard.html").read_text(encoding="utf-8")
 
 
-def register_dashboard(app: faust.App, runtime: Runtime, views: Views) -> None:
+def register_dashboard(app: faust.App, runtime: Runtime) -> None:
     # Registered before Faust's own blueprints are applied (at server start), so this "/" wins
     # over Faust's production index page at the same path.
     @app.page("/")
