@@ -116,7 +116,7 @@ def dashboard_shows_parked(web_url: str, project_id: str) -> None:
     """The dashboard (real headless Chromium) lists the parked project with its reason."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.web.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
