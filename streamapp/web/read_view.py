@@ -5,7 +5,7 @@ refuses to start otherwise), a :class:`ReadView` needs ``Authorization: Bearer <
 the peer token or the dashboard's session cookie (the checks: :mod:`streamapp.web.auth`). A
 token in the URL (``?token=``) is refused with 400: URLs end up in logs and histories. The admin
 token is not a read token. No read view returns event payloads: only counts, rates, states and
-offsets.
+offsets (and Faust's own ``/table/`` dumps are disabled in ``create_app``).
 """
 
 from __future__ import annotations
