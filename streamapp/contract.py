@@ -17,7 +17,7 @@ Records whose key starts with a NUL byte are control records written by the
 workers themselves (watermark ticks, shed markers); no project id can start with
 one, so they can never be confused with events. A worker obeys one only when its
 ``CONTROL_SIG_HEADER`` header signs it for its partition with the cluster secret
-(see ``streamapp.control_records``); any other NUL-keyed record is dead-lettered.
+(see ``streamapp.control.markers``); any other NUL-keyed record is dead-lettered.
 
 Hostile input costs only its sender (each rule is checked before a field is used):
 
@@ -49,7 +49,7 @@ _NAME = re.compile(NAME_PATTERN)
 CONTROL_KEY_PREFIX = b"\x00"
 TICK_KEY = b"\x00tick"
 SHED_KEY = b"\x00shed"
-CONTROL_SIG_HEADER = "streamapp-control-sig"  # HMAC of a control record (streamapp.control_records)
+CONTROL_SIG_HEADER = "streamapp-control-sig"  # HMAC of a control record (streamapp.control.markers)
 # Positions order events inside a partition: offset, then index inside a batch record.
 INDEX_BITS = 20
 MAX_BATCH_EVENTS = (1 << INDEX_BITS) - 1

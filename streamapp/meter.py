@@ -42,7 +42,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 
 from streamapp.contract import SHED_KEY, is_valid_name, value_names_project
-from streamapp.control_records import control_headers, control_secrets
+from streamapp.control import control_headers, control_secrets
 from streamapp.metering import (
     Quota,
     SecondCounts,

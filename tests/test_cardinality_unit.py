@@ -1,7 +1,7 @@
 """Many projects at unit level (issue 9, item 7): memory per project, idle eviction, view latency.
 
 Against the in-process read model (a real ``Meter``, real ``PartitionWindows``, real ``Metrics``
-and ``Views`` on a stand-in runtime): 100,000 projects that sent one event each, then went idle,
+and the read views on a stand-in runtime): 100,000 projects that sent one event each, then went idle,
 must cost < 100 MB and be forgotten; /rates/, /shed/, /sink/ and /metrics over 100,000 active
 projects must answer in < 100 ms. The end-to-end check on a worker is tests/test_cardinality.py.
 """
@@ -28,6 +28,7 @@ from streamapp.control import ControlView, ProjectSettings
 from streamapp.meter import EVICT_BATCH, Meter
 from streamapp.metering.rates import SecondCounts
 from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
+from streamapp.metering.views import MeteringViews
 from streamapp.metrics import OTHER, Metrics
 from streamapp.settings import Settings
 from streamapp.sink.parking import ParkingBook
@@ -35,8 +36,9 @@ from streamapp.sink.partition import PartitionWindows, Route
 from streamapp.sink.s3 import S3Stats
 from streamapp.sink.service import S3Sink
 from streamapp.sink.uploads import FairQueue
+from streamapp.sink.views import SinkViews
 from streamapp.tables.rates import MeterTables
-from streamapp.web.views import Views
+from streamapp.web.cluster import Cluster
 
 TOPIC = "events"
 PARTITIONS = 4
@@ -262,7 +264,16 @@ def test_views_and_metrics_under_100_ms_with_100000_projects(many_projects: tupl
     meter.projects["inv-7"].state = type(meter.projects["inv-7"].state)("inv-7", state="shed")
     meter._watch(meter.projects["inv-7"])
     assert len(meter.projects) == N_PROJECTS + 1
-    views = Views(runtime.app, runtime)  # type: ignore[arg-type]
+    cluster = Cluster(runtime.app, runtime.settings)  # type: ignore[arg-type]
+    views = MeteringViews(runtime.settings, meter, runtime.control.view, cluster)  # type: ignore[arg-type]
+    sink_views = SinkViews(
+        runtime.app,  # type: ignore[arg-type]
+        runtime.sink,
+        runtime.s3,  # type: ignore[arg-type]
+        runtime.parking,  # type: ignore[arg-type]
+        meter.drain_status,
+        cluster,
+    )
     metrics = Metrics()
     metrics.bind(runtime)  # type: ignore[arg-type]
 
@@ -270,7 +281,7 @@ def test_views_and_metrics_under_100_ms_with_100000_projects(many_projects: tupl
     for name, fn in (
         ("/rates/", lambda: views.local_rates(20, 0)),
         ("/shed/", views.local_shed),
-        ("/sink/", views.local_sink),
+        ("/sink/", sink_views.local_sink),
         ("/rates/{id}/", lambda: views.project_rates("inv-99999", 60)),
         ("/metrics", lambda: generate_latest(metrics.registry)),
     ):

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from streamapp.app import create_app
-from streamapp.control_records import control_headers, verify_control
+from streamapp.control import control_headers, verify_control
 from streamapp.settings import Settings
 from streamapp.sink.overflow_lane import InflightBudget, OverflowLane
 

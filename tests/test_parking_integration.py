@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streamapp.control import ProjectSettings, project_record, publish_records
 from streamapp.dev import PROJECT_ROOT
 from streamapp.sink.parking import parked_root
-from streamapp.web.views import key_partition
+from streamapp.web.cluster import key_partition
 from tests.helpers import list_keys, wait_until
 
 pytestmark = pytest.mark.integration
@@ -116,7 +116,7 @@ def dashboard_shows_parked(web_url: str, project_id: str) -> None:
     """The dashboard (real headless Chromium) lists the parked project with its reason."""
     from playwright.sync_api import sync_playwright
 
-    from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.web.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

@@ -18,7 +18,7 @@ from streamapp.sink.s3_errors import (
     classify_s3_error,
     error_code_and_status,
 )
-from streamapp.web.views import merge_sink
+from streamapp.sink.views import merge_sink
 
 TENANT = ErrorKind.TENANT
 TRANSIENT = ErrorKind.TRANSIENT

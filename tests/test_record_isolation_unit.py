@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamapp.api import ApiError, check_collection
 from streamapp.contract import (
     DEAD_LETTER_PREVIEW_BYTES,
     TICK_KEY,
@@ -36,6 +37,7 @@ from streamapp.contract import (
     parse_record,
     value_names_project,
 )
+from streamapp.control.admin import AdminApi
 from streamapp.settings import Settings
 from streamapp.sink.layout import (
     KIND_LATE,
@@ -47,8 +49,6 @@ from streamapp.sink.layout import (
 )
 from streamapp.sink.partition import LATE_WINDOWS, PartitionWindows
 from streamapp.sink.service import PartitionStatus, S3Sink, _manifest_part
-from streamapp.web.admin import AdminApi
-from streamapp.web.keen import ApiError, check_collection
 from tests.test_meter_unit import new_meter, one, rec
 
 WINDOW = 10
@@ -591,8 +591,8 @@ def test_events_stamped_ahead_over_many_windows_make_a_bounded_number_of_objects
 def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_view_holds_it() -> None:
     from types import SimpleNamespace
 
+    from streamapp.api import IngestApi
     from streamapp.control import ProjectSettings, hash_key
-    from streamapp.web.api import IngestApi
 
     ready = asyncio.Event()
     ready.set()
@@ -609,7 +609,7 @@ def test_the_http_api_answers_400_for_a_reserved_project_id_even_if_the_control_
 
 @pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00Z", "1969-12-31T23:59:59Z"])
 def test_the_http_api_rejects_an_event_time_outside_1970_to_9999(stamp: str) -> None:
-    from streamapp.web.keen import Clock, EventRejected, enrich
+    from streamapp.api import Clock, EventRejected, enrich
 
     with pytest.raises(EventRejected, match="outside the years 1970-9999"):
         enrich({"keen": {"timestamp": stamp}}, Clock.at(T0))

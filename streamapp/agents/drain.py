@@ -29,7 +29,7 @@ import orjson
 from faust.types import TP, EventT, StreamT
 
 from streamapp.contract import TICK_KEY
-from streamapp.control_records import control_headers, control_secrets, verify_control
+from streamapp.control import control_headers, control_secrets, verify_control
 from streamapp.meter import sink_backlog_age
 from streamapp.metering import Pacer
 from streamapp.sink.drain import Chunk, OverflowChunks

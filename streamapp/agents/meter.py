@@ -15,7 +15,7 @@ from faust.types import StreamT
 from streamapp.meter import Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.rates import declare_tables
-from streamapp.web.views import read_allowed, token_in_url
+from streamapp.web.auth import read_allowed, token_in_url
 
 if TYPE_CHECKING:
     from streamapp.app import StreamappApp

@@ -60,7 +60,7 @@ def project(args: argparse.Namespace) -> int:
     Keys are stored only as SHA-256 hashes: create and rotate-key print the key once; list never can.
     """
     # Imported when the command runs: the Keen API module pulls in Faust (~1 s) the other commands skip.
-    from streamapp.web.keen import curl_example
+    from streamapp.api import curl_example
 
     command = args.project_command
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from streamapp.web.keen import curl_example
+from streamapp.api import curl_example
 
 
 @dataclass

@@ -22,7 +22,7 @@ import orjson
 from faust.types import TP, StreamT
 
 from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value, position
-from streamapp.control_records import (
+from streamapp.control import (
     SHED_MODES,
     ShedMarker,
     Tick,
@@ -270,7 +270,7 @@ class S3Sink:
     def _control(
         self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None, headers: Any = None
     ) -> None:
-        """A NUL-keyed record: obeyed only when signed for this partition (streamapp.control_records).
+        """A NUL-keyed record: obeyed only when signed for this partition (streamapp.control.markers).
 
         Anything else is read past, counted and dead-lettered. Never raises, whatever the bytes.
         """

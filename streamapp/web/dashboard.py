@@ -11,17 +11,14 @@ No CDN, no build step: the worker may have no internet access.
 
 from __future__ import annotations
 
-import hmac
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING
 
 import faust
 from faust.web import Request, Response, View
 
-if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
-    from streamapp.web.views import Views
+from streamapp.runtime import Runtime
+from streamapp.web.auth import READ_COOKIE, is_read_token, session_cookie_value
 
 SESSION_SECONDS = 12 * 3600
 
@@ -31,7 +28,7 @@ def dashboard_html() -> str:
     return resources.files("streamapp.web").joinpath("dashboard.html").read_text(encoding="utf-8")
 
 
-def register_dashboard(app: faust.App, runtime: Runtime, views: Views) -> None:
+def register_dashboard(app: faust.App, runtime: Runtime) -> None:
     # Registered before Faust's own blueprints are applied (at server start), so this "/" wins
     # over Faust's production index page at the same path.
     @app.page("/")
@@ -42,13 +39,11 @@ def register_dashboard(app: faust.App, runtime: Runtime, views: Views) -> None:
     @app.page("/dashboard/session")
     class DashboardSession(View):
         async def post(self, request: Request) -> Response:
-            from streamapp.web.views import READ_COOKIE, request_token, session_cookie_value
-
             read_token = runtime.settings.read_token
             if not read_token:
                 return self.json({"session": "not needed: read views are open on this loopback worker"})
             # Only the read token itself opens a session (not a cookie, not the peer token).
-            if not hmac.compare_digest(request_token(request).encode(), read_token.encode()):
+            if not is_read_token(request, read_token):
                 return self.json({"error": "unauthorized: send Authorization: Bearer <read token>"}, status=401)
             response = self.json({"session": "ok"})
             response.set_cookie(
@@ -62,8 +57,6 @@ def register_dashboard(app: faust.App, runtime: Runtime, views: Views) -> None:
             return response
 
         async def delete(self, request: Request) -> Response:
-            from streamapp.web.views import READ_COOKIE
-
             response = self.json({"session": "ended"})
             response.del_cookie(READ_COOKIE, path="/")
             return response

@@ -10,18 +10,15 @@ so the label set stays bounded whatever the URLs requested.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faust
 from aiohttp import web as aioweb
 from faust.web import Request, Response
 from prometheus_client.exposition import choose_encoder
 
-from streamapp.web.views import ReadView
-
-if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
-    from streamapp.web.views import Views
+from streamapp.runtime import Runtime
+from streamapp.web.read_view import ReadView
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -58,7 +55,7 @@ def latency_middleware(runtime: Runtime) -> Any:
     return observe
 
 
-def register_metrics(app: faust.App, runtime: Runtime, views: Views) -> None:
+def register_metrics(app: faust.App, runtime: Runtime) -> None:
     runtime.metrics.bind(runtime)
     web_app = getattr(app.web, "web_app", None)
     if web_app is not None and not web_app.frozen:
@@ -71,4 +68,4 @@ def register_metrics(app: faust.App, runtime: Runtime, views: Views) -> None:
             encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
             return self.bytes(encoder(runtime.metrics.registry), headers={"Content-Type": content_type})
 
-    MetricsPage.views = views
+    MetricsPage.settings = runtime.settings

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamapp import api as keen
 from streamapp import enrichment
+from streamapp.api import ApiError
 from streamapp.enrichment import AddonError, check_addons, client_ip, parse_trusted_proxies, run_addons
 from streamapp.sink.partition import PartitionWindows
-from streamapp.web import keen
-from streamapp.web.keen import ApiError
 
 CHROME_UA = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"

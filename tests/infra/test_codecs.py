@@ -32,7 +32,7 @@ from aiokafka.structs import TopicPartition
 from streamapp.app import create_app
 from streamapp.infra.transport import ISOLATION_LEVEL, GuardedFetchResults, StreamappConsumerThread
 from streamapp.settings import Settings
-from streamapp.web.views import merge_sink
+from streamapp.sink.views import merge_sink
 from tests.helpers import read_objects, wait_until
 
 CODEC_OF_PARTITION = {0: "gzip", 1: "lz4", 2: "zstd", 3: "snappy"}

@@ -1,6 +1,6 @@
 """Keen-compatible event recording on the worker's own web server, with admission control.
 
-Routes (every worker is an API node):
+The service behind the routes of :mod:`streamapp.api.routes` (every worker is an API node):
 
 * ``POST /3.0/projects/{project_id}/events/{collection}``: one event -> 201 ``{"created": true}``
 * ``POST /3.0/projects/{project_id}/events``: ``{collection: [event, ...]}`` -> 200 with per-event results
@@ -32,9 +32,12 @@ Checks, cheapest first; everything up to the body read is a pure in-memory decis
    (batch: bad events are reported per event, a bad collection name once, the good ones are
    written). Bodies over ``INLINE_PLAN_BYTES`` (or with over ``INLINE_PLAN_OBJECTS`` objects) are
    parsed and encoded in a separate process, so a hostile body never holds the event loop (nor
-   its GIL);
+   its GIL) (the body's bounds: :mod:`streamapp.api.body`; the plan: :mod:`streamapp.api.planning`);
 5. produce (dedicated producer, acks=all) and answer only after Kafka acknowledged; no ack
    within ``api_produce_timeout_seconds`` -> 503 (the client retries: at-least-once).
+
+One class of about 400 lines on purpose: the checks above in their order, the parse process and
+the producer's stall clock share its state (pure parts live in the modules named above).
 """
 
 from __future__ import annotations
@@ -47,24 +50,26 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
 
 import faust
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streamapp import enrichment
+from streamapp.api.admission import Shed, admit, bucket_for, can_admit_any, retry_after_for, shed_decision, shed_error
+from streamapp.api.body import BodyBudget, read_request_body, skip_lingering
+from streamapp.api.browser import CORS_ANSWER_HEADERS, PIXEL_GIF, SERVER_TIME_HEADER, decode_beacon_data
+from streamapp.api.errors import INVALID_API_KEY, INVALID_PROJECT_ID, ApiError, unavailable
+from streamapp.api.events import check_collection
+from streamapp.api.planning import PlannedRequest, RequestLimits, parse_process_init, plan_request, warm_up
 from streamapp.contract import is_valid_name, name_rule, preview
-from streamapp.control import ProjectSettings, key_matches
+from streamapp.control import ControlPlane, ProjectSettings
 from streamapp.infra.producers import start_producer
 from streamapp.metering.bucket import TokenBucket
-from streamapp.runtime import Runtime
-from streamapp.web import keen
-from streamapp.web.keen import ApiError
+from streamapp.settings import Settings
+from streamapp.web.auth import key_matches, write_key_from
 
 log = logging.getLogger(__name__)
 
@@ -76,58 +81,23 @@ STALL_SECONDS = 1.0
 WATCH_SECONDS = 0.1
 #: How long a request may wait for the API producer to finish starting (only right after start).
 START_WAIT_SECONDS = 2.0
-SERVER_TIME_HEADER = "X-Streamapp-Server-Ms"
-CREATED = keen.CREATED
 #: Bodies up to this size are planned on the event loop (well under a millisecond); bigger ones go
 #: to the parse process. 64 KiB of the worst JSON (``{},`` repeated) is ~20k objects, a few ms.
 INLINE_PLAN_BYTES = 64 * 1024
 #: ... and with at most this many '{' (an upper bound of its events): enriching and encoding 5,000
 #: tiny events (a 15 KB body) takes ~10 ms, 1,000 a couple.
 INLINE_PLAN_OBJECTS = 1000
-#: Bodies up to this size may use headroom above ``api_max_body_bytes_in_flight`` (1/8 of it), so
-#: big or slow bodies filling the budget never refuse an ordinary small write.
-SMALL_BODY_BYTES = 64 * 1024
-#: Content encodings aiohttp decompresses for us (its decompressor works in bounded chunks).
-ACCEPTED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
-#: Past its first 256 KiB, a compressed body may not expand more than this: decompression is CPU on
-#: the event loop, and a 20 KB gzip bomb would otherwise buy 10 MiB of it (JSON compresses ~5-20x).
-MAX_COMPRESSION_RATIO = 50
-COMPRESSION_RATIO_FREE_BYTES = 256 * 1024
-#: On every answer of the write routes (errors too), so a browser SDK can read the error.
-CORS_ANSWER_HEADERS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Retry-After, " + SERVER_TIME_HEADER,
-}
-
-
-class BodyBudget:
-    """Bytes of request bodies being read (and planned) at once: slow or huge bodies cannot pin
-    ``N x api_max_body_bytes`` of memory; small bodies have a reserved headroom so they pass anyway."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.headroom = limit // 8
-        self.used = 0
-
-    def reserve(self, n: int) -> bool:
-        cap = self.limit + (self.headroom if n <= SMALL_BODY_BYTES else 0)
-        if self.used + n > cap:
-            return False
-        self.used += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.used = max(0, self.used - n)
 
 
 class IngestApi:
     """State of the API on one worker: its producer, the in-flight bound and the shed buckets."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        settings = runtime.settings
-        self.runtime = runtime
+    def __init__(self, settings: Settings, control: ControlPlane, registry: CollectorRegistry, app: faust.App) -> None:
+        """``registry``: where its Prometheus series go; ``app``: the Faust app, whose consumer's high
+        watermarks tell :meth:`watch_kafka` that the broker is alive."""
+        self.app = app
         self.settings = settings
-        self.control = runtime.control
+        self.control = control
         self.topic = settings.events_topic
         self.max_inflight = settings.api_max_inflight
         self.timeout = settings.api_produce_timeout_seconds
@@ -143,14 +113,13 @@ class IngestApi:
         self.buckets: dict[str, TokenBucket] = {}
         self.trusted_proxies = enrichment.parse_trusted_proxies(settings.trusted_proxies)
         self.budget = BodyBudget(settings.api_max_body_bytes_in_flight)
-        self.limits = keen.RequestLimits(
+        self.limits = RequestLimits(
             max_event_bytes=settings.max_event_bytes,
             max_record_bytes=settings.max_record_bytes,
             max_batch_events=settings.api_max_batch_events,
             max_batch_collections=settings.api_max_batch_collections,
         )
         self.parser: ProcessPoolExecutor | None = None
-        registry = runtime.metrics.registry
         self.m_requests = Counter(
             "streamapp_api_requests", "API requests by endpoint and status", ["endpoint", "status"], registry=registry
         )
@@ -177,13 +146,13 @@ class IngestApi:
         self._watch = asyncio.ensure_future(self.watch_kafka())
         self.parser = self.new_parser()
         with contextlib.suppress(Exception):  # warm it up: the first big body should not wait for a spawn
-            await asyncio.get_running_loop().run_in_executor(self.parser, keen.warm_up)
+            await asyncio.get_running_loop().run_in_executor(self.parser, warm_up)
 
     @staticmethod
     def new_parser() -> ProcessPoolExecutor:
         # "spawn": the worker has threads (Kafka clients, RocksDB) that fork would copy half-way.
         return ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=keen.parse_process_init
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=parse_process_init
         )
 
     async def stop(self) -> None:
@@ -228,7 +197,7 @@ class IngestApi:
         """Sum of the high watermarks this worker's consumer knows for its events partitions
         (updated by each fetch response); -1 when unknown."""
         try:
-            consumer = self.runtime.app.consumer
+            consumer = self.app.consumer
             return sum(consumer.highwater(tp) or 0 for tp in consumer.assignment() if tp.topic == self.topic)
         except Exception:  # noqa: BLE001 - not started / no assignment yet: no signal
             return -1
@@ -241,22 +210,18 @@ class IngestApi:
         so a caller cannot tell which project ids exist.
         """
         if not self.control.caught_up.is_set():
-            raise keen.unavailable("the control plane is still loading project settings")
+            raise unavailable("the control plane is still loading project settings")
         if not is_valid_name(project_id):  # e.g. "_manifests": reserved, whatever the control view holds
-            raise ApiError(
-                400, keen.INVALID_PROJECT_ID, f"bad project id {preview(project_id)}: {name_rule(project_id)}"
-            )
-        provided = keen.write_key_from(request.headers.get("Authorization"), request.query.get("api_key"))
+            raise ApiError(400, INVALID_PROJECT_ID, f"bad project id {preview(project_id)}: {name_rule(project_id)}")
+        provided = write_key_from(request.headers.get("Authorization"), request.query.get("api_key"))
         if provided is None:
-            raise ApiError(401, keen.INVALID_API_KEY, "a write key is required (Authorization header or api_key)")
+            raise ApiError(401, INVALID_API_KEY, "a write key is required (Authorization header or api_key)")
         project = self.control.view.projects.get(project_id)
         if not key_matches(project, provided, time.time()) or project is None:
-            raise ApiError(401, keen.INVALID_API_KEY, "the write key is not valid for this project")
+            raise ApiError(401, INVALID_API_KEY, "the write key is not valid for this project")
         return project
 
-    def shed_bucket(
-        self, project_id: str, project: ProjectSettings, now: float
-    ) -> tuple[keen.Shed, TokenBucket] | None:
+    def shed_bucket(self, project_id: str, project: ProjectSettings, now: float) -> tuple[Shed, TokenBucket] | None:
         """The shed decision and the local bucket for a shed project; None when it is not shed."""
         view = self.control.view
         state = view.shed_states.get(project_id)
@@ -265,7 +230,7 @@ class IngestApi:
             if self.buckets:
                 self.buckets.pop(project_id, None)
             return None
-        shed = keen.shed_decision(
+        shed = shed_decision(
             project_id,
             state,
             override,
@@ -279,100 +244,35 @@ class IngestApi:
             return None
         bucket = self.buckets.get(project_id)
         if bucket is None or bucket.rate != shed.limit_eps:
-            bucket = self.buckets[project_id] = keen.bucket_for(shed.limit_eps)
+            bucket = self.buckets[project_id] = bucket_for(shed.limit_eps)
             bucket.take(now, 0)
         return shed, bucket
 
     def check_capacity(self) -> None:
         """503 at once when Kafka cannot take more: the bound is reached or acks stopped coming."""
         if self.inflight >= self.max_inflight:
-            raise keen.unavailable(f"{self.inflight} writes are waiting on Kafka (limit {self.max_inflight}); retry")
+            raise unavailable(f"{self.inflight} writes are waiting on Kafka (limit {self.max_inflight}); retry")
         if self.inflight:
             if self.failing:
                 # The last write failed: one request at a time probes Kafka, the others fail fast.
-                raise keen.unavailable("Kafka is failing writes; retry")
+                raise unavailable("Kafka is failing writes; retry")
             now = time.monotonic()
             # (watch_kafka held up as well: the loop itself was late, and acks may sit unread)
             if now - self._last_progress > self.stall_seconds and now - self._watched_at < 3 * WATCH_SECONDS:
-                raise keen.unavailable(f"Kafka has not acknowledged a write for over {self.stall_seconds:g}s; retry")
+                raise unavailable(f"Kafka has not acknowledged a write for over {self.stall_seconds:g}s; retry")
 
     async def read_body(self, request: web.Request) -> tuple[bytes, int]:
-        """The (decompressed) body and the bytes it holds of the budget; the caller releases them.
-
-        Refusals cost nothing else: 413 over the size limit (declared, received or decompressed),
-        503 when the in-flight budget is full, 408 past the read deadline, 415 for an encoding
-        aiohttp does not decompress for us.
-        """
-        limit = self.settings.api_max_body_bytes
-        encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        if encoding not in ACCEPTED_ENCODINGS:
-            raise ApiError(415, keen.UNSUPPORTED_ENCODING, "Content-Encoding must be gzip, deflate or identity")
-        length = request.content_length
-        if length is not None and length > limit:
-            raise ApiError(413, keen.TOO_LARGE, f"request body of {length} bytes is over the {limit} byte limit")
-        # Content-Length is the size on the wire: the decompressed body is counted as it arrives.
-        declared = length if length is not None and encoding in ("", "identity") else None
-        reserved = 0
-        if declared is not None:
-            if not self.budget.reserve(declared):
-                raise keen.unavailable("too many request bodies are being received at once; retry")
-            reserved = declared
-        # A body already received whole (the common case of a small write) cannot stall: no timer.
-        deadline: contextlib.AbstractAsyncContextManager[object] = (
-            contextlib.nullcontext()
-            if request.content.is_eof()
-            else asyncio.timeout(self.settings.api_body_read_timeout_seconds)
+        """The (decompressed) body and the bytes it holds of the budget; the caller releases them
+        (the bounds: :func:`streamapp.api.body.read_request_body`)."""
+        return await read_request_body(
+            request, self.budget, self.settings.api_max_body_bytes, self.settings.api_body_read_timeout_seconds
         )
-        try:
-            async with deadline:
-                if declared is not None:
-                    try:
-                        return await request.content.readexactly(declared), reserved
-                    except asyncio.IncompleteReadError:
-                        raise ApiError(
-                            400, keen.INVALID_JSON, "request body is shorter than its Content-Length"
-                        ) from None
-                chunks: list[bytes] = []
-                content = request.content
-                while chunk := await content.readany():
-                    if reserved + len(chunk) > limit:
-                        raise ApiError(413, keen.TOO_LARGE, f"request body is over the {limit} byte limit")
-                    wire = content.total_compressed_bytes
-                    if wire and reserved > COMPRESSION_RATIO_FREE_BYTES and reserved > MAX_COMPRESSION_RATIO * wire:
-                        raise ApiError(
-                            413,
-                            keen.TOO_LARGE,
-                            f"request body expands more than {MAX_COMPRESSION_RATIO}x when decompressed; "
-                            "send it uncompressed or in smaller batches",
-                        )
-                    if not self.budget.reserve(len(chunk)):
-                        raise keen.unavailable("too many request bodies are being received at once; retry")
-                    reserved += len(chunk)
-                    chunks.append(chunk)
-                return b"".join(chunks), reserved
-        except TimeoutError:
-            self.budget.release(reserved)
-            raise ApiError(
-                408,
-                keen.REQUEST_TIMEOUT,
-                f"request body not received within {self.settings.api_body_read_timeout_seconds:g}s",
-                headers={"Connection": "close"},
-            ) from None
-        except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. a body that is not valid gzip
-            self.budget.release(reserved)
-            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be decoded: {exc}") from None
-        except ConnectionResetError:
-            # The client went away mid-body: nobody reads this answer, but it is no server error.
-            self.budget.release(reserved)
-            raise ApiError(400, keen.INVALID_JSON, "the connection was closed before the body was complete") from None
-        except BaseException:
-            self.budget.release(reserved)
-            raise
 
     async def plan(
         self, body: bytes, project_id: str, collection: str | None, placeholders: tuple[str, str] | None = None
-    ) -> keen.PlannedRequest:
-        """:func:`keen.plan_request` on the loop for small bodies, in the parse process for big ones."""
+    ) -> PlannedRequest:
+        """:func:`~streamapp.api.planning.plan_request`: on the loop for small bodies, in the parse
+        process for big ones."""
         clock_ms = int(time.time() * 1000)
         parser = self.parser
         size = len(body)
@@ -382,18 +282,18 @@ class IngestApi:
             or size <= 2 * INLINE_PLAN_OBJECTS
             or (size <= INLINE_PLAN_BYTES and body.count(b"{") <= INLINE_PLAN_OBJECTS)
         ):
-            return keen.plan_request(body, project_id, collection, clock_ms, self.limits, placeholders)
+            return plan_request(body, project_id, collection, clock_ms, self.limits, placeholders)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                parser, keen.plan_request, body, project_id, collection, clock_ms, self.limits, placeholders
+                parser, plan_request, body, project_id, collection, clock_ms, self.limits, placeholders
             )
         except BrokenProcessPool:
             # The parse process died (e.g. killed for memory): replace it, the client retries.
             if self.parser is parser:
                 self.parser = self.new_parser()
                 parser.shutdown(wait=False, cancel_futures=True)
-            raise keen.unavailable("the request parser restarted; retry") from None
+            raise unavailable("the request parser restarted; retry") from None
 
     # ----------------------------------------------------------------- produce
     async def produce(self, project_id: str, records: list[bytes]) -> None:
@@ -405,7 +305,7 @@ class IngestApi:
             try:
                 await asyncio.wait_for(self.started.wait(), START_WAIT_SECONDS)
             except TimeoutError:
-                raise keen.unavailable("the API producer is not connected to Kafka yet") from None
+                raise unavailable("the API producer is not connected to Kafka yet") from None
             producer = self.producer
             assert producer is not None
         self.check_capacity()
@@ -423,12 +323,12 @@ class IngestApi:
                     await asyncio.gather(*futures)
         except TimeoutError:
             self.failing = True
-            raise keen.unavailable(
+            raise unavailable(
                 f"Kafka did not acknowledge the write within {self.timeout:g}s; retry (it may still be written)"
             ) from None
         except KafkaError as exc:
             self.failing = True
-            raise keen.unavailable(f"Kafka refused the write ({type(exc).__name__}); retry") from None
+            raise unavailable(f"Kafka refused the write ({type(exc).__name__}); retry") from None
         else:
             self._last_progress = time.monotonic()
             self.failing = False
@@ -463,11 +363,11 @@ class IngestApi:
         try:
             project = self.project(request, project_id)
             if collection is not None:
-                keen.check_collection(collection)
+                check_collection(collection)
             now = time.monotonic()
             shed = self.shed_bucket(project_id, project, now)
-            if shed is not None and not keen.can_admit_any(shed[1], now):
-                raise keen.shed_error(project_id, shed[0], keen.retry_after_for(shed[1], now, shed[0]))
+            if shed is not None and not can_admit_any(shed[1], now):
+                raise shed_error(project_id, shed[0], retry_after_for(shed[1], now, shed[0]))
             self.check_capacity()
             if given_body is None:
                 body, reserved = await self.read_body(request)
@@ -477,8 +377,8 @@ class IngestApi:
             del body
             if shed is not None:
                 now = time.monotonic()
-                if not keen.admit(shed[1], now, planned.events):
-                    raise keen.shed_error(project_id, shed[0], keen.retry_after_for(shed[1], now, shed[0]))
+                if not admit(shed[1], now, planned.events):
+                    raise shed_error(project_id, shed[0], retry_after_for(shed[1], now, shed[0]))
             await self.produce(project_id, planned.records)
         except ApiError as exc:
             response = self.respond(endpoint, exc.status, exc.body(), started, exc.headers)
@@ -503,14 +403,14 @@ class IngestApi:
         a 1x1 transparent GIF, or the error status with Keen's JSON error body."""
         started = time.perf_counter()
         try:
-            body = keen.decode_beacon_data(request.query.get("data"), self.settings.api_max_body_bytes)
+            body = decode_beacon_data(request.query.get("data"), self.settings.api_max_body_bytes)
         except ApiError as exc:
             return self.respond("event", exc.status, exc.body(), started, exc.headers)
         answer = await self.record_one(request, project_id, collection, body)
         if answer.status != 201:
             return answer
         return web.Response(
-            body=keen.PIXEL_GIF,
+            body=PIXEL_GIF,
             status=200,
             content_type="image/gif",
             headers={**CORS_ANSWER_HEADERS, "Cache-Control": "no-store"},
@@ -525,76 +425,3 @@ class IngestApi:
             out.update(headers)
         self.m_requests.labels(endpoint, str(status)).inc()
         return web.Response(body=body, status=status, content_type="application/json", headers=out)
-
-
-def skip_lingering(request: web.Request, response: web.Response) -> None:
-    """Close the connection after this answer instead of reading the unread (compressed) body.
-
-    aiohttp would otherwise read and inflate what is left of a refused body for up to 10 s to keep
-    the connection alive: a 20 KB gzip bomb answered 429 or 413 would still cost 10 MiB of
-    inflating on the event loop. (A plain body is left to aiohttp: discarding bytes is cheap, and a
-    client still sending would see a reset instead of the answer.) The lingering time is per
-    connection, and this connection closes.
-    """
-    response.force_close()
-    protocol = request.protocol
-    if protocol is not None and hasattr(protocol, "_lingering_time"):
-        protocol._lingering_time = 0.0
-
-
-async def ensure_control_topic(runtime: Runtime) -> None:
-    """Declare the one-partition control topic (idempotent): the API answers only once the control
-    plane has caught up with it, and a broker's auto-created topic could get the wrong partitions."""
-    try:
-        await runtime.topics.control.maybe_declare()
-    except Exception as exc:  # noqa: BLE001 - the control plane keeps waiting; say why
-        log.warning("could not declare the control topic: %r", exc)
-
-
-#: Keen's JavaScript SDK sends image beacons of up to 16,000 URL characters; aiohttp's default
-#: request line limit is 8,190 bytes.
-MAX_REQUEST_LINE_BYTES = 16 * 1024 + 64
-
-
-def allow_long_beacon_urls(app: faust.App) -> None:
-    """Raise the web server's request line limit to what Keen's SDK sends (faust's aiohttp driver
-    keeps the server options in its runner; a driver without one keeps aiohttp's 8 KiB)."""
-    kwargs = getattr(getattr(app.web, "_runner", None), "_kwargs", None)
-    if isinstance(kwargs, dict):
-        kwargs.setdefault("max_line_size", MAX_REQUEST_LINE_BYTES)
-
-
-def register_api(app: faust.App, runtime: Runtime) -> IngestApi:
-    api = IngestApi(runtime)
-    runtime.api = api  # type: ignore[attr-defined]
-    allow_long_beacon_urls(app)
-
-    @app.page("/3.0/projects/{project_id}/events/{collection}")
-    class KeenEvent(faust.web.View):
-        async def post(self, request: web.Request, project_id: str, collection: str) -> web.Response:
-            return await api.record_one(request, project_id, collection)
-
-        async def get(self, request: web.Request, project_id: str, collection: str) -> web.Response:
-            return await api.record_pixel(request, project_id, collection)
-
-        async def options(self, request: web.Request, **kwargs: Any) -> web.Response:
-            return web.Response(status=204, headers=keen.preflight_headers(request.headers))
-
-    @app.page("/3.0/projects/{project_id}/events")
-    class KeenBatch(faust.web.View):
-        async def post(self, request: web.Request, project_id: str) -> web.Response:
-            return await api.record_batch(request, project_id)
-
-        async def options(self, request: web.Request, **kwargs: Any) -> web.Response:
-            return web.Response(status=204, headers=keen.preflight_headers(request.headers))
-
-    @app.task
-    async def api_producer() -> None:
-        await ensure_control_topic(runtime)
-        await api.start()
-
-    @app.on_before_shutdown.connect
-    async def stop_api_producer(app: faust.App, **kwargs: object) -> None:
-        await asyncio.shield(api.stop())
-
-    return api

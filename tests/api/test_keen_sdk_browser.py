@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
+from tests.api.test_keen_parity import Stack, in_s3, stack  # noqa: F401 - the module's one worker
 from tests.helpers import wait_until
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
-from tests.test_keen_parity import Stack, in_s3, stack  # noqa: F401 - the module's one worker
+from tests.web.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.integration
 
-SDK_DIR = Path(__file__).resolve().parent / "browser" / "node_modules" / "keen-tracking" / "dist"
+SDK_DIR = Path(__file__).resolve().parent.parent / "browser" / "node_modules" / "keen-tracking" / "dist"
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>shop</title>

@@ -34,8 +34,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamapp.api import Shed, admit, bucket_for, retry_after_for
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
-from streamapp.web import keen
 from tests.api_helpers import ADMIN_TOKEN, Reply, admin, create_project, module_worker, request, topic_values, write
 
 pytestmark = pytest.mark.integration
@@ -292,15 +292,15 @@ def test_admitted_events_over_any_window_are_at_most_rate_times_window_plus_one_
 ) -> None:
     """The pure admission rule, for any arrival pattern and batch sizes: over every span between two
     admissions, admitted <= rate x span + the largest request (the issue's "limit plus one request")."""
-    bucket = keen.bucket_for(rate)
+    bucket = bucket_for(rate)
     now = 0.0
     admitted: list[tuple[float, int]] = []
     for gap, size in requests:
         now += gap
-        if keen.admit(bucket, now, size):
+        if admit(bucket, now, size):
             admitted.append((now, size))
         else:
-            assert keen.retry_after_for(bucket, now, keen.Shed(rate, "shed", 1)) >= 1
+            assert retry_after_for(bucket, now, Shed(rate, "shed", 1)) >= 1
     largest = max(size for _, size in requests)
     for i, (start, _) in enumerate(admitted):
         total = 0

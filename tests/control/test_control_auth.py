@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY, invalid_record_value
-from streamapp.control_records import (
+from streamapp.control import (
     ShedMarker,
     Tick,
     control_headers,

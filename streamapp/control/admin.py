@@ -1,4 +1,5 @@
-"""Admin API: projects, write keys, quotas and manual shed overrides (``Authorization: Bearer $STREAMAPP_ADMIN_TOKEN``).
+"""The admin API's operations: projects, write keys, quotas and manual shed overrides
+(``Authorization: Bearer $STREAMAPP_ADMIN_TOKEN``).
 
 * ``POST /admin/projects`` ``{"project_id", "s3_streaming"?, "quota_eps"?, ...}``
   -> 201 ``{"project_id", "write_key", ...}``: the only time the key is shown (only its SHA-256
@@ -19,7 +20,8 @@
 Every change is a record on the control topic (:mod:`streamapp.control`), so it reaches every
 worker; the answer comes once this worker's own view shows the change (at most ``VIEW_WAIT_SECONDS``),
 so a write right after ``POST /admin/projects`` succeeds on this worker.
-An empty ``STREAMAPP_ADMIN_TOKEN`` disables the admin API (403).
+An empty ``STREAMAPP_ADMIN_TOKEN`` disables the admin API (403); the token check itself is
+:func:`streamapp.web.auth.admin_token_check`. The routes: :mod:`streamapp.control.views`.
 """
 
 from __future__ import annotations
@@ -30,28 +32,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
-import aiohttp
-import faust
-import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from streamapp.api import INVALID_JSON, NOT_FOUND, REQUEST_TIMEOUT, TOO_LARGE, ApiError, parse_object, unavailable
 from streamapp.contract import is_valid_name, name_rule, preview
-from streamapp.control import (
-    SECRET_KEY_FIELDS,
-    ProjectSettings,
-    hash_key,
-    key_record,
-    new_write_key,
-    override_record,
-    project_record,
-    quota_record,
-)
+from streamapp.control.plane import ControlPlane
+from streamapp.control.projects import SECRET_KEY_FIELDS, ProjectSettings, hash_key, new_write_key
+from streamapp.control.records import key_record, override_record, project_record, quota_record
 from streamapp.metering.shed import MODES
-from streamapp.runtime import Runtime
-from streamapp.web import keen
-from streamapp.web.keen import ApiError
+from streamapp.settings import Settings
+from streamapp.web.auth import AdminAccess, admin_token_check
 
 VIEW_WAIT_SECONDS = 2.0
 CONTROL_START_WAIT_SECONDS = 30.0
@@ -64,24 +56,25 @@ MAX_GRACE_SECONDS = 30 * 24 * 3600.0
 
 
 class AdminApi:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.control = runtime.control
-        self.view = runtime.control.view
+    """The admin operations on one worker: each publishes a control record and waits (a little) for
+    this worker's view to show it. The routes are :func:`streamapp.control.views.register_admin`'s."""
+
+    def __init__(self, settings: Settings, control: ControlPlane) -> None:
+        self.settings = settings
+        self.control = control
+        self.view = control.view
 
     # ----------------------------------------------------------------- plumbing
     def authorize(self, request: web.Request) -> None:
-        token = self.settings.admin_token
-        if not token:
+        access = admin_token_check(self.settings.admin_token, request.headers.get("Authorization"))
+        if access is AdminAccess.DISABLED:
             raise ApiError(403, "AdminDisabledError", "the admin API is disabled (STREAMAPP_ADMIN_TOKEN is empty)")
-        provided = keen.bearer_token(request.headers.get("Authorization"))
-        if not keen.keys_match(provided, token):
+        if access is AdminAccess.REFUSED:
             raise ApiError(401, "InvalidAdminTokenError", "admin endpoints need 'Authorization: Bearer <admin token>'")
 
     async def body(self, request: web.Request, *, required: bool = True) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
-            raise ApiError(413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
+            raise ApiError(413, TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
         chunks: list[bytes] = []
         size = 0
         try:
@@ -89,18 +82,16 @@ class AdminApi:
                 while chunk := await request.content.readany():
                     size += len(chunk)
                     if size > MAX_ADMIN_BODY:
-                        raise ApiError(
-                            413, keen.TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes"
-                        )
+                        raise ApiError(413, TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
                     chunks.append(chunk)
         except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:  # e.g. broken gzip
-            raise ApiError(400, keen.INVALID_JSON, f"request body cannot be read: {exc}") from None
+            raise ApiError(400, INVALID_JSON, f"request body cannot be read: {exc}") from None
         except TimeoutError:
-            raise ApiError(408, keen.REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
+            raise ApiError(408, REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
         raw = b"".join(chunks)
         if not raw.strip() and not required:
             return {}
-        return keen.parse_object(raw)
+        return parse_object(raw)
 
     async def publish(self, record: dict[str, Any], visible: Callable[[], bool]) -> bool:
         """Publish a control record; True once this worker's view shows it (False after the wait)."""
@@ -108,12 +99,12 @@ class AdminApi:
         while getattr(self.control, "_producer", None) is None or not self.control.caught_up.is_set():
             # Right after a worker starts: admin calls are rare, so wait a little rather than fail.
             if time.monotonic() >= deadline:
-                raise keen.unavailable("the control plane is still starting", retry_after=1)
+                raise unavailable("the control plane is still starting", retry_after=1)
             await asyncio.sleep(0.05)
         try:
             await asyncio.wait_for(self.control.publish(record), PUBLISH_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - any failure means: not written
-            raise keen.unavailable(f"could not write to the control topic ({type(exc).__name__})") from None
+            raise unavailable(f"could not write to the control topic ({type(exc).__name__})") from None
         deadline = time.monotonic() + VIEW_WAIT_SECONDS
         while not visible():
             if time.monotonic() >= deadline:
@@ -209,7 +200,7 @@ class AdminApi:
     def known(self, project_id: str) -> ProjectSettings:
         project = self.view.projects.get(self.project_id(project_id))
         if project is None:
-            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
+            raise ApiError(404, NOT_FOUND, f"project {project_id!r} not found")
         return project
 
     def key_hash_is(self, project_id: str, key_hash: str) -> bool:
@@ -222,7 +213,7 @@ class AdminApi:
     def get(self, project_id: str) -> dict[str, Any]:
         project = self.view.projects.get(project_id)
         if project is None:
-            raise ApiError(404, keen.NOT_FOUND, f"project {project_id!r} not found")
+            raise ApiError(404, NOT_FOUND, f"project {project_id!r} not found")
         return self.describe(project)
 
     async def set_quota(self, request: web.Request, project_id: str) -> dict[str, Any]:
@@ -264,42 +255,6 @@ class AdminApi:
         return {"project_id": project_id, "override": None if clear else record, "replicated": replicated}
 
 
-async def retry_parked(admin: AdminApi, app: faust.App, request: web.Request) -> dict[str, Any]:
-    """``POST /admin/sink/retry-parked``: make parked projects due now here and on every peer."""
-    from streamapp.web.views import PEER_TIMEOUT_SECONDS, Views, is_local
-
-    doc = await admin.body(request, required=False)
-    project_id = doc.get("project_id", request.query.get("project_id"))
-    if project_id is not None:
-        project_id = admin.project_id(project_id)
-    projects = admin.runtime.parking.retry_now(project_id)
-    views = Views(app, admin.runtime)
-    workers: dict[str, Any] = {views.url: {"projects": projects}}
-    if not is_local(request):
-        session: Any = app.http_client
-        body = {"project_id": project_id} if project_id is not None else {}
-        headers = {"Authorization": request.headers.get("Authorization", "")}
-
-        async def ask(peer: str) -> Any:
-            async with session.post(
-                peer + "/admin/sink/retry-parked",
-                params={"local": "1"},
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_SECONDS),
-            ) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}")
-                return (await resp.json(content_type=None)).get("workers", {}).get(peer, {})
-
-        peers = views.peers()
-        answers = await asyncio.gather(*(ask(p) for p in peers), return_exceptions=True)
-        for peer, answer in zip(peers, answers, strict=True):
-            workers[peer] = {"error": repr(answer)[:200]} if isinstance(answer, BaseException) else answer
-    retried = sorted({p for w in workers.values() for p in w.get("projects", [])})
-    return {"project_id": project_id, "retried": retried, "workers": workers}
-
-
 def parse_quota(doc: Mapping[str, Any], *, require_any: bool) -> dict[str, Any]:
     """The quota fields present in ``doc``, validated: numbers > 0 (burst >= 0) or null for the default."""
     out: dict[str, Any] = {}
@@ -322,64 +277,3 @@ def parse_quota(doc: Mapping[str, Any], *, require_any: bool) -> dict[str, Any]:
     if require_any and not out:
         raise ApiError(400, "InvalidParameterError", f"give at least one of {(*QUOTA_FIELDS, 'shed_mode')}")
     return out
-
-
-def _respond(status: int, payload: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
-
-
-async def _guard(admin: AdminApi, request: web.Request, call: Callable[[], Any]) -> web.Response:
-    try:
-        admin.authorize(request)
-        result = call()
-        if asyncio.iscoroutine(result):
-            result = await result
-    except ApiError as exc:
-        return web.Response(body=exc.body(), status=exc.status, content_type="application/json", headers=exc.headers)
-    status, payload = result if isinstance(result, tuple) else (200, result)
-    return _respond(status, payload)
-
-
-def register_admin(app: faust.App, runtime: Runtime) -> AdminApi:
-    admin = AdminApi(runtime)
-
-    @app.page("/admin/projects")
-    class AdminProjects(faust.web.View):
-        async def get(self, request: web.Request) -> web.Response:
-            return await _guard(admin, request, admin.list)
-
-        async def post(self, request: web.Request) -> web.Response:
-            return await _guard(admin, request, lambda: admin.create(request))
-
-    @app.page("/admin/projects/{project_id}")
-    class AdminProject(faust.web.View):
-        async def get(self, request: web.Request, project_id: str) -> web.Response:
-            return await _guard(admin, request, lambda: admin.get(project_id))
-
-    @app.page("/admin/projects/{project_id}/key")
-    class AdminKey(faust.web.View):
-        async def post(self, request: web.Request, project_id: str) -> web.Response:
-            return await _guard(admin, request, lambda: admin.rotate_key(request, project_id))
-
-        async def delete(self, request: web.Request, project_id: str) -> web.Response:
-            return await _guard(admin, request, lambda: admin.revoke_key(project_id))
-
-    @app.page("/admin/projects/{project_id}/quota")
-    class AdminQuota(faust.web.View):
-        async def put(self, request: web.Request, project_id: str) -> web.Response:
-            return await _guard(admin, request, lambda: admin.set_quota(request, project_id))
-
-    @app.page("/admin/projects/{project_id}/shed")
-    class AdminShed(faust.web.View):
-        async def post(self, request: web.Request, project_id: str) -> web.Response:
-            return await _guard(admin, request, lambda: admin.override(request, project_id, "shed"))
-
-        async def delete(self, request: web.Request, project_id: str) -> web.Response:
-            return await _guard(admin, request, lambda: admin.override(request, project_id, "unshed"))
-
-    @app.page("/admin/sink/retry-parked")
-    class AdminRetryParked(faust.web.View):
-        async def post(self, request: web.Request) -> web.Response:
-            return await _guard(admin, request, lambda: retry_parked(admin, app, request))
-
-    return admin

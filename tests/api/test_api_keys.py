@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from streamapp.cli import main as cli_main
-from streamapp.control import ControlView, ProjectSettings, hash_key, key_matches, project_record, publish_records
+from streamapp.control import ControlView, ProjectSettings, hash_key, project_record, publish_records
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
+from streamapp.web.auth import key_matches
 from tests.api_helpers import admin, create_project, module_worker, topic_values, write
 
 pytestmark = pytest.mark.integration

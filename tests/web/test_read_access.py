@@ -13,7 +13,7 @@ import pytest
 
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess, free_port
 from streamapp.settings import Settings, SettingsError, is_loopback
-from streamapp.web.views import (
+from streamapp.web.auth import (
     READ_COOKIE,
     forward_headers,
     peer_token,
@@ -169,14 +169,14 @@ def test_no_token_or_key_appears_in_logs_or_views(worker: Any) -> None:
 
 
 def test_fan_out_sends_peers_the_peer_token_and_nothing_the_caller_sent() -> None:
-    """Views.fan_out against a real HTTP peer that records what it receives."""
+    """Cluster.fan_out against a real HTTP peer that records what it receives."""
     import asyncio
     from types import SimpleNamespace
 
     import aiohttp
     from aiohttp import web
 
-    from streamapp.web.views import Views
+    from streamapp.web.cluster import Cluster
 
     received: list[dict[str, str]] = []
 
@@ -199,11 +199,11 @@ def test_fan_out_sends_peers_the_peer_token_and_nothing_the_caller_sent() -> Non
                 http_client=session,
             )
             settings = Settings(read_token=READ_TOKEN, admin_token=ADMIN_TOKEN)
-            views = Views(app, SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+            cluster = Cluster(app, settings)  # type: ignore[arg-type]
             caller = FakeRequest(
                 {"Authorization": f"Bearer {READ_TOKEN}", "Cookie": f"{READ_COOKIE}=x"}, {}, {READ_COOKIE: "x"}
             )
-            answers, status = await views.fan_out(caller, "/shed/", {}, lambda: {"worker": "me"})
+            answers, status = await cluster.fan_out(caller, "/shed/", {}, lambda: {"worker": "me"})
         await runner.cleanup()
         assert status[peer] == "ok" and len(answers) == 2, status
 

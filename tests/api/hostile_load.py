@@ -2,7 +2,7 @@
 the measuring test's): one client sending maximum-size bodies back to back, and N slow
 connections trickling body bytes (reconnecting whenever the server answers or closes).
 
-    python tests/hostile_load.py HOST PORT PROJECT KEY SECONDS MAX_BODY_BYTES SLOW_CONNECTIONS DECLARED
+    python tests/api/hostile_load.py HOST PORT PROJECT KEY SECONDS MAX_BODY_BYTES SLOW_CONNECTIONS DECLARED
 
 ``DECLARED`` of the slow connections announce a Content-Length of MAX_BODY_BYTES (they hold a
 share of the server's body budget until its read deadline); the others use chunked encoding.

@@ -21,11 +21,11 @@ from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from streamapp.api import PIXEL_GIF
 from streamapp.dev import BrokerProcess, S3Process
-from streamapp.web.keen import PIXEL_GIF
+from tests.api.test_api_integration import ADMIN, FAST, create_project, exported, http, topic_records
 from tests.conftest import app_worker
 from tests.helpers import wait_until
-from tests.test_api_integration import ADMIN, FAST, create_project, exported, http, topic_records
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Pure logic of the Keen-compatible API (streamapp.web.keen) and the admin API's validation."""
+"""Pure logic of the Keen-compatible API (streamapp.api) and the admin API's validation."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import uuid
 import orjson
 import pytest
 
+from streamapp import api as keen
+from streamapp.api import ApiError, Clock, EventRejected
 from streamapp.cli.project import render_projects
 from streamapp.contract import encode_record, parse_iso_seconds, parse_record
+from streamapp.control.admin import parse_quota
 from streamapp.metering.shed import ShedState
-from streamapp.web import keen
-from streamapp.web.admin import parse_quota
-from streamapp.web.keen import ApiError, Clock, EventRejected
+from streamapp.web import auth
 
 NOW = Clock.at(1_795_000_000.25)
 
@@ -26,29 +27,29 @@ def ids():
 
 
 def test_write_key_comes_from_the_authorization_header_first_then_api_key() -> None:
-    assert keen.write_key_from("abc", "def") == "abc"
-    assert keen.write_key_from(None, "def") == "def"
-    assert keen.write_key_from("", " def ") == "def"
-    assert keen.write_key_from(None, None) is None
+    assert auth.write_key_from("abc", "def") == "abc"
+    assert auth.write_key_from(None, "def") == "def"
+    assert auth.write_key_from("", " def ") == "def"
+    assert auth.write_key_from(None, None) is None
 
 
 def test_keys_match_is_exact_and_never_matches_an_empty_project_key() -> None:
-    assert keen.keys_match("k" * 64, "k" * 64)
-    assert not keen.keys_match("k" * 63, "k" * 64)
-    assert not keen.keys_match("x" + "k" * 63, "k" * 64)
-    assert not keen.keys_match(None, "key")
-    assert not keen.keys_match("", "")  # a project created by a quota record has no key
-    assert not keen.keys_match("anything", "")
-    assert not keen.keys_match("ké", "ke")  # non-ASCII input is compared, not an exception
+    assert auth.keys_match("k" * 64, "k" * 64)
+    assert not auth.keys_match("k" * 63, "k" * 64)
+    assert not auth.keys_match("x" + "k" * 63, "k" * 64)
+    assert not auth.keys_match(None, "key")
+    assert not auth.keys_match("", "")  # a project created by a quota record has no key
+    assert not auth.keys_match("anything", "")
+    assert not auth.keys_match("ké", "ke")  # non-ASCII input is compared, not an exception
 
 
 def test_bearer_token() -> None:
-    assert keen.bearer_token("Bearer t0k") == "t0k"
-    assert keen.bearer_token("bearer   t0k ") == "t0k"
-    assert keen.bearer_token("t0k") is None
-    assert keen.bearer_token("Basic t0k") is None
-    assert keen.bearer_token("Bearer ") is None
-    assert keen.bearer_token(None) is None
+    assert auth.bearer_token("Bearer t0k") == "t0k"
+    assert auth.bearer_token("bearer   t0k ") == "t0k"
+    assert auth.bearer_token("t0k") is None
+    assert auth.bearer_token("Basic t0k") is None
+    assert auth.bearer_token("Bearer ") is None
+    assert auth.bearer_token(None) is None
 
 
 # --------------------------------------------------------------------------- bodies
