@@ -1,6 +1,6 @@
 """The overflow drain: a shed project's excess from the overflow topic into S3, paced, exactly once.
 
-``OverflowChunks`` (streamapp.sink.drain) cuts each overflow partition into deterministic
+``OverflowChunks`` (streamapp.overflow.chunks) cuts each overflow partition into deterministic
 chunks; this agent writes a chunk's "delayed" objects (same layout as the real-time
 objects, ``-d{partition}-o{offset}-delayed`` suffix) into the project's export target,
 then the checkpoint for the offset after the chunk, then commits that offset. After a
@@ -32,7 +32,7 @@ from streamapp.contract import TICK_KEY
 from streamapp.control_records import control_headers, control_secrets, verify_control
 from streamapp.meter import sink_backlog_age
 from streamapp.metering import Pacer
-from streamapp.sink.drain import Chunk, OverflowChunks
+from streamapp.overflow.chunks import Chunk, OverflowChunks
 from streamapp.sink.layout import checkpoint_key
 
 if TYPE_CHECKING:

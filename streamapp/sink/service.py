@@ -32,14 +32,14 @@ from streamapp.control_records import (
     verify_control,
 )
 from streamapp.metering.unknown import UNKNOWN_FLOW
-from streamapp.sink.drain import overflow_record
+from streamapp.overflow.chunks import overflow_record
+from streamapp.overflow.lane import OverflowLane
 from streamapp.sink.layout import (
     KIND_MANIFEST_PART,
     checkpoint_key,
     manifest_key,
     manifest_parts_prefix,
 )
-from streamapp.sink.overflow_lane import OverflowLane
 from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route, Target
 from streamapp.sink.s3 import S3Writer
 from streamapp.sink.uploads import FairQueue
@@ -96,7 +96,7 @@ class S3Sink:
         # The first signs this worker's ticks; any of them verifies (a rotation: control_records).
         self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
         self._control_secret = self._control_secrets[0]
-        # Diversions have their own producer (streamapp.sink.overflow_lane), never Faust's shared one.
+        # Diversions have their own producer (streamapp.overflow.lane), never Faust's shared one.
         self.overflow = OverflowLane(runtime)
         self.diverting_bytes: dict[int, int] = {}  # partition -> diverted bytes not acknowledged yet
         self._diverted_acked = asyncio.Event()

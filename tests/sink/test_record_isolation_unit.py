@@ -547,7 +547,7 @@ def test_future_corrections_are_counted_in_metrics() -> None:
 
 def test_the_drain_reads_past_overflow_records_it_cannot_use() -> None:
     """Anyone can produce to the overflow topic: no field is used before it is checked."""
-    from streamapp.sink.drain import OverflowChunks, overflow_record
+    from streamapp.overflow.chunks import OverflowChunks, overflow_record
 
     chunks = OverflowChunks(
         "overflow", 0, window_seconds=WINDOW, max_events=50, max_bytes=1 << 20, target=lambda p: ("bucket", "pre")

@@ -1,7 +1,7 @@
 """``Parking`` against the real moto S3 server, without a worker: both lanes (the sink's objects
 and the drain's delayed objects), discovery by listing after a restart, redelivery exactly once.
 
-The worker end to end (Kafka, commits, the neighbour's bound) is tests/test_parking_integration.py;
+The worker end to end (Kafka, commits, the neighbour's bound) is tests/sink/test_parking_integration.py;
 here the runtime around ``Parking`` is a stand-in that records the notices it would produce.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from faust.types import TP
 
 from streamapp.devstack import AWS_DUMMY_ENV
+from streamapp.overflow.chunks import DelayedObject
 from streamapp.settings import Settings
-from streamapp.sink.drain import DelayedObject
 from streamapp.sink.layout import gzip_lines
 from streamapp.sink.parking import Parking
 from streamapp.sink.s3 import S3Writer

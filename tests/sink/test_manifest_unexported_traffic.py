@@ -43,7 +43,7 @@ def test_a_window_gets_its_manifest_while_a_partition_carries_only_unexported_tr
     )
     worker = start_worker(env)
 
-    # Not the startup race (tests/test_manifest_idle_partitions.py): every partition ticked first.
+    # Not the startup race (tests/sink/test_manifest_idle_partitions.py): every partition ticked first.
     wait_until(lambda: every_partition_has_a_watermark(worker.web_url), 30, what="every partition ticked while idle")
     second = int(time.time())
     window = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second // WINDOW * WINDOW))
