@@ -12,8 +12,8 @@ import faust
 from streamapp.control import ControlPlane
 from streamapp.metrics import Metrics
 from streamapp.settings import Settings
+from streamapp.sink.layout import Target
 from streamapp.sink.parking import Parking
-from streamapp.sink.partition import Target
 from streamapp.sink.s3 import S3Writer
 from streamapp.topics import Topics
 

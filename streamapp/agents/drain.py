@@ -33,7 +33,7 @@ from streamapp.control_records import control_headers, control_secrets, verify_c
 from streamapp.meter import sink_backlog_age
 from streamapp.metering import Pacer
 from streamapp.overflow.chunks import Chunk, OverflowChunks
-from streamapp.sink.layout import checkpoint_key
+from streamapp.sink.layout import Target, checkpoint_key
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
@@ -62,7 +62,7 @@ class Drainer:
         self.paced_seconds = 0.0
         self._rate_window: list[tuple[float, int]] = []  # (time, events) of recent chunks
 
-    def manifest_target(self) -> tuple[str, str]:
+    def manifest_target(self) -> Target:
         return (self.settings.s3_bucket, self.settings.s3_prefix)
 
     async def partition(self, tp: TP) -> OverflowChunks:

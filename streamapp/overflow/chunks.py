@@ -42,9 +42,8 @@ from streamapp.contract import (
     parse_iso_seconds,
     position,
 )
-from streamapp.sink.layout import KIND_DELAYED, describe_object, gzip_lines, object_key, window_start
+from streamapp.sink.layout import KIND_DELAYED, Target, describe_object, gzip_lines, object_key, window_start
 
-Target = tuple[str, str]
 SEEN_WINDOW = 1 << 16  # source offsets remembered below the highest delivered one (8 KiB of bitmap)
 
 

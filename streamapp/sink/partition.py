@@ -54,13 +54,13 @@ from streamapp.sink.layout import (
     KIND_LATE_OLDER,
     KIND_MANIFEST_PART,
     KIND_ON_TIME,
+    Target,
     describe_object,
     gzip_lines,
     manifest_part_key,
     object_key,
 )
 
-Target = tuple[str, str]  # (bucket, prefix) of an exported project
 _NEG_INF = float("-inf")
 # Windows closed in one watermark jump that still get an (empty) manifest part.
 MAX_EMPTY_PARTS_PER_ADVANCE = 12

@@ -36,11 +36,12 @@ from streamapp.overflow.chunks import overflow_record
 from streamapp.overflow.lane import OverflowLane
 from streamapp.sink.layout import (
     KIND_MANIFEST_PART,
+    Target,
     checkpoint_key,
     manifest_key,
     manifest_parts_prefix,
 )
-from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route, Target
+from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route
 from streamapp.sink.s3 import S3Writer
 from streamapp.sink.uploads import FairQueue
 

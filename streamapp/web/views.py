@@ -48,12 +48,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import faust
-from aiokafka.partitioner import murmur2
 from faust.types import TP
 from faust.web import Request, Response, View
 from yarl import URL
 
 from streamapp.contract import is_valid_name
+from streamapp.partitioning import key_partition
 
 if TYPE_CHECKING:
     from streamapp.runtime import Runtime
@@ -596,11 +596,6 @@ def parked_view(runtime: Runtime) -> dict[str, Any]:
         "objects_parked": book.objects_parked,
         "objects_redelivered": book.objects_redelivered,
     }
-
-
-def key_partition(project_id: str, partitions: int) -> int:
-    """The events partition of a project id key: Kafka's default partitioner (murmur2)."""
-    return (murmur2(project_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _ident(url: str) -> tuple[str, int]:

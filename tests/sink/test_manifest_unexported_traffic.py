@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamapp.control import ProjectSettings, project_record, publish_records
-from streamapp.web.views import key_partition
+from streamapp.partitioning import key_partition
 from tests.helpers import every_partition_has_a_watermark, list_keys, wait_until
 
 pytestmark = pytest.mark.integration
