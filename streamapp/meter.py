@@ -229,7 +229,7 @@ class Meter:
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
         self._rows_due = 0.0
         self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
-        self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
+        self.drain: Any = None  # streamapp.overflow.OverflowDrain, set by register_drain
         self.unknown_policy = settings.unknown_projects
         # A project idle this long is forgotten (evict_idle): never before its ring is all zeros.
         self.idle_seconds = max(float(self.ring_size), settings.idle_project_seconds)
