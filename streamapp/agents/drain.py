@@ -10,7 +10,6 @@ from faust.types import StreamT
 
 from streamapp.overflow import OverflowDrain
 from streamapp.runtime import Runtime
-from streamapp.sink.checkpoints import CheckpointStore
 
 DRAIN_BATCH = 16  # fetched batches of the overflow topic (bulk: each one a RecordBatch)
 
@@ -22,7 +21,7 @@ def register_drain(app: faust.App, runtime: Runtime) -> OverflowDrain:
         settings=settings,
         topic=runtime.topics.overflow.get_topic_name(),
         objects_topic=runtime.topics.objects.get_topic_name(),
-        checkpoints=CheckpointStore(runtime.s3, settings.s3_bucket, settings.s3_prefix, settings.app_id),
+        checkpoints=runtime.checkpoints,
         parking=runtime.parking,
         export_target=runtime.export_target,
         sink_backlog=runtime.sink.backlog,

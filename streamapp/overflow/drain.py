@@ -35,9 +35,7 @@ from streamapp.meter import sink_backlog_age
 from streamapp.metering import Pacer
 from streamapp.overflow.chunks import Chunk, OverflowChunks
 from streamapp.settings import Settings
-from streamapp.sink.checkpoints import CheckpointStore
-from streamapp.sink.layout import Target
-from streamapp.sink.parking import Parking
+from streamapp.sink import CheckpointStore, Parking, Target
 
 if TYPE_CHECKING:
     from streamapp.metrics import Metrics

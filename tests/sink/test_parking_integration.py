@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streamapp.control import ProjectSettings, project_record, publish_records
 from streamapp.devstack import PROJECT_ROOT
 from streamapp.partitioning import key_partition
-from streamapp.sink.parking import parked_root
+from streamapp.sink.parking_book import parked_root
 from tests.helpers import list_keys, wait_until
 
 pytestmark = pytest.mark.integration

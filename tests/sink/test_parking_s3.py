@@ -27,22 +27,19 @@ from tests.helpers import list_keys
 pytestmark = pytest.mark.integration
 
 
-class Runtime(SimpleNamespace):
-    """Just what ``Parking`` uses of ``streamapp.runtime.Runtime``."""
+def make_parking(settings: Settings, assignment: set[TP], notices: list[tuple[bytes, dict[str, Any]]]) -> Parking:
+    """A ``Parking`` with just what it uses: a consumer's assignment, a producer, S3, spawn."""
 
-
-def make_runtime(settings: Settings, assignment: set[TP], notices: list[tuple[bytes, dict[str, Any]]]) -> Any:
     async def send(topic: str, key: bytes, value: bytes, *args: object) -> None:
         notices.append((key, orjson.loads(value)))
 
     app = SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: assignment), producer=SimpleNamespace(send=send))
-    topics = SimpleNamespace(objects=SimpleNamespace(get_topic_name=lambda: "objects"))
     pending: list[Any] = []
-    return Runtime(
+    return Parking(
+        app=app,  # type: ignore[arg-type]
         settings=settings,
         s3=S3Writer(settings),
-        app=app,
-        topics=topics,
+        objects_topic="objects",
         spawn=lambda aw: pending.append(asyncio.ensure_future(aw)),
     )
 
@@ -73,7 +70,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
     notices: list[tuple[bytes, dict[str, Any]]] = []
 
     async def park_two() -> Parking:
-        parking = Parking(make_runtime(settings, assignment, notices))
+        parking = make_parking(settings, assignment, notices)
         first = await parking.put(overflow, 1, delayed(theirs, 1), "application/gzip")
         second = await parking.put(overflow, 1, delayed(theirs, 2), "application/gzip")
         assert first.parked_key and "NoSuchBucket" in first.reason
@@ -93,7 +90,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
     assert first_life.book.objects_parked == 2
 
     async def restart_and_redeliver() -> Parking:
-        parking = Parking(make_runtime(settings, assignment, notices))  # a new worker: nothing in memory
+        parking = make_parking(settings, assignment, notices)  # a new worker: nothing in memory
         await parking.step(0.0)  # lists both lanes of partition 1, tries at once, bucket still missing
         state = parking.book.snapshot()["p"]
         assert state["backlog_objects"] == 2 and "NoSuchBucket" in state["reason"]

@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from streamapp.contract import SHED_KEY, TICK_KEY
-from streamapp.overflow.chunks import OverflowChunks, overflow_record
+from streamapp.overflow import OverflowChunks
+from streamapp.sink import overflow_record
 from streamapp.sink.layout import KIND_MANIFEST_PART
 from streamapp.sink.partition import DivertedBatch, PartitionWindows, Route
 from tests.helpers import events_in
