@@ -6,8 +6,8 @@ Faust paused the consumer, and the real-time path that the diversion exists to p
 (others' p99 39-77 s in ``streamapp replay``). Here diversions get a dedicated aiokafka producer
 (as the HTTP API has its own) and a bounded number of diverted batches and bytes in flight, so
 a burst of diversions queues behind its own bound instead of behind everyone's changelog writes,
-dead letters and notices. The sink (``S3Sink.wait_for_overflow``) stops taking the diverting
-partition's records while too many of its diverted bytes wait here.
+dead letters and notices. The sink (``Diversions.wait``, streamapp.sink.diversions) stops taking
+the diverting partition's records while too many of its diverted bytes wait here.
 
 The producer is built from the settings Faust's own producer uses (bootstrap servers, security,
 compression, request timeout), so it honours the same Kafka configuration.
