@@ -2,7 +2,7 @@
 and the drain's delayed objects), discovery by listing after a restart, redelivery exactly once.
 
 The worker end to end (Kafka, commits, the neighbour's bound) is tests/sink/test_parking_integration.py;
-here the runtime around ``Parking`` is a stand-in that records the notices it would produce.
+here the collaborators of ``Parking`` are stand-ins; its producer records the notices it would produce.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
         assert parking.book.snapshot()["p"]["backlog_objects"] == 2
         await parking.step(0.0)  # due only after 600 s: nothing happens
         assert parking.book.snapshot()["p"]["redelivery_attempts"] == 0
-        parking.runtime.s3.close()
+        parking.s3.close()
         return parking
 
     first_life = asyncio.run(park_two())
@@ -99,7 +99,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
         assert parking.retry_now("p") == ["p"]
         await parking.step(0.0)
         await asyncio.sleep(0.1)  # let the notices' sends run
-        parking.runtime.s3.close()
+        parking.s3.close()
         parking.close()
         return parking
 
