@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from aiokafka.partitioner import murmur2
 
 from streamapp.contract import SHED_KEY, is_valid_name, value_names_project
 from streamapp.control import control_headers, control_secrets
@@ -57,6 +56,7 @@ from streamapp.metering import (
     with_mode,
 )
 from streamapp.metering.unknown import shared_meter_id
+from streamapp.partitioning import key_partition as default_partition  # the name its tests and callers use
 from streamapp.tables.rates import (
     MeterTables,
     PartitionContext,
@@ -173,11 +173,6 @@ def events_for_key(value: bytes, key: bytes) -> int:
     return len(events) if type(events) is list else 1
 
 
-def default_partition(project_id: str, partitions: int) -> int:
-    """The partition Kafka's default partitioner picks for a project id key (murmur2)."""
-    return (murmur2(project_id.encode()) & 0x7FFFFFFF) % partitions
-
-
 def sink_backlog_age(backlog: dict[str, dict[str, Any]], hold_seconds: float, now: float) -> float:
     """Seconds the real-time sink is behind, from ``S3Sink.backlog()``.
 
@@ -234,7 +229,7 @@ class Meter:
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
         self._rows_due = 0.0
         self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
-        self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
+        self.drain: Any = None  # streamapp.overflow.OverflowDrain, set by register_drain
         self.unknown_policy = settings.unknown_projects
         # A project idle this long is forgotten (evict_idle): never before its ring is all zeros.
         self.idle_seconds = max(float(self.ring_size), settings.idle_project_seconds)

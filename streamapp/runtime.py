@@ -11,10 +11,9 @@ import faust
 
 from streamapp.control import ControlPlane
 from streamapp.metrics import Metrics
+from streamapp.overflow import OverflowLane
 from streamapp.settings import Settings
-from streamapp.sink.parking import Parking
-from streamapp.sink.partition import Target
-from streamapp.sink.s3 import S3Writer
+from streamapp.sink import CheckpointStore, Parking, S3Sink, S3Writer, Target
 from streamapp.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -22,16 +21,32 @@ log = logging.getLogger(__name__)
 
 class Runtime:
     def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
-        from streamapp.sink.service import S3Sink
-
         self.app = app
         self.settings = settings
         self.topics = topics
         self.metrics = Metrics()
         self.s3 = S3Writer(settings)
         self.control = ControlPlane(settings)
-        self.parking = Parking(self)  # a tenant's failing bucket: park its objects (streamapp.sink.parking)
-        self.sink = S3Sink(self)
+        # The sink's and the drain's collaborators (streamapp.sink, streamapp.overflow), explicit.
+        self.checkpoints = CheckpointStore(self.s3, settings.s3_bucket, settings.s3_prefix, settings.app_id)
+        self.parking = Parking(  # a tenant's failing bucket: park its objects (streamapp.sink.parking)
+            app=app, settings=settings, s3=self.s3, objects_topic=topics.objects.get_topic_name(), spawn=self.spawn
+        )
+        self.sink = S3Sink(
+            app=app,
+            settings=settings,
+            s3=self.s3,
+            checkpoints=self.checkpoints,
+            parking=self.parking,
+            overflow=OverflowLane(app, settings),
+            control=self.control,
+            export_target=self.export_target,
+            invalid_topic=topics.invalid.get_topic_name(),
+            overflow_topic=topics.overflow.get_topic_name(),
+            objects_topic=topics.objects.get_topic_name(),
+            metrics=self.metrics,
+            spawn=self.spawn,
+        )
         self._background: set[asyncio.Future[Any]] = set()
         self.background_failures = 0
 

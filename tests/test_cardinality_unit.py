@@ -31,7 +31,7 @@ from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
 from streamapp.metering.views import MeteringViews
 from streamapp.metrics import OTHER, Metrics
 from streamapp.settings import Settings
-from streamapp.sink.parking import ParkingBook
+from streamapp.sink import ParkingBook
 from streamapp.sink.partition import PartitionWindows, Route
 from streamapp.sink.s3 import S3Stats
 from streamapp.sink.service import S3Sink
@@ -79,7 +79,21 @@ class FakeRuntime:
         self.app = FakeApp()
         self.control = FakeControl()
         self.s3 = type("S", (), {"stats": S3Stats(), "on_put": []})()
-        self.sink = S3Sink(self)  # type: ignore[arg-type] - the real one, its partitions set by hand
+        self.sink = S3Sink(  # the real one, its partitions set by hand
+            app=self.app,  # type: ignore[arg-type]
+            settings=settings,
+            s3=self.s3,  # type: ignore[arg-type]
+            checkpoints=None,  # type: ignore[arg-type]
+            parking=None,  # type: ignore[arg-type]
+            overflow=None,  # type: ignore[arg-type]
+            control=self.control,  # type: ignore[arg-type]
+            export_target=lambda project_id: ("bucket", "events"),
+            invalid_topic="",
+            overflow_topic="",
+            objects_topic="",
+            metrics=None,  # type: ignore[arg-type]
+            spawn=lambda coro: None,
+        )
         self.parking = type("P", (), {"book": ParkingBook(settings.s3_parked_retry_seconds)})()  # nothing parked
         self.meter: Any = None
 

@@ -36,8 +36,8 @@ from aiokafka import AIOKafkaProducer
 from streamapp.control import publish_records, quota_record
 from streamapp.dev import PROJECT_ROOT, BrokerProcess, S3Process, WorkerProcess, free_port, produce_load, settings_env
 from streamapp.dev import s3_client as make_s3_client
+from streamapp.partitioning import key_partition
 from streamapp.sink.s3 import MULTIPART_THRESHOLD, PART_SIZE
-from streamapp.web.cluster import key_partition
 from tests.helpers import every_partition_has_a_watermark, list_keys, read_objects, wait_until
 
 pytestmark = pytest.mark.integration

@@ -1,274 +1,49 @@
-"""The overflow drain: a shed project's excess from the overflow topic into S3, paced, exactly once.
+"""The overflow drain agent: the overflow topic -> ``OverflowDrain`` (streamapp.overflow.drain).
 
-``OverflowChunks`` (streamapp.sink.drain) cuts each overflow partition into deterministic
-chunks; this agent writes a chunk's "delayed" objects (same layout as the real-time
-objects, ``-d{partition}-o{offset}-delayed`` suffix) into the project's export target,
-then the checkpoint for the offset after the chunk, then commits that offset. After a
-crash or rebalance the partition is restored from the checkpoint at the committed offset.
-
-Pacing (``metering.Pacer``): each chunk reserves ``events / allowance`` seconds; the
-allowance is ``overflow_max_eps`` while the real-time sink has no backlog and falls
-linearly to 5 % of it as the sink's backlog age reaches ``health_backlog_seconds``. The
-drain waits inside its agent, so its Faust buffer fills and Faust stops fetching the
-overflow partitions (per-partition flow control) while the events partitions flow on. The
-overflow topic is read in bulk (one buffer item per fetched batch, see streamapp.topics), so
-what was fetched before the stop always fits in the buffer: a full buffer would block Faust's
-delivery to every agent. Nothing is skipped, only delayed.
+A separate agent from the sink: its pacing waits only hold back the overflow partitions.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
-
 import faust
-import orjson
-from faust.types import TP, EventT, StreamT
+from faust.types import StreamT
 
-from streamapp.contract import TICK_KEY
-from streamapp.control import control_headers, control_secrets, verify_control
-from streamapp.meter import sink_backlog_age
-from streamapp.metering import Pacer
-from streamapp.sink.drain import Chunk, OverflowChunks
-from streamapp.sink.layout import checkpoint_key
+from streamapp.overflow import OverflowDrain
+from streamapp.runtime import Runtime
 
-if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
-
-log = logging.getLogger(__name__)
-
-CHUNK_MAX_EVENTS = 5000
-CHUNK_MAX_BYTES = 8 * 1024 * 1024
 DRAIN_BATCH = 16  # fetched batches of the overflow topic (bulk: each one a RecordBatch)
 
 
-class Drainer:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.topic = runtime.topics.overflow.get_topic_name()
-        self.partitions: dict[int, OverflowChunks] = {}
-        self.committed: dict[int, int] = {}
-        self.last_record_at: dict[int, float] = {}
-        self.tick_sent_for: dict[int, int] = {}  # partition -> next_offset when the last tick was sent
-        self.pacer = Pacer(self.settings.overflow_max_eps)
-        self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
-        self.delayed_objects = 0
-        self.events_delivered = 0
-        self.chunks = 0
-        self.paced_seconds = 0.0
-        self._rate_window: list[tuple[float, int]] = []  # (time, events) of recent chunks
-
-    def manifest_target(self) -> tuple[str, str]:
-        return (self.settings.s3_bucket, self.settings.s3_prefix)
-
-    async def partition(self, tp: TP) -> OverflowChunks:
-        chunks = self.partitions.get(tp.partition)
-        if chunks is not None:
-            return chunks
-        consumer = self.runtime.app.consumer
-        committed = (await consumer.committed_offsets([tp])).get(tp)  # type: ignore[attr-defined]
-        checkpoint: dict[str, Any] | None = None
-        if committed:
-            bucket, prefix = self.manifest_target()
-            key = checkpoint_key(prefix, self.settings.app_id, self.topic, tp.partition, committed)
-            body = await self.runtime.s3.get(bucket, key)
-            if body is None:
-                log.error(
-                    "drain: no checkpoint for %s at committed offset %s: starting there without one", tp, committed
-                )
-                checkpoint = {"offset": committed}
-            else:
-                checkpoint = orjson.loads(body)
-        chunks = OverflowChunks(
-            self.topic,
-            tp.partition,
-            window_seconds=self.settings.window_seconds,
-            max_events=CHUNK_MAX_EVENTS,
-            max_bytes=CHUNK_MAX_BYTES,
-            target=self.runtime.export_target,
-            checkpoint=checkpoint,
-        )
-        self.partitions[tp.partition] = chunks
-        self.committed[tp.partition] = committed or 0
-        log.info("drain: partition %s opened at offset %s", tp.partition, committed)
-        return chunks
-
-    def revoke(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            if tp.topic == self.topic:
-                self.partitions.pop(tp.partition, None)
-                self.committed.pop(tp.partition, None)
-        self.pacer.reset()
-
-    # ---------------------------------------------------------------- input
-    async def handle(self, events: list[EventT]) -> None:
-        """Each event is one fetched batch of an overflow partition: a RecordBatch of raw records
-        in offset order (the overflow topic is read in bulk, see streamapp.topics)."""
-        touched: dict[int, OverflowChunks] = {}
-        now = time.monotonic()
-        for event in events:
-            message = event.message
-            partition = message.partition
-            chunks = touched.get(partition)
-            if chunks is None:
-                chunks = touched[partition] = await self.partition(message.tp)
-            for record in event.value:
-                self._record(chunks, message.tp, record)
-            self.last_record_at[partition] = now
-        for partition, chunks in touched.items():
-            ready, chunks.ready = chunks.ready, []
-            for chunk in ready:
-                await self.deliver(chunk)
-                if self.partitions.get(partition) is not chunks:
-                    break  # revoked meanwhile: the new owner replays from the committed offset
-
-    def _record(self, chunks: OverflowChunks, tp: TP, record: Any) -> None:
-        """One raw overflow record: only a signed diversion (or tick) of this partition is obeyed."""
-        key = record.key
-        forged = verify_control(
-            self._control_secrets, self.topic, tp.partition, key or b"", record.value, record.headers
-        )
-        if forged is not None:
-            # Only the sink writes here (diversions, ticks): anything else could claim source
-            # positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
-            chunks.reject(record.offset)
-            if chunks.forged <= 10:
-                log.warning("drain: %s at %s offset %s; skipped", forged, tp, record.offset)
-            return
-        try:
-            chunks.process(record.offset, key, record.value)
-        except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
-            chunks.invalid += 1
-            log.warning(
-                "drain: overflow record at %s offset %s failed (%s: %.200s); skipped",
-                tp,
-                record.offset,
-                type(exc).__name__,
-                exc,
-            )
-
-    def backlog_age(self) -> float:
-        s = self.settings
-        try:
-            backlog = self.runtime.sink.backlog()
-        except Exception:  # noqa: BLE001 - no signal yet
-            return 0.0
-        return sink_backlog_age(
-            backlog, s.window_seconds + s.allowed_lateness_seconds + s.idle_flush_seconds, time.time()
-        )
-
-    async def deliver(self, chunk: Chunk) -> None:
-        """Pace, write the chunk's objects, then its checkpoint, then commit."""
-        if chunk.events:
-            delay = self.pacer.delay_for(
-                chunk.events, time.monotonic(), self.backlog_age(), self.settings.health_backlog_seconds
-            )
-            if delay > 0:
-                self.paced_seconds += delay
-                await asyncio.sleep(delay)
-        s3 = self.runtime.s3
-        parking = self.runtime.parking  # a project's own bucket failing parks its objects (sink/parking.py)
-        deliveries = await asyncio.gather(
-            *(parking.put(self.topic, chunk.partition, obj, "application/gzip") for obj in chunk.objects)
-        )
-        bucket, prefix = self.manifest_target()
-        key = checkpoint_key(prefix, self.settings.app_id, self.topic, chunk.partition, chunk.commit_offset)
-        body = orjson.dumps(chunk.checkpoint)
-        await s3.put(bucket, key, lambda: body, "application/json")
-        producer = self.runtime.app.producer
-        for obj, delivery in zip(chunk.objects, deliveries, strict=True):
-            if delivery.parked_key is None:
-                self.runtime.metrics.object_written(obj, delivery.size)
-            fields = {**obj.describe(), "gzip_bytes": delivery.size, "partition": chunk.partition}
-            notice = orjson.dumps({**fields, **parking.notice_fields(delivery)})
-            self.runtime.spawn(
-                producer.send(self.runtime.topics.objects.get_topic_name(), obj.key.encode(), notice, None, None, None)
-            )
-        tp = TP(self.topic, chunk.partition)
-        if await self.runtime.app.consumer.commit_offsets({tp: chunk.commit_offset}):  # type: ignore[attr-defined]
-            self.committed[chunk.partition] = chunk.commit_offset
-        self.delayed_objects += len(chunk.objects)
-        self.events_delivered += chunk.events
-        self.chunks += 1
-        now = time.monotonic()
-        self._rate_window.append((now, chunk.events))
-        self._rate_window = [(t, n) for t, n in self._rate_window if now - t <= 10.0]
-
-    # ---------------------------------------------------------------- ticks
-    async def tick_idle_partitions(self) -> None:
-        """Cut a pending chunk of a quiet, caught-up partition with a tick record in its log."""
-        consumer = self.runtime.app.consumer
-        now = time.monotonic()
-        for partition, chunks in list(self.partitions.items()):
-            if not chunks.pending_events:
-                continue
-            if now - self.last_record_at.get(partition, now) < self.settings.idle_flush_seconds:
-                continue
-            if self.tick_sent_for.get(partition) == chunks.next_offset:
-                continue  # already ticked at this position; wait for it to come back
-            highwater = consumer.highwater(TP(self.topic, partition))
-            if highwater is not None and highwater > chunks.next_offset:
-                continue  # more records to read first
-            self.tick_sent_for[partition] = chunks.next_offset
-            value = orjson.dumps({"at": time.time()})
-            headers = control_headers(self._control_secrets[0], self.topic, partition, TICK_KEY, value)
-            await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
-
-    # ---------------------------------------------------------------- views
-    def status(self) -> dict[str, Any]:
-        consumer = self.runtime.app.consumer
-        partitions = {}
-        for partition, chunks in sorted(self.partitions.items()):
-            highwater = consumer.highwater(TP(self.topic, partition)) or 0
-            committed = self.committed.get(partition, 0)
-            partitions[str(partition)] = {
-                "committed_offset": committed,
-                "read_offset": chunks.next_offset,
-                "highwater": highwater,
-                "offsets_behind": max(0, highwater - committed),
-                "pending_events": chunks.pending_events,
-                "duplicates_skipped": chunks.duplicates,
-                "forged_skipped": chunks.forged,
-            }
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self._rate_window if now - t <= 10.0]
-        rate = sum(n for _, n in recent) / 10.0 if recent else 0.0
-        return {
-            "partitions": partitions,
-            "offsets_behind": sum(p["offsets_behind"] for p in partitions.values()),
-            "rate_eps": round(rate, 1),
-            "allowance_eps": round(
-                self.pacer.allowance(now, self.backlog_age(), self.settings.health_backlog_seconds), 1
-            ),
-            "delayed_objects": self.delayed_objects,
-            "events_delivered": self.events_delivered,
-            "chunks": self.chunks,
-            "paced_seconds": round(self.paced_seconds, 3),
-        }
-
-
-def register_drain(app: faust.App, runtime: Runtime) -> Drainer:
-    drainer = Drainer(runtime)
+def register_drain(app: faust.App, runtime: Runtime) -> OverflowDrain:
+    settings = runtime.settings
+    drain = OverflowDrain(
+        app=app,
+        settings=settings,
+        topic=runtime.topics.overflow.get_topic_name(),
+        objects_topic=runtime.topics.objects.get_topic_name(),
+        checkpoints=runtime.checkpoints,
+        parking=runtime.parking,
+        export_target=runtime.export_target,
+        sink_backlog=runtime.sink.backlog,
+        metrics=runtime.metrics,
+        spawn=runtime.spawn,
+    )
+    # The meter's views and metrics read the drain's status through it (meter.drain_status()).
     meter = getattr(runtime, "meter", None)
     if meter is not None:
-        meter.drain = drainer
+        meter.drain = drain
 
-    # A separate agent from the sink: its pacing waits only hold back the overflow partitions.
     @app.agent(runtime.topics.overflow, name="overflow-drain")
     async def overflow_drain(stream: StreamT) -> None:
         async for events in stream.take_events(DRAIN_BATCH, within=0.2):
-            await drainer.handle(events)
+            await drain.handle(events)
 
     @app.timer(interval=0.5)
     async def drain_ticks() -> None:
-        await drainer.tick_idle_partitions()
+        await drain.tick_idle_partitions()
 
     @app.on_partitions_revoked.connect
     async def drain_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
-        drainer.revoke(revoked)
+        drain.revoke(revoked)
 
-    return drainer
+    return drain

@@ -32,7 +32,7 @@ def register_sink(app: faust.App, runtime: Runtime) -> None:
     async def sink_commits() -> None:
         await sink.commit_loop()
 
-    # The overflow lane's own producer (streamapp.sink.overflow_lane) lives as long as the worker.
+    # The overflow lane's own producer (streamapp.overflow.lane) lives as long as the worker.
     @app.task
     async def overflow_producer() -> None:
         await sink.overflow.start()

@@ -16,6 +16,10 @@ KIND_LATE_OLDER = "late_older"  # late events of long-closed windows, grouped (s
 KIND_DELAYED = "delayed"
 KIND_MANIFEST_PART = "manifest_part"
 
+#: Where a project's objects go: (bucket, prefix). The real-time sink, the overflow drain and the
+#: runtime's ``export_target`` all speak of it.
+Target = tuple[str, str]
+
 
 def window_start(event_time: float, size: int) -> int:
     """Start (epoch seconds) of the tumbling window holding ``event_time``."""

@@ -24,8 +24,9 @@ Each worker redelivers the partitions it owns; it lists their parked prefixes wh
 assignment changes (and every ``RESCAN_SECONDS``), so parked objects survive restarts and
 rebalances.
 
-``ParkingBook`` is the bookkeeping, pure (times are passed in): what is parked, why, since
-when, and when to try again.
+``ParkingBook`` (streamapp.sink.parking_book) is the bookkeeping, pure (times are passed in):
+what is parked, why, since when, and when to try again; this module is the service that
+delivers, parks and redelivers.
 """
 
 from __future__ import annotations
@@ -35,202 +36,28 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import faust
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from streamapp.settings import Settings
 from streamapp.sink.layout import KIND_MANIFEST_PART
+from streamapp.sink.parking_book import ParkedObject, ParkingBook, parked_key, parked_root, parse_parked_key
 from streamapp.sink.s3 import S3Writer
-from streamapp.sink.s3_errors import DestinationError, ErrorKind, classify_exception, error_code_and_status
-
-if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
+from streamapp.sink.s3_errors import DestinationError, classify_exception, error_code_and_status
 
 log = logging.getLogger(__name__)
 
-PARKED_DIR = "_parked"
 RESCAN_SECONDS = 60.0  # list the owned partitions' parked prefixes at least this often
 LOOP_SECONDS = 1.0
 CONTENT_TYPE = "application/gzip"  # only data objects are parked (manifest parts go to the service bucket)
 META_REASON = "streamapp-reason"
 META_PARKED_AT = "streamapp-parked-at"
 META_NOTICE = "streamapp-notice"
-
-
-# ---------------------------------------------------------------------------------------- keys
-def parked_root(prefix: str, app_id: str, topic: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/{PARKED_DIR}/{app_id}/{topic}/" if prefix else f"{PARKED_DIR}/{app_id}/{topic}/"
-
-
-def parked_key(root: str, partition: int, project_id: str, bucket: str, key: str) -> str:
-    """Where an object of ``partition`` bound for ``bucket``/``key`` waits (project ids and buckets have no '/')."""
-    return f"{root}{partition}/{project_id}/{bucket}/{key}"
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedObject:
-    parked_key: str
-    topic: str  # the lane that wrote it (events or overflow) and its partition
-    partition: int
-    project_id: str
-    bucket: str  # the original destination
-    key: str
-    size: int  # bytes as stored (gzip)
-
-
-def parse_parked_key(root: str, topic: str, parked: str, size: int = 0) -> ParkedObject | None:
-    """The parked object a key of the quarantine (under ``root``, the lane ``topic``'s) stands for; else None."""
-    if not parked.startswith(root):
-        return None
-    parts = parked[len(root) :].split("/", 3)
-    if len(parts) != 4 or not parts[0].isdigit() or not all(parts):
-        return None
-    partition, project_id, bucket, key = parts
-    return ParkedObject(parked, topic, int(partition), project_id, bucket, key, size)
-
-
-# ---------------------------------------------------------------------------------- bookkeeping
-@dataclass
-class TenantParking:
-    """One parked project: its objects waiting in the quarantine and the state of redelivery."""
-
-    project_id: str
-    reason: str
-    since: float
-    next_attempt_at: float
-    objects: dict[str, ParkedObject] = field(default_factory=dict)
-    attempts: int = 0
-    last_attempt_at: float | None = None
-    last_error: str = ""
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "project_id": self.project_id,
-            "parked": True,
-            "reason": self.reason,
-            "since": self.since,
-            "buckets": sorted({o.bucket for o in self.objects.values()}),
-            "backlog_objects": len(self.objects),
-            "backlog_bytes": sum(o.size for o in self.objects.values()),
-            "redelivery_attempts": self.attempts,
-            "last_attempt_at": self.last_attempt_at,
-            "next_attempt_at": self.next_attempt_at,
-            "last_error": self.last_error,
-        }
-
-
-class ParkingBook:
-    """What is parked on this worker, per project, and when to try redelivering it (no I/O, no clock)."""
-
-    def __init__(self, retry_seconds: float) -> None:
-        self.retry_seconds = retry_seconds
-        self.tenants: dict[str, TenantParking] = {}
-        self.objects_parked = 0  # counters since start (metrics)
-        self.objects_redelivered = 0
-
-    def is_parked(self, project_id: str) -> bool:
-        return project_id in self.tenants
-
-    def parked(self, obj: ParkedObject, reason: str, now: float) -> None:
-        """``obj`` is in the quarantine because of ``reason``; a new tenant is retried after ``retry_seconds``."""
-        tenant = self.tenants.get(obj.project_id)
-        if tenant is None:
-            tenant = self.tenants[obj.project_id] = TenantParking(
-                obj.project_id, reason, now, next_attempt_at=now + self.retry_seconds
-            )
-        if obj.parked_key not in tenant.objects:
-            self.objects_parked += 1
-        tenant.objects[obj.parked_key] = obj
-
-    def discovered(self, objects: Iterable[ParkedObject], now: float) -> list[str]:
-        """Parked objects found by listing the quarantine (after a restart or a rebalance).
-
-        Projects not known yet are due at once (their objects may have waited for a long time);
-        returns them, so the caller can fetch their reason.
-        """
-        new: list[str] = []
-        for obj in objects:
-            tenant = self.tenants.get(obj.project_id)
-            if tenant is None:
-                tenant = self.tenants[obj.project_id] = TenantParking(
-                    obj.project_id, "parked before this worker took the partition", now, next_attempt_at=now
-                )
-                new.append(obj.project_id)
-            tenant.objects.setdefault(obj.parked_key, obj)
-        return new
-
-    def redelivered(self, obj: ParkedObject) -> bool:
-        """``obj`` is in its original place and no longer parked; True when its tenant has nothing left."""
-        tenant = self.tenants.get(obj.project_id)
-        if tenant is None or tenant.objects.pop(obj.parked_key, None) is None:
-            return False
-        self.objects_redelivered += 1
-        if not tenant.objects:
-            del self.tenants[obj.project_id]
-            return True
-        return False
-
-    def attempt_started(self, project_id: str, now: float) -> list[ParkedObject]:
-        """Begin a redelivery attempt: the project's objects, oldest key first."""
-        tenant = self.tenants.get(project_id)
-        if tenant is None:
-            return []
-        tenant.attempts += 1
-        tenant.last_attempt_at = now
-        tenant.next_attempt_at = now + self.retry_seconds
-        return sorted(tenant.objects.values(), key=lambda o: o.parked_key)
-
-    def attempt_failed(self, project_id: str, kind: ErrorKind, reason: str, now: float) -> None:
-        """The attempt stopped on an error; a tenant error is the new reason, a transient one only noted."""
-        tenant = self.tenants.get(project_id)
-        if tenant is None:
-            return
-        tenant.last_error = reason
-        if kind is ErrorKind.TENANT:
-            tenant.reason = reason
-        tenant.next_attempt_at = now + self.retry_seconds
-
-    def set_reason(self, project_id: str, reason: str, since: float | None) -> None:
-        tenant = self.tenants.get(project_id)
-        if tenant is not None:
-            tenant.reason = reason
-            if since is not None:
-                tenant.since = min(tenant.since, since)
-
-    def retry_now(self, project_id: str | None = None) -> list[str]:
-        """Make one project (or all) due now; returns the projects concerned."""
-        ids = [project_id] if project_id is not None else list(self.tenants)
-        out = []
-        for pid in ids:
-            tenant = self.tenants.get(pid)
-            if tenant is not None:
-                tenant.next_attempt_at = float("-inf")
-                out.append(pid)
-        return out
-
-    def due(self, now: float) -> list[str]:
-        return sorted(pid for pid, t in self.tenants.items() if t.next_attempt_at <= now)
-
-    def forget_partitions(self, keep: set[tuple[str, int]]) -> None:
-        """Drop objects of (topic, partition)s this worker no longer owns (their new owner lists them)."""
-        for pid in list(self.tenants):
-            tenant = self.tenants[pid]
-            tenant.objects = {k: o for k, o in tenant.objects.items() if (o.topic, o.partition) in keep}
-            if not tenant.objects:
-                del self.tenants[pid]
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return {pid: t.describe() for pid, t in sorted(self.tenants.items())}
-
-    def totals(self) -> tuple[int, int]:
-        """(objects, bytes) parked on this worker."""
-        objects = sum(len(t.objects) for t in self.tenants.values())
-        nbytes = sum(o.size for t in self.tenants.values() for o in t.objects.values())
-        return objects, nbytes
 
 
 # -------------------------------------------------------------------------------------- service
@@ -260,10 +87,20 @@ class ParkableObject(Protocol):
 class Parking:
     """Delivers tenant objects or parks them; redelivers parked ones in the background."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.s3: S3Writer = runtime.s3
+    def __init__(
+        self,
+        *,
+        app: faust.App,
+        settings: Settings,
+        s3: S3Writer,
+        objects_topic: str,
+        spawn: Callable[[Awaitable[Any]], None],
+    ) -> None:
+        self.app = app  # its consumer's assignment (what to redeliver) and producer (notices)
+        self.settings = settings
+        self.s3 = s3
+        self.objects_topic = objects_topic
+        self.spawn = spawn
         self.book = ParkingBook(self.settings.s3_parked_retry_seconds)
         self.bucket = self.settings.s3_bucket
         # One quarantine root per lane that writes objects: the events topic (the real-time sink)
@@ -343,7 +180,7 @@ class Parking:
     def owned_partitions(self) -> set[tuple[str, int]] | None:
         """(lane topic, partition)s assigned to this worker (None while unknown)."""
         try:
-            assignment = self.runtime.app.consumer.assignment()
+            assignment = self.app.consumer.assignment()
         except Exception:  # noqa: BLE001 - consumer not started yet
             return None
         return {(tp.topic, tp.partition) for tp in assignment if tp.topic in self.roots}
@@ -476,12 +313,7 @@ class Parking:
 
     def _notify(self, notice: dict[str, Any], key: str) -> None:
         """An ``events-s3-objects`` record (best effort, like the sink's own notices)."""
-        runtime = self.runtime
-        runtime.spawn(
-            runtime.app.producer.send(
-                runtime.topics.objects.get_topic_name(), key.encode(), orjson.dumps(notice), None, None, None
-            )
-        )
+        self.spawn(self.app.producer.send(self.objects_topic, key.encode(), orjson.dumps(notice), None, None, None))
 
     def close(self) -> None:
         if self._redeliver_s3 is not None:

@@ -18,6 +18,12 @@ Why each piece of the checkpoint is needed:
   events in the replay range are already in S3 and must not be written again. A
   diverted event is diverted again (whether its first produce landed is unknown);
   the drain delivers each source position once.
+
+Why one module of ~580 lines: ``PartitionWindows`` is one state machine whose input, windowing,
+durability and checkpoint methods all read and write the same state; splitting the class would
+spread its invariants over files (and put attribute lookups through a base class on the hot
+path, ``process``, which ``benchmarks/bench_sink.py`` measures). Its data types live beside it:
+``window_state`` (what it keeps) and ``outputs`` (what it hands to the sink service).
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -54,13 +59,13 @@ from streamapp.sink.layout import (
     KIND_LATE_OLDER,
     KIND_MANIFEST_PART,
     KIND_ON_TIME,
-    describe_object,
-    gzip_lines,
+    Target,
     manifest_part_key,
     object_key,
 )
+from streamapp.sink.outputs import DivertedBatch, InvalidItem, PendingObject
+from streamapp.sink.window_state import Buffer, FlushesAfterCommit, Route, RouteCounts, Snapshot, WindowManifest
 
-Target = tuple[str, str]  # (bucket, prefix) of an exported project
 _NEG_INF = float("-inf")
 # Windows closed in one watermark jump that still get an (empty) manifest part.
 MAX_EMPTY_PARTS_PER_ADVANCE = 12
@@ -74,147 +79,8 @@ LATE_WINDOWS = 8
 DEFAULT_MAX_FUTURE_SECONDS = 3600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """How a shed project's events are routed; set by shed markers in the log."""
-
-    mode: str  # "divert" | "drop" | "shadow"
-    fraction: float  # share admitted to the real-time path
-
-
 #: Bodies up to this size are copied into exact-size bytes when their object is emitted.
 SMALL_BODY_BYTES = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    watermark: float
-    routes: Mapping[str, Route]
-
-
-@dataclass(slots=True)
-class Buffer:
-    project_id: str
-    collection: str
-    start: int
-    kind: str
-    target: Target
-    first_pos: int
-    snapshot: Snapshot
-    # The JSON lines, appended into one buffer: orjson's output bytes each hold a ~4 KB
-    # allocation whatever their length, so keeping them as objects took ~16x the data.
-    data: bytearray = field(default_factory=bytearray)
-    events: int = 0
-    last_pos: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-
-@dataclass(slots=True)
-class PendingObject:
-    """An object to upload; its events are not durable until ``done``."""
-
-    id: int
-    bucket: str
-    key: str
-    body_lines: bytes | bytearray | None  # JSON lines, gzipped on upload
-    body_json: bytes | None  # manifest parts
-    events: int
-    nbytes: int
-    project_id: str
-    collection: str
-    start: int
-    kind: str
-    first_pos: int  # also where it holds the commit point until durable
-    last_pos: int
-    snapshot: Snapshot  # the state to restore from if the commit point stays at ``first_pos``
-    flush_at: int
-
-    def body(self) -> bytes:
-        if self.body_lines is not None:
-            return gzip_lines(self.body_lines)
-        assert self.body_json is not None
-        return self.body_json
-
-    def describe(self) -> dict[str, Any]:
-        return describe_object(self, first_position=self.first_pos, last_position=self.last_pos)
-
-
-@dataclass(slots=True)
-class DivertedBatch:
-    """Excess events of one project sent to the overflow lane (must be acked to commit)."""
-
-    id: int
-    project_id: str
-    collection: str
-    events: list[bytes]
-    positions: list[int]
-    snapshot: Snapshot  # the state to restore from if the commit point stays at its first position
-
-    @property
-    def first_pos(self) -> int:
-        return self.positions[0]
-
-
-@dataclass(slots=True)
-class InvalidItem:
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    reason: str
-
-
-@dataclass(slots=True)
-class _Flushes:
-    """Flushes of one (project, collection, window) after the commit point."""
-
-    # Flat pairs: flush position, objects of that flush not durable yet. Flat (not a list per
-    # flush) because a window close of 50,000 one-object projects holds 50,000 of these.
-    pending: list[int] = field(default_factory=list)
-    durable_through: int = 0  # its events before this position are all in S3
-
-    def add(self, at: int) -> None:
-        """One more object of the flush at read position ``at``."""
-        pending = self.pending
-        if pending and pending[-2] == at:
-            pending[-1] += 1
-        else:
-            pending += (at, 1)
-
-    def durable(self, at: int) -> bool:
-        """One object of the flush at ``at`` is durable; True if ``durable_through`` advanced."""
-        pending = self.pending
-        for i in range(0, len(pending), 2):
-            if pending[i] == at:
-                pending[i + 1] -= 1
-                break
-        advanced = False
-        while pending and pending[1] == 0:
-            self.durable_through = max(self.durable_through, pending[0])
-            del pending[:2]
-            advanced = True
-        return advanced
-
-
-@dataclass(slots=True)
-class _WindowMeta:
-    """One window start: its on-time objects, for the manifest part."""
-
-    part_emitted: bool = False
-    part_durable: bool = False
-    part_at: int = 0  # read position at which the part was written (a replay from before it writes it again)
-    objects: dict[int, dict[str, Any]] = field(default_factory=dict)  # object id -> descriptor
-    durable: set[int] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class RouteCounts:
-    admitted: int = 0
-    diverted: int = 0
-    dropped: int = 0
-    shadow_excess: int = 0
 
 
 class PartitionWindows:
@@ -257,9 +123,9 @@ class PartitionWindows:
         self.next_pos = 0
         self.open: dict[tuple[str, str, int], Buffer] = {}
         self.late: dict[tuple[str, str, int], Buffer] = {}
-        self.flushes: dict[tuple[str, str, int], _Flushes] = {}
+        self.flushes: dict[tuple[str, str, int], FlushesAfterCommit] = {}
         self.skip: dict[int, dict[tuple[str, str], int]] = {}  # start -> (project, collection) -> position
-        self.windows: dict[int, _WindowMeta] = {}
+        self.windows: dict[int, WindowManifest] = {}
         self.inflight: dict[int, PendingObject | DivertedBatch] = {}
         self._ids = itertools.count(1)
         self._next_close = float("inf")  # watermark at which the oldest open window closes
@@ -571,13 +437,13 @@ class PartitionWindows:
             flush_at=at,
         )
         if buf.kind == KIND_ON_TIME:
-            self.windows.setdefault(buf.start, _WindowMeta()).objects[obj.id] = obj.describe()
-        self.flushes.setdefault((buf.project_id, buf.collection, buf.start), _Flushes()).add(at)
+            self.windows.setdefault(buf.start, WindowManifest()).objects[obj.id] = obj.describe()
+        self.flushes.setdefault((buf.project_id, buf.collection, buf.start), FlushesAfterCommit()).add(at)
         self.inflight[obj.id] = obj
         self.outbox.append(obj)
 
     def _write_part(self, start: int, at: int) -> None:
-        meta = self.windows.setdefault(start, _WindowMeta())
+        meta = self.windows.setdefault(start, WindowManifest())
         if meta.part_emitted:
             return  # written (or pending) already, also across a restart
         meta.part_emitted = True
@@ -689,14 +555,14 @@ class PartitionWindows:
         self.watermark = float(wm) if wm is not None else _NEG_INF
         self.routes = {p: Route(m, float(f)) for p, (m, f) in checkpoint.get("routes", {}).items()}
         for project, collection, start, durable_through in checkpoint.get("skip", []):
-            self.flushes[(project, collection, start)] = _Flushes(durable_through=durable_through)
+            self.flushes[(project, collection, start)] = FlushesAfterCommit(durable_through=durable_through)
             self.skip.setdefault(start, {})[(project, collection)] = durable_through
         edge = self.watermark - self.size - self.lateness
         if self.watermark != _NEG_INF:
             self._last_closed_start = int(edge // self.size) * self.size
         for start_text, objects in checkpoint.get("windows", {}).items():
             start = int(start_text)
-            meta = self.windows[start] = _WindowMeta()
+            meta = self.windows[start] = WindowManifest()
             for n, descriptor in enumerate(objects):
                 meta.objects[-n - 1] = descriptor
                 meta.durable.add(-n - 1)
@@ -704,7 +570,7 @@ class PartitionWindows:
                 # Closed before the commit point but its part was not durable: write it again.
                 self._write_part(start, self.skip_pos)
         for start, part_at in checkpoint.get("parts_written", []):
-            self.windows[int(start)] = _WindowMeta(part_emitted=True, part_durable=True, part_at=int(part_at))
+            self.windows[int(start)] = WindowManifest(part_emitted=True, part_durable=True, part_at=int(part_at))
 
     # ------------------------------------------------------------- views
     def backlog(self) -> dict[str, Any]:

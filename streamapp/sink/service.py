@@ -6,6 +6,16 @@ overflow topic, dead-letters invalid records, and commits a partition's offset
 only after everything before it is durable and the checkpoint for that offset
 is in S3. Consumption stalls (and Kafka fetching pauses) while too many bytes
 are waiting for S3, so memory stays bounded whatever the backlog.
+
+Its parts live beside it: ``checkpoints`` (open a partition where it was left, store the state
+with each commit), ``manifests`` (a window's manifest once every partition wrote its part),
+``diversions`` (the excess into the overflow lane), ``status`` (what the views read). The
+service receives its collaborators explicitly (no runtime locator).
+
+Why ~490 lines: the batch loop, control records, uploads, commits and idle ticks all drive the
+same per-partition state (windows, status, pending bytes), and the batch loop (``handle_batch``,
+calling ``_control`` and ``_dispatch``) is the sink's hot path measured by
+``benchmarks/bench_sink.py``: it is kept in one class rather than spread over helpers.
 """
 
 from __future__ import annotations
@@ -14,10 +24,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import faust
 import orjson
 from faust.types import TP, StreamT
 
@@ -32,46 +42,58 @@ from streamapp.control import (
     verify_control,
 )
 from streamapp.metering.unknown import UNKNOWN_FLOW
-from streamapp.sink.drain import overflow_record
-from streamapp.sink.layout import (
-    KIND_MANIFEST_PART,
-    checkpoint_key,
-    manifest_key,
-    manifest_parts_prefix,
-)
-from streamapp.sink.overflow_lane import OverflowLane
-from streamapp.sink.partition import InvalidItem, PartitionWindows, PendingObject, Route, Target
+from streamapp.settings import Settings
+from streamapp.sink.checkpoints import CheckpointStore
+from streamapp.sink.diversions import Diversions, overflow_record
+from streamapp.sink.layout import KIND_MANIFEST_PART, Target
+from streamapp.sink.manifests import ManifestComposer
+from streamapp.sink.outputs import InvalidItem, PendingObject
+from streamapp.sink.parking import Parking
+from streamapp.sink.partition import PartitionWindows
 from streamapp.sink.s3 import S3Writer
+from streamapp.sink.status import BacklogReader, PartitionStatus
 from streamapp.sink.uploads import FairQueue
+from streamapp.sink.window_state import Route
 
 if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
+    from streamapp.control import ControlPlane
+    from streamapp.metrics import Metrics
+    from streamapp.overflow.lane import OverflowLane
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL_SECONDS = 1.0
 YIELD_EVERY_EVENTS = 5000  # ~20 ms of sink work on this project's machine
-BACKLOG_CACHE_SECONDS = 1.5  # > the meter tick (1 s), which reads it for the health check
-#: A partition's diverted bytes not yet acknowledged by Kafka above which the sink stops taking
-#: records until the overflow lane catches up (backpressure from the lane's own producer).
-MAX_DIVERTING_BYTES = 32 * 1024 * 1024
-
-
-@dataclass
-class PartitionStatus:
-    """What the views show per partition."""
-
-    committed_offset: int = 0
-    seen_pos: int = 0
-    last_message_at: float = field(default_factory=time.monotonic)
-    oldest_unflushed_event_at: float | None = None
-    last_flush_at: float = 0.0
 
 
 class S3Sink:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.s3: S3Writer = runtime.s3
+    def __init__(
+        self,
+        *,
+        app: faust.App,
+        settings: Settings,
+        s3: S3Writer,
+        checkpoints: CheckpointStore,
+        parking: Parking,
+        overflow: OverflowLane,
+        control: ControlPlane,
+        export_target: Callable[[str], Target | None],
+        invalid_topic: str,
+        overflow_topic: str,
+        objects_topic: str,
+        metrics: Metrics,
+        spawn: Callable[[Awaitable[Any]], None],
+    ) -> None:
+        self.app = app  # its consumer (offsets, highwaters, commits, generation) and producer
+        self.settings = settings
+        self.s3 = s3
+        self.checkpoints = checkpoints
+        self.parking = parking  # a tenant's failing bucket: its objects are parked (sink/parking.py)
+        self.control = control  # its view says which projects are created
+        self.export_target = export_target
+        self.invalid_topic = invalid_topic
+        self.objects_topic = objects_topic
+        self.metrics = metrics
+        self.spawn = spawn
         self.topic = self.settings.events_topic
         self.partitions: dict[int, PartitionWindows] = {}
         self.status: dict[int, PartitionStatus] = {}
@@ -82,13 +104,15 @@ class S3Sink:
         self._upload_queue: FairQueue[tuple[PartitionWindows, int, PendingObject]] = FairQueue()
         self._upload_limit = self.settings.s3_upload_concurrency * 2
         self._uploading = 0
-        self._backlog_cache: dict[int, tuple[float, PartitionWindows, dict[str, Any]]] = {}
+        self.backlog_reader = BacklogReader(self.topic)
         self.pending_bytes = 0
         self.max_pending_bytes = max(64 * 1024 * 1024, self.settings.max_object_bytes * 2)
         self._drained = asyncio.Event()
         self._drained.set()
         self._commit_wanted = asyncio.Event()
-        self._manifest_checks: set[int] = set()
+        self.manifests = ManifestComposer(
+            s3, settings.s3_bucket, settings.s3_prefix, self.topic, settings.topic_partitions
+        )
         self._unopened_ticks: dict[int, float] = {}  # partition -> monotonic time of its last tick
         self.invalid_out = 0
         self.objects_written = 0
@@ -96,10 +120,9 @@ class S3Sink:
         # The first signs this worker's ticks; any of them verifies (a rotation: control_records).
         self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
         self._control_secret = self._control_secrets[0]
-        # Diversions have their own producer (streamapp.sink.overflow_lane), never Faust's shared one.
-        self.overflow = OverflowLane(runtime)
-        self.diverting_bytes: dict[int, int] = {}  # partition -> diverted bytes not acknowledged yet
-        self._diverted_acked = asyncio.Event()
+        # Diversions have their own producer (streamapp.overflow.lane), never Faust's shared one.
+        self.overflow = overflow
+        self.diversions = Diversions(overflow, overflow_topic, self._control_secret)
 
     @property
     def events_in(self) -> int:
@@ -111,11 +134,11 @@ class S3Sink:
         return (self.settings.s3_bucket, self.settings.s3_prefix)
 
     def target(self, project_id: str) -> Target | None:
-        return self.runtime.export_target(project_id)
+        return self.export_target(project_id)
 
     def known(self, project_id: str) -> bool:
         """Created in the control plane (STREAMAPP_UNKNOWN_PROJECTS applies to the others)."""
-        return project_id in self.runtime.control.view.projects
+        return project_id in self.control.view.projects
 
     async def partition(self, tp: TP) -> PartitionWindows:
         windows = self.partitions.get(tp.partition)
@@ -131,19 +154,9 @@ class S3Sink:
 
     async def _open(self, tp: TP) -> PartitionWindows:
         """Restore a partition from the checkpoint stored with its committed offset."""
-        consumer = self.runtime.app.consumer
-        committed = (await consumer.committed_offsets([tp])).get(tp)  # type: ignore[attr-defined]
-        checkpoint: dict[str, Any] | None = None
-        if committed:
-            bucket, prefix = self.manifest_target()
-            body = await self.s3.get(
-                bucket, checkpoint_key(prefix, self.settings.app_id, self.topic, tp.partition, committed)
-            )
-            if body is None:
-                log.error("no checkpoint for %s at committed offset %s: starting there without one", tp, committed)
-                checkpoint = {"position": position(committed)}
-            else:
-                checkpoint = orjson.loads(body)
+        committed, checkpoint = await self.checkpoints.open(
+            self.app.consumer, tp, self.topic, lambda committed: {"position": position(committed)}
+        )
         windows = PartitionWindows(
             self.topic,
             tp.partition,
@@ -190,7 +203,7 @@ class S3Sink:
         again from its commit, here or by its next owner) and a revoked partition's output is
         discarded, as its next owner writes the same objects.
         """
-        app = self.runtime.app
+        app = self.app
         windows = self.partitions.get(tp.partition)
         if windows is None:
             windows = await self.partition(tp)
@@ -217,7 +230,7 @@ class S3Sink:
                 # (~20 ms of work at most between yields), and stop taking records while too
                 # many bytes wait for S3.
                 await (self.wait_for_s3() if self.pending_bytes > self.max_pending_bytes else asyncio.sleep(0))
-                await self.wait_for_overflow(tp.partition)
+                await self.diversions.wait(tp.partition)
                 if generation_id is not None and app.consumer_generation_id != generation_id:
                     break
                 yield_at = windows.events_in + YIELD_EVERY_EVENTS
@@ -225,7 +238,7 @@ class S3Sink:
             log.warning("sink partition %s: a gap in the offsets read (now at %s)", tp.partition, windows.read_offset)
         self._dispatch_if_owned(tp.partition, windows)
         await self.wait_for_s3()
-        await self.wait_for_overflow(tp.partition)
+        await self.diversions.wait(tp.partition)
 
     def _record_failed(self, windows: PartitionWindows, partition: int, record: Any, exc: Exception) -> None:
         """The safety net: a record whose handling raised is dead-lettered and read past.
@@ -259,14 +272,6 @@ class S3Sink:
             self._drained.clear()
             await self._drained.wait()
 
-    async def wait_for_overflow(self, partition: int) -> None:
-        """Backpressure from the overflow lane: while over ``MAX_DIVERTING_BYTES`` of this
-        partition's diversions wait for Kafka, take no more records (the lane's own producer is
-        behind; Faust's shared producer is never involved)."""
-        while self.diverting_bytes.get(partition, 0) > MAX_DIVERTING_BYTES:
-            self._diverted_acked.clear()
-            await self._diverted_acked.wait()
-
     def _control(
         self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None, headers: Any = None
     ) -> None:
@@ -295,7 +300,7 @@ class S3Sink:
                 reason = rejected if rejected is not None else str(meaning)
                 windows.invalid.append(InvalidItem(offset, key, value, reason))
                 self.control_rejected += 1
-                self.runtime.metrics.control_rejected.inc()
+                self.metrics.control_rejected.inc()
                 if self.control_rejected <= 10 or self.control_rejected % 1000 == 0:
                     log.warning(
                         "sink partition %s offset %s: control record %r refused (%s); %d so far",
@@ -307,8 +312,7 @@ class S3Sink:
                     )
 
     def _dispatch(self, partition: int, windows: PartitionWindows) -> None:
-        producer = self.runtime.app.producer
-        topics = self.runtime.topics
+        producer = self.app.producer
         if windows.invalid:
             for item in windows.invalid:
                 value = invalid_record_value(
@@ -320,12 +324,12 @@ class S3Sink:
                     value=item.value,
                 )
                 key = dead_letter_key(item.key)
-                self.runtime.spawn(producer.send(topics.invalid.get_topic_name(), key, value, None, None, None))
+                self.spawn(producer.send(self.invalid_topic, key, value, None, None, None))
             self.invalid_out += len(windows.invalid)
             windows.invalid.clear()
         for batch in windows.diverted:
             value = overflow_record(batch.project_id, batch.collection, partition, batch.positions, batch.events)
-            self.diverting_bytes[partition] = self.diverting_bytes.get(partition, 0) + len(value)
+            self.diversions.started(partition, len(value))
             self._track(self._divert(windows, partition, batch.id, batch.project_id, value))
         windows.diverted.clear()
         queue = self._upload_queue
@@ -365,24 +369,12 @@ class S3Sink:
         self, windows: PartitionWindows, partition: int, item_id: int, project: str, value: bytes
     ) -> None:
         """Produce a diverted batch through the overflow lane; done (committable) once acknowledged."""
-        topic = self.runtime.topics.overflow.get_topic_name()
-        key = project.encode()
-        # Signed like a control record: the drain delivers only what a worker diverted.
-        headers = control_headers(self._control_secret, topic, partition, key, value)
-        try:
-            await self.overflow.produce(topic, key, value, partition, headers)
-        finally:
-            left = self.diverting_bytes.get(partition, 0) - len(value)
-            if left > 0:
-                self.diverting_bytes[partition] = left
-            else:
-                self.diverting_bytes.pop(partition, None)
-            self._diverted_acked.set()
+        await self.diversions.produce(partition, project, value)
         windows.done(item_id)
         self._commit_wanted.set()
 
     async def _upload(self, windows: PartitionWindows, partition: int, obj: PendingObject) -> None:
-        parking = self.runtime.parking
+        parking = self.parking
         async with self._slots:
             content_type = "application/json" if obj.kind == KIND_MANIFEST_PART else "application/gzip"
             # A tenant's own bucket failing parks the object (durable, in the service's bucket)
@@ -398,7 +390,7 @@ class S3Sink:
             status.last_flush_at = time.time()
         self._commit_wanted.set()
         if obj.kind == KIND_MANIFEST_PART:
-            self._manifest_checks.add(obj.start)
+            self.manifests.pending.add(obj.start)
             return
         notice_fields = {**obj.describe(), "window_start": obj.start, "gzip_bytes": size, "partition": partition}
         if delivery.parked_key is not None:
@@ -406,14 +398,10 @@ class S3Sink:
             notice_fields.update(parking.notice_fields(delivery))
         else:
             self.objects_written += 1
-            self.runtime.metrics.object_written(obj, size)
+            self.metrics.object_written(obj, size)
             notice_fields["status"] = "written"
         notice = orjson.dumps(notice_fields)
-        self.runtime.spawn(
-            self.runtime.app.producer.send(
-                self.runtime.topics.objects.get_topic_name(), obj.key.encode(), notice, None, None, None
-            )
-        )
+        self.spawn(self.app.producer.send(self.objects_topic, obj.key.encode(), notice, None, None, None))
 
     # --------------------------------------------------------------- commits
     async def commit_loop(self) -> None:
@@ -425,7 +413,7 @@ class S3Sink:
             started = time.monotonic()
             await self.commit_once()
             try:
-                await self._compose_manifests()
+                await self.manifests.compose()
             except Exception:  # never stop the commit loop: the next round checks again
                 log.exception("sink: composing manifests failed")
             # At most one commit (one checkpoint PUT per partition) per interval: during a
@@ -433,57 +421,23 @@ class S3Sink:
             await asyncio.sleep(max(0.0, COMMIT_INTERVAL_SECONDS - (time.monotonic() - started)))
 
     async def commit_once(self) -> None:
-        consumer = self.runtime.app.consumer
-        bucket, prefix = self.manifest_target()
+        consumer = self.app.consumer
         offsets: dict[TP, int] = {}
         for partition, windows in list(self.partitions.items()):
             offset, checkpoint = windows.commit_point()
             status = self.status.get(partition)
             if status is None or offset <= status.committed_offset:
                 continue
-            key = checkpoint_key(prefix, self.settings.app_id, self.topic, partition, offset)
-            body = orjson.dumps(checkpoint)
-            await self.s3.put(bucket, key, lambda body=body: body, "application/json")
+            await self.checkpoints.save(self.topic, partition, offset, checkpoint)
             offsets[TP(self.topic, partition)] = offset
         if not offsets:
             return
-        await self.runtime.app.producer.flush()  # dead letters and notices before the offsets move
+        await self.app.producer.flush()  # dead letters and notices before the offsets move
         if await consumer.commit_offsets(offsets):  # type: ignore[attr-defined]
             for tp, offset in offsets.items():
                 status = self.status.get(tp.partition)
                 if status is not None:
                     status.committed_offset = offset
-
-    async def _compose_manifests(self) -> None:
-        """A window is complete when every partition wrote its part: then write the manifest."""
-        bucket, prefix = self.manifest_target()
-        for start in sorted(self._manifest_checks):
-            parts_prefix = manifest_parts_prefix(prefix, start)
-            # Only the parts this service writes count: any other object under the prefix is ignored.
-            expected = {
-                f"{parts_prefix}{self.topic}-{partition}.json" for partition in range(self.settings.topic_partitions)
-            }
-            keys = [key for key in await self.s3.list_keys(bucket, parts_prefix) if key in expected]
-            if len(keys) < len(expected):
-                continue
-            self._manifest_checks.discard(start)
-            parts = []
-            for key in sorted(keys):
-                body = await self.s3.get(bucket, key)
-                part = _manifest_part(key, body)
-                if part is not None:
-                    parts.append(part)
-            objects = sorted((o for p in parts for o in p["objects"]), key=lambda o: o["key"])
-            manifest = {
-                "window_start": start,
-                "complete": True,
-                "partitions": len(parts),
-                "objects": objects,
-                "events": sum(o["events"] for o in objects),
-                "bytes": sum(o["bytes"] for o in objects),
-            }
-            body = orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
-            await self.s3.put(bucket, manifest_key(prefix, start), lambda body=body: body, "application/json")
 
     # ----------------------------------------------------------------- ticks
     async def tick_idle_partitions(self) -> None:
@@ -492,7 +446,7 @@ class S3Sink:
         The tick is a record in the partition, so a replay sees it at the same place and
         closes the same windows: idle flushing without losing determinism.
         """
-        consumer = self.runtime.app.consumer
+        consumer = self.app.consumer
         now = time.monotonic()
         for tp in consumer.assignment():
             # Assigned but never delivered (empty, or everything committed): its first tick
@@ -524,57 +478,9 @@ class S3Sink:
         """A signed watermark tick into ``partition`` (only signed ones are obeyed)."""
         value = orjson.dumps({"watermark": time.time()})
         headers = control_headers(self._control_secret, self.topic, partition, TICK_KEY, value)
-        await self.runtime.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
+        await self.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
 
     # ----------------------------------------------------------------- views
-    def _windows_backlog(self, partition: int, windows: PartitionWindows) -> dict[str, Any]:
-        """``windows.backlog()`` (a pass over its open buffers: 50,000 with invented project ids)
-        at most once per ``BACKLOG_CACHE_SECONDS``: the meter's health check, /sink/ and /metrics
-        all read it."""
-        now = time.monotonic()
-        cached = self._backlog_cache.get(partition)
-        if cached is not None and cached[1] is windows and now - cached[0] < BACKLOG_CACHE_SECONDS:
-            return cached[2]
-        info = windows.backlog()
-        self._backlog_cache[partition] = (now, windows, info)
-        return info
-
     def backlog(self) -> dict[str, Any]:
-        consumer = self.runtime.app.consumer
-        partitions = {}
-        now = time.time()
-        for partition, windows in sorted(self.partitions.items()):
-            status = self.status.get(partition) or PartitionStatus()
-            highwater = consumer.highwater(TP(self.topic, partition)) or 0
-            info = self._windows_backlog(partition, windows)
-            oldest = info.get("oldest_open_window")
-            unflushed_age = max(0.0, now - oldest) if oldest is not None else 0.0
-            partitions[str(partition)] = {
-                **info,
-                "committed_offset": status.committed_offset,
-                "read_offset": windows.read_offset,
-                "highwater": highwater,
-                "offsets_behind": max(0, highwater - status.committed_offset),
-                "read_lag": max(0, highwater - windows.read_offset),
-                "oldest_unflushed_age_seconds": round(unflushed_age, 3),
-                "last_flush_at": status.last_flush_at,
-            }
-        return partitions
-
-
-def _manifest_part(key: str, body: bytes | None) -> dict[str, Any] | None:
-    """A manifest part as the sink writes it, or None (logged) when the object is not one."""
-    if body is None:
-        return None
-    try:
-        part = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        part = None
-    objects = part.get("objects") if type(part) is dict else None
-    if type(objects) is not list or not all(
-        type(o) is dict and type(o.get("key")) is str and type(o.get("events")) is int and type(o.get("bytes")) is int
-        for o in objects
-    ):
-        log.warning("sink: ignoring %s: not a manifest part", key)
-        return None
-    return part
+        """Per partition: its windows' backlog, offsets and lag (see streamapp.sink.status)."""
+        return self.backlog_reader.rows(self.partitions, self.status, self.app.consumer)

@@ -24,9 +24,9 @@ from typing import Any
 
 import aiohttp
 import faust
-from aiokafka.partitioner import murmur2
 from yarl import URL
 
+from streamapp.partitioning import key_partition
 from streamapp.settings import Settings
 from streamapp.web.auth import forward_headers
 
@@ -36,11 +36,6 @@ PEER_TIMEOUT_SECONDS = 1.5
 def is_local(request: Any) -> bool:
     """``?local=1``: answer from this worker only (what a peer's fan-out or forward asks)."""
     return str(request.query.get("local", "")).lower() in ("1", "true", "yes")
-
-
-def key_partition(project_id: str, partitions: int) -> int:
-    """The events partition of a project id key: Kafka's default partitioner (murmur2)."""
-    return (murmur2(project_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def _ident(url: str) -> tuple[str, int]:

@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -105,8 +104,21 @@ def test_parse_control_never_raises(key: bytes, value: bytes | None, want: Any) 
 # ----------------------------------------------------------------- S3Sink._control
 def new_sink(secret: str = SECRET.decode()) -> S3Sink:
     settings = Settings(control_secret=secret, events_topic=TOPIC)
-    runtime = SimpleNamespace(settings=settings, s3=None, metrics=Metrics())
-    return S3Sink(runtime)  # type: ignore[arg-type]
+    return S3Sink(  # only ``_control`` is used: settings (secret, topic) and metrics
+        app=None,  # type: ignore[arg-type]
+        settings=settings,
+        s3=None,  # type: ignore[arg-type]
+        checkpoints=None,  # type: ignore[arg-type]
+        parking=None,  # type: ignore[arg-type]
+        overflow=None,  # type: ignore[arg-type]
+        control=None,  # type: ignore[arg-type]
+        export_target=lambda project: None,
+        invalid_topic="",
+        overflow_topic="",
+        objects_topic="",
+        metrics=Metrics(),
+        spawn=lambda coro: None,
+    )
 
 
 def new_windows(partition: int = 1) -> PartitionWindows:
@@ -142,7 +154,7 @@ def test_control_obeys_only_signed_records_and_dead_letters_the_rest() -> None:
     assert [item.offset for item in windows.invalid] == list(range(len(forged)))
     assert all("control record" in item.reason for item in windows.invalid)
     assert sink.control_rejected == len(forged)
-    assert sink.runtime.metrics.registry.get_sample_value("streamapp_control_records_rejected_total") == len(forged)
+    assert sink.metrics.registry.get_sample_value("streamapp_control_records_rejected_total") == len(forged)
     # The same offsets again (a redelivery): read past, not dead-lettered or counted twice.
     for offset, (key, value, headers) in enumerate(forged):
         sink._control(windows, offset, key, value, headers)

@@ -17,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamapp.contract import TICK_KEY, position
-from streamapp.sink.drain import overflow_record
+from streamapp.sink import overflow_record
 from tests.test_meter_integration import (
     METER_ENV,
     PROJECTS,

@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamapp.cli import main as cli_main
 from streamapp.dev import produce_load
 from streamapp.metering.views import merge_top, rate_from_series
+from streamapp.partitioning import key_partition
 from streamapp.sink.views import merge_sink
 from streamapp.web.auth import read_allowed
-from streamapp.web.cluster import key_partition
 from tests.helpers import wait_until
 
 READ_TOKEN = "read-s3cret"

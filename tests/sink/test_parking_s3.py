@@ -1,8 +1,8 @@
 """``Parking`` against the real moto S3 server, without a worker: both lanes (the sink's objects
 and the drain's delayed objects), discovery by listing after a restart, redelivery exactly once.
 
-The worker end to end (Kafka, commits, the neighbour's bound) is tests/test_parking_integration.py;
-here the runtime around ``Parking`` is a stand-in that records the notices it would produce.
+The worker end to end (Kafka, commits, the neighbour's bound) is tests/sink/test_parking_integration.py;
+here the collaborators of ``Parking`` are stand-ins; its producer records the notices it would produce.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from faust.types import TP
 
 from streamapp.dev import AWS_DUMMY_ENV
+from streamapp.overflow.chunks import DelayedObject
 from streamapp.settings import Settings
-from streamapp.sink.drain import DelayedObject
 from streamapp.sink.layout import gzip_lines
 from streamapp.sink.parking import Parking
 from streamapp.sink.s3 import S3Writer
@@ -27,22 +27,19 @@ from tests.helpers import list_keys
 pytestmark = pytest.mark.integration
 
 
-class Runtime(SimpleNamespace):
-    """Just what ``Parking`` uses of ``streamapp.runtime.Runtime``."""
+def make_parking(settings: Settings, assignment: set[TP], notices: list[tuple[bytes, dict[str, Any]]]) -> Parking:
+    """A ``Parking`` with just what it uses: a consumer's assignment, a producer, S3, spawn."""
 
-
-def make_runtime(settings: Settings, assignment: set[TP], notices: list[tuple[bytes, dict[str, Any]]]) -> Any:
     async def send(topic: str, key: bytes, value: bytes, *args: object) -> None:
         notices.append((key, orjson.loads(value)))
 
     app = SimpleNamespace(consumer=SimpleNamespace(assignment=lambda: assignment), producer=SimpleNamespace(send=send))
-    topics = SimpleNamespace(objects=SimpleNamespace(get_topic_name=lambda: "objects"))
     pending: list[Any] = []
-    return Runtime(
+    return Parking(
+        app=app,  # type: ignore[arg-type]
         settings=settings,
         s3=S3Writer(settings),
-        app=app,
-        topics=topics,
+        objects_topic="objects",
         spawn=lambda aw: pending.append(asyncio.ensure_future(aw)),
     )
 
@@ -73,7 +70,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
     notices: list[tuple[bytes, dict[str, Any]]] = []
 
     async def park_two() -> Parking:
-        parking = Parking(make_runtime(settings, assignment, notices))
+        parking = make_parking(settings, assignment, notices)
         first = await parking.put(overflow, 1, delayed(theirs, 1), "application/gzip")
         second = await parking.put(overflow, 1, delayed(theirs, 2), "application/gzip")
         assert first.parked_key and "NoSuchBucket" in first.reason
@@ -84,7 +81,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
         assert parking.book.snapshot()["p"]["backlog_objects"] == 2
         await parking.step(0.0)  # due only after 600 s: nothing happens
         assert parking.book.snapshot()["p"]["redelivery_attempts"] == 0
-        parking.runtime.s3.close()
+        parking.s3.close()
         return parking
 
     first_life = asyncio.run(park_two())
@@ -93,7 +90,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
     assert first_life.book.objects_parked == 2
 
     async def restart_and_redeliver() -> Parking:
-        parking = Parking(make_runtime(settings, assignment, notices))  # a new worker: nothing in memory
+        parking = make_parking(settings, assignment, notices)  # a new worker: nothing in memory
         await parking.step(0.0)  # lists both lanes of partition 1, tries at once, bucket still missing
         state = parking.book.snapshot()["p"]
         assert state["backlog_objects"] == 2 and "NoSuchBucket" in state["reason"]
@@ -102,7 +99,7 @@ def test_drain_objects_park_survive_a_restart_and_arrive_once(s3, s3_client, buc
         assert parking.retry_now("p") == ["p"]
         await parking.step(0.0)
         await asyncio.sleep(0.1)  # let the notices' sends run
-        parking.runtime.s3.close()
+        parking.s3.close()
         parking.close()
         return parking
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from streamapp.contract import TICK_KEY, position
-from streamapp.sink.drain import SEEN_WINDOW, OverflowChunks, SeenOffsets
+from streamapp.overflow.chunks import SEEN_WINDOW, OverflowChunks, SeenOffsets
 from streamapp.sink.layout import KIND_DELAYED, object_key
 from tests.helpers import events_in
 

@@ -6,8 +6,8 @@ Faust paused the consumer, and the real-time path that the diversion exists to p
 (others' p99 39-77 s in ``streamapp replay``). Here diversions get a dedicated aiokafka producer
 (as the HTTP API has its own) and a bounded number of diverted batches and bytes in flight, so
 a burst of diversions queues behind its own bound instead of behind everyone's changelog writes,
-dead letters and notices. The sink (``S3Sink.wait_for_overflow``) stops taking the diverting
-partition's records while too many of its diverted bytes wait here.
+dead letters and notices. The sink (``Diversions.wait``, streamapp.sink.diversions) stops taking
+the diverting partition's records while too many of its diverted bytes wait here.
 
 The producer is built from the settings Faust's own producer uses (bootstrap servers, security,
 compression, request timeout), so it honours the same Kafka configuration.
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import faust
 from aiokafka import AIOKafkaProducer
 
 from streamapp.infra.producers import start_producer
-
-if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
+from streamapp.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,9 @@ class InflightBudget:
 class OverflowLane:
     """The dedicated producer of diverted batches and its in-flight bound."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app = app  # its producer's settings are the lane's
+        self.settings = settings
         self.producer: AIOKafkaProducer | None = None
         self.started = asyncio.Event()
         self.budget = InflightBudget(MAX_INFLIGHT_BATCHES, MAX_INFLIGHT_BYTES)
@@ -81,9 +81,9 @@ class OverflowLane:
 
     def producer_config(self) -> dict[str, Any]:
         """Faust's producer settings (bootstrap, security, compression, timeouts) for this lane."""
-        faust_producer: Any = self.runtime.app.producer
+        faust_producer: Any = self.app.producer
         config: dict[str, Any] = {**faust_producer._settings_default(), **faust_producer._settings_auth()}
-        settings = self.runtime.settings
+        settings = self.settings
         config.update(
             client_id=f"{settings.app_id}-overflow",
             acks="all",  # a diverted batch is done (its offset committable) only once durable

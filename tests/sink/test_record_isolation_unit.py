@@ -47,8 +47,10 @@ from streamapp.sink.layout import (
     manifest_parts_prefix,
     window_iso,
 )
+from streamapp.sink.manifests import parse_manifest_part
 from streamapp.sink.partition import LATE_WINDOWS, PartitionWindows
-from streamapp.sink.service import PartitionStatus, S3Sink, _manifest_part
+from streamapp.sink.service import S3Sink
+from streamapp.sink.status import PartitionStatus
 from tests.test_meter_unit import new_meter, one, rec
 
 WINDOW = 10
@@ -455,13 +457,13 @@ def test_manifest_composition_ignores_foreign_objects_and_keeps_going() -> None:
     s3.objects[f"{parts}events-0.json"] = orjson.dumps(good)
     s3.objects[f"{parts}junk.json"] = b"\xff not json"  # e.g. project "_manifests", collection "parts"
     s3.objects[f"{parts}events-1.json"] = b"[1, 2]"  # a part overwritten with garbage
-    sink._manifest_checks.add(start)
-    asyncio.run(sink._compose_manifests())
+    sink.manifests.pending.add(start)
+    asyncio.run(sink.manifests.compose())
     manifest = orjson.loads(s3.objects[manifest_key("pre", start)])
     assert manifest["events"] == 3 and manifest["partitions"] == 1
     for body in (b"", b"null", b'{"objects": 5}', b'{"objects": [{"key": 1}]}', b'{"objects": [5]}'):
-        assert _manifest_part("k", body) is None
-    assert _manifest_part("k", orjson.dumps(good)) == good
+        assert parse_manifest_part("k", body) is None
+    assert parse_manifest_part("k", orjson.dumps(good)) == good
 
 
 # ------------------------------------------------------------------ a sink without Kafka or S3
@@ -508,26 +510,24 @@ class Producer:
         return fut
 
 
-class Topic:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def get_topic_name(self) -> str:
-        return self.name
-
-
 def new_sink(partitions: int = 4) -> tuple[S3Sink, Producer]:
     producer = Producer()
-    runtime = type("Runtime", (), {})()
-    runtime.settings = Settings(events_topic="events", s3_bucket="bucket", s3_prefix="pre", topic_partitions=partitions)
-    runtime.s3 = FakeS3()
-    runtime.app = type("App", (), {"producer": producer, "consumer_generation_id": 1})()
-    runtime.topics = type(
-        "Topics", (), {"invalid": Topic("events-invalid"), "overflow": Topic("events-overflow"), "objects": Topic("o")}
-    )()
-    runtime.spawn = lambda coro: asyncio.ensure_future(coro)
-    runtime.export_target = lambda project: ("bucket", "pre")
-    sink = S3Sink(runtime)
+    settings = Settings(events_topic="events", s3_bucket="bucket", s3_prefix="pre", topic_partitions=partitions)
+    sink = S3Sink(  # just what these tests use: no Kafka consumer, parking, lane, control plane or metrics
+        app=type("App", (), {"producer": producer, "consumer_generation_id": 1})(),  # type: ignore[arg-type]
+        settings=settings,
+        s3=FakeS3(),  # type: ignore[arg-type]
+        checkpoints=None,  # type: ignore[arg-type]
+        parking=None,  # type: ignore[arg-type]
+        overflow=None,  # type: ignore[arg-type]
+        control=None,  # type: ignore[arg-type]
+        export_target=lambda project: ("bucket", "pre"),
+        invalid_topic="events-invalid",
+        overflow_topic="events-overflow",
+        objects_topic="o",
+        metrics=None,  # type: ignore[arg-type]
+        spawn=lambda coro: asyncio.ensure_future(coro),
+    )
     sink.partitions[0] = new_windows()
     sink.status[0] = PartitionStatus()
     return sink, producer
@@ -547,7 +547,8 @@ def test_future_corrections_are_counted_in_metrics() -> None:
 
 def test_the_drain_reads_past_overflow_records_it_cannot_use() -> None:
     """Anyone can produce to the overflow topic: no field is used before it is checked."""
-    from streamapp.sink.drain import OverflowChunks, overflow_record
+    from streamapp.overflow import OverflowChunks
+    from streamapp.sink import overflow_record
 
     chunks = OverflowChunks(
         "overflow", 0, window_seconds=WINDOW, max_events=50, max_bytes=1 << 20, target=lambda p: ("bucket", "pre")

@@ -1,8 +1,8 @@
-"""The overflow lane's own producer (streamapp.sink.overflow_lane): its in-flight bound, that it is
+"""The overflow lane's own producer (streamapp.overflow.lane): its in-flight bound, that it is
 built from Faust's producer settings, and a signed produce acknowledged by the real broker.
 
 The end-to-end effect (the real-time path no longer stalls behind diversions) is checked by
-tests/test_replay.py; diversions and their drain by tests/test_drain.py and test_overflow_auth.py.
+tests/test_replay.py; diversions and their drain by tests/overflow/test_drain.py and test_overflow_auth.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from aiokafka.structs import TopicPartition
 
 from streamapp.app import create_app
 from streamapp.control import control_headers, verify_control
+from streamapp.overflow.lane import InflightBudget, OverflowLane
 from streamapp.settings import Settings
-from streamapp.sink.overflow_lane import InflightBudget, OverflowLane
 
 
 async def test_budget_holds_at_most_its_items_and_bytes_and_lets_a_big_item_through_alone() -> None:

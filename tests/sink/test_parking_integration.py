@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamapp.control import ProjectSettings, project_record, publish_records
 from streamapp.dev import PROJECT_ROOT
-from streamapp.sink.parking import parked_root
-from streamapp.web.cluster import key_partition
+from streamapp.partitioning import key_partition
+from streamapp.sink.parking_book import parked_root
 from tests.helpers import list_keys, wait_until
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from streamapp.metrics import parking_families
 from streamapp.settings import Settings
-from streamapp.sink.parking import ParkedObject, ParkingBook, parked_key, parked_root, parse_parked_key
+from streamapp.sink.parking_book import ParkedObject, ParkingBook, parked_key, parked_root, parse_parked_key
 from streamapp.sink.s3 import S3Writer
 from streamapp.sink.s3_errors import (
     DestinationError,

@@ -2,7 +2,8 @@
 
 The S3 sink diverts a shed project's excess to the overflow topic as records
 ``{"project_id", "collection", "source_partition", "positions": [...], "events": [...]}``
-(keyed by project id, in the partition number of the source). The drain agent feeds
+(``streamapp.sink.diversions.overflow_record``; keyed by project id, in the partition number
+of the source). The drain agent feeds
 them here in log order and delivers what comes out: *chunks*, each a set of "delayed"
 S3 objects plus the offset to commit once they (and the chunk's checkpoint) are in S3.
 
@@ -42,29 +43,9 @@ from streamapp.contract import (
     parse_iso_seconds,
     position,
 )
-from streamapp.sink.layout import KIND_DELAYED, describe_object, gzip_lines, object_key, window_start
+from streamapp.sink import KIND_DELAYED, Target, describe_object, gzip_lines, object_key, window_start
 
-Target = tuple[str, str]
 SEEN_WINDOW = 1 << 16  # source offsets remembered below the highest delivered one (8 KiB of bitmap)
-
-
-def overflow_record(
-    project_id: str, collection: str, source_partition: int, positions: list[int], lines: list[bytes]
-) -> bytes:
-    """The overflow record of a diverted batch: ``lines`` are its events as JSON lines.
-
-    They are already encoded: spliced in rather than decoded and encoded again.
-    """
-    head = orjson.dumps(
-        {
-            "project_id": project_id,
-            "collection": collection,
-            "source_partition": source_partition,
-            "positions": positions,
-        }
-    )
-    events = b"[" + b",".join(line.rstrip(b"\n") for line in lines) + b"]"
-    return head[:-1] + b',"events":' + events + b"}"
 
 
 class SeenOffsets:

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamapp.control import ProjectSettings, project_record, publish_records
-from streamapp.web.cluster import key_partition
+from streamapp.partitioning import key_partition
 from tests.helpers import every_partition_has_a_watermark, list_keys, wait_until
 
 pytestmark = pytest.mark.integration
@@ -43,7 +43,7 @@ def test_a_window_gets_its_manifest_while_a_partition_carries_only_unexported_tr
     )
     worker = start_worker(env)
 
-    # Not the startup race (tests/test_manifest_idle_partitions.py): every partition ticked first.
+    # Not the startup race (tests/sink/test_manifest_idle_partitions.py): every partition ticked first.
     wait_until(lambda: every_partition_has_a_watermark(worker.web_url), 30, what="every partition ticked while idle")
     second = int(time.time())
     window = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(second // WINDOW * WINDOW))

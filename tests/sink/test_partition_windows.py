@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from streamapp.contract import SHED_KEY, TICK_KEY
-from streamapp.sink.drain import OverflowChunks, overflow_record
+from streamapp.overflow import OverflowChunks
+from streamapp.sink import overflow_record
 from streamapp.sink.layout import KIND_MANIFEST_PART
 from streamapp.sink.partition import DivertedBatch, PartitionWindows, Route
 from tests.helpers import events_in
@@ -123,7 +124,7 @@ def overflow_value(batch: DivertedBatch) -> bytes:
 
 
 def drain_into(s3: dict[str, bytes], overflow: list[bytes]) -> None:
-    """What the overflow drain writes for the overflow lane (its own crashes: tests/test_drain.py)."""
+    """What the overflow drain writes for the overflow lane (its own crashes: tests/overflow/test_drain.py)."""
     chunks = OverflowChunks(
         "overflow", 0, window_seconds=WINDOW, max_events=50, max_bytes=1 << 20, target=lambda p: ("bucket", "pre")
     )

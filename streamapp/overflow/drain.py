@@ -1,0 +1,255 @@
+"""The overflow drain service: a shed project's excess from the overflow topic into S3, paced, exactly once.
+
+``OverflowChunks`` (streamapp.overflow.chunks) cuts each overflow partition into deterministic
+chunks; this service (fed by the ``overflow-drain`` agent, streamapp.agents.drain) writes a
+chunk's "delayed" objects (same layout as the real-time objects, ``-d{partition}-o{offset}-delayed``
+suffix) into the project's export target,
+then the checkpoint for the offset after the chunk, then commits that offset. After a
+crash or rebalance the partition is restored from the checkpoint at the committed offset.
+
+Pacing (``metering.Pacer``): each chunk reserves ``events / allowance`` seconds; the
+allowance is ``overflow_max_eps`` while the real-time sink has no backlog and falls
+linearly to 5 % of it as the sink's backlog age reaches ``health_backlog_seconds``. The
+drain waits inside its agent's loop, so its Faust buffer fills and Faust stops fetching the
+overflow partitions (per-partition flow control) while the events partitions flow on. The
+overflow topic is read in bulk (one buffer item per fetched batch, see streamapp.topics), so
+what was fetched before the stop always fits in the buffer: a full buffer would block Faust's
+delivery to every agent. Nothing is skipped, only delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import faust
+import orjson
+from faust.types import TP, EventT
+
+from streamapp.contract import TICK_KEY
+from streamapp.control import control_headers, control_secrets, verify_control
+from streamapp.meter import sink_backlog_age
+from streamapp.metering import Pacer
+from streamapp.overflow.chunks import Chunk, OverflowChunks
+from streamapp.settings import Settings
+from streamapp.sink import CheckpointStore, Parking, Target
+
+if TYPE_CHECKING:
+    from streamapp.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CHUNK_MAX_EVENTS = 5000
+CHUNK_MAX_BYTES = 8 * 1024 * 1024
+
+
+class OverflowDrain:
+    """Delivers the overflow partitions this worker holds, chunk by chunk; its ``status()`` is the
+    drain's read model (views, metrics)."""
+
+    def __init__(
+        self,
+        *,
+        app: faust.App,
+        settings: Settings,
+        topic: str,
+        objects_topic: str,
+        checkpoints: CheckpointStore,
+        parking: Parking,
+        export_target: Callable[[str], Target | None],
+        sink_backlog: Callable[[], dict[str, dict[str, Any]]],
+        metrics: Metrics,
+        spawn: Callable[[Awaitable[Any]], None],
+    ) -> None:
+        self.app = app  # its consumer (offsets, highwaters, commits) and producer (notices, ticks)
+        self.settings = settings
+        self.topic = topic
+        self.objects_topic = objects_topic
+        self.checkpoints = checkpoints
+        self.parking = parking  # a project's own bucket failing parks its objects (sink/parking.py)
+        self.export_target = export_target
+        self.sink_backlog = sink_backlog  # the real-time sink's backlog: it paces the drain
+        self.metrics = metrics
+        self.spawn = spawn
+        self.partitions: dict[int, OverflowChunks] = {}
+        self.committed: dict[int, int] = {}
+        self.last_record_at: dict[int, float] = {}
+        self.tick_sent_for: dict[int, int] = {}  # partition -> next_offset when the last tick was sent
+        self.pacer = Pacer(self.settings.overflow_max_eps)
+        self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
+        self.delayed_objects = 0
+        self.events_delivered = 0
+        self.chunks = 0
+        self.paced_seconds = 0.0
+        self._rate_window: list[tuple[float, int]] = []  # (time, events) of recent chunks
+
+    async def partition(self, tp: TP) -> OverflowChunks:
+        chunks = self.partitions.get(tp.partition)
+        if chunks is not None:
+            return chunks
+        committed, checkpoint = await self.checkpoints.open(
+            self.app.consumer, tp, self.topic, lambda committed: {"offset": committed}, lane="drain: "
+        )
+        chunks = OverflowChunks(
+            self.topic,
+            tp.partition,
+            window_seconds=self.settings.window_seconds,
+            max_events=CHUNK_MAX_EVENTS,
+            max_bytes=CHUNK_MAX_BYTES,
+            target=self.export_target,
+            checkpoint=checkpoint,
+        )
+        self.partitions[tp.partition] = chunks
+        self.committed[tp.partition] = committed or 0
+        log.info("drain: partition %s opened at offset %s", tp.partition, committed)
+        return chunks
+
+    def revoke(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            if tp.topic == self.topic:
+                self.partitions.pop(tp.partition, None)
+                self.committed.pop(tp.partition, None)
+        self.pacer.reset()
+
+    # ---------------------------------------------------------------- input
+    async def handle(self, events: list[EventT]) -> None:
+        """Each event is one fetched batch of an overflow partition: a RecordBatch of raw records
+        in offset order (the overflow topic is read in bulk, see streamapp.topics)."""
+        touched: dict[int, OverflowChunks] = {}
+        now = time.monotonic()
+        for event in events:
+            message = event.message
+            partition = message.partition
+            chunks = touched.get(partition)
+            if chunks is None:
+                chunks = touched[partition] = await self.partition(message.tp)
+            for record in event.value:
+                self._record(chunks, message.tp, record)
+            self.last_record_at[partition] = now
+        for partition, chunks in touched.items():
+            ready, chunks.ready = chunks.ready, []
+            for chunk in ready:
+                await self.deliver(chunk)
+                if self.partitions.get(partition) is not chunks:
+                    break  # revoked meanwhile: the new owner replays from the committed offset
+
+    def _record(self, chunks: OverflowChunks, tp: TP, record: Any) -> None:
+        """One raw overflow record: only a signed diversion (or tick) of this partition is obeyed."""
+        key = record.key
+        forged = verify_control(
+            self._control_secrets, self.topic, tp.partition, key or b"", record.value, record.headers
+        )
+        if forged is not None:
+            # Only the sink writes here (diversions, ticks): anything else could claim source
+            # positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
+            chunks.reject(record.offset)
+            if chunks.forged <= 10:
+                log.warning("drain: %s at %s offset %s; skipped", forged, tp, record.offset)
+            return
+        try:
+            chunks.process(record.offset, key, record.value)
+        except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
+            chunks.invalid += 1
+            log.warning(
+                "drain: overflow record at %s offset %s failed (%s: %.200s); skipped",
+                tp,
+                record.offset,
+                type(exc).__name__,
+                exc,
+            )
+
+    def backlog_age(self) -> float:
+        s = self.settings
+        try:
+            backlog = self.sink_backlog()
+        except Exception:  # noqa: BLE001 - no signal yet
+            return 0.0
+        return sink_backlog_age(
+            backlog, s.window_seconds + s.allowed_lateness_seconds + s.idle_flush_seconds, time.time()
+        )
+
+    async def deliver(self, chunk: Chunk) -> None:
+        """Pace, write the chunk's objects, then its checkpoint, then commit."""
+        if chunk.events:
+            delay = self.pacer.delay_for(
+                chunk.events, time.monotonic(), self.backlog_age(), self.settings.health_backlog_seconds
+            )
+            if delay > 0:
+                self.paced_seconds += delay
+                await asyncio.sleep(delay)
+        parking = self.parking
+        deliveries = await asyncio.gather(
+            *(parking.put(self.topic, chunk.partition, obj, "application/gzip") for obj in chunk.objects)
+        )
+        await self.checkpoints.save(self.topic, chunk.partition, chunk.commit_offset, chunk.checkpoint)
+        producer = self.app.producer
+        for obj, delivery in zip(chunk.objects, deliveries, strict=True):
+            if delivery.parked_key is None:
+                self.metrics.object_written(obj, delivery.size)
+            fields = {**obj.describe(), "gzip_bytes": delivery.size, "partition": chunk.partition}
+            notice = orjson.dumps({**fields, **parking.notice_fields(delivery)})
+            self.spawn(producer.send(self.objects_topic, obj.key.encode(), notice, None, None, None))
+        tp = TP(self.topic, chunk.partition)
+        if await self.app.consumer.commit_offsets({tp: chunk.commit_offset}):  # type: ignore[attr-defined]
+            self.committed[chunk.partition] = chunk.commit_offset
+        self.delayed_objects += len(chunk.objects)
+        self.events_delivered += chunk.events
+        self.chunks += 1
+        now = time.monotonic()
+        self._rate_window.append((now, chunk.events))
+        self._rate_window = [(t, n) for t, n in self._rate_window if now - t <= 10.0]
+
+    # ---------------------------------------------------------------- ticks
+    async def tick_idle_partitions(self) -> None:
+        """Cut a pending chunk of a quiet, caught-up partition with a tick record in its log."""
+        consumer = self.app.consumer
+        now = time.monotonic()
+        for partition, chunks in list(self.partitions.items()):
+            if not chunks.pending_events:
+                continue
+            if now - self.last_record_at.get(partition, now) < self.settings.idle_flush_seconds:
+                continue
+            if self.tick_sent_for.get(partition) == chunks.next_offset:
+                continue  # already ticked at this position; wait for it to come back
+            highwater = consumer.highwater(TP(self.topic, partition))
+            if highwater is not None and highwater > chunks.next_offset:
+                continue  # more records to read first
+            self.tick_sent_for[partition] = chunks.next_offset
+            value = orjson.dumps({"at": time.time()})
+            headers = control_headers(self._control_secrets[0], self.topic, partition, TICK_KEY, value)
+            await self.app.producer.send(self.topic, TICK_KEY, value, partition, None, headers)
+
+    # ---------------------------------------------------------------- views
+    def status(self) -> dict[str, Any]:
+        consumer = self.app.consumer
+        partitions = {}
+        for partition, chunks in sorted(self.partitions.items()):
+            highwater = consumer.highwater(TP(self.topic, partition)) or 0
+            committed = self.committed.get(partition, 0)
+            partitions[str(partition)] = {
+                "committed_offset": committed,
+                "read_offset": chunks.next_offset,
+                "highwater": highwater,
+                "offsets_behind": max(0, highwater - committed),
+                "pending_events": chunks.pending_events,
+                "duplicates_skipped": chunks.duplicates,
+                "forged_skipped": chunks.forged,
+            }
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._rate_window if now - t <= 10.0]
+        rate = sum(n for _, n in recent) / 10.0 if recent else 0.0
+        return {
+            "partitions": partitions,
+            "offsets_behind": sum(p["offsets_behind"] for p in partitions.values()),
+            "rate_eps": round(rate, 1),
+            "allowance_eps": round(
+                self.pacer.allowance(now, self.backlog_age(), self.settings.health_backlog_seconds), 1
+            ),
+            "delayed_objects": self.delayed_objects,
+            "events_delivered": self.events_delivered,
+            "chunks": self.chunks,
+            "paced_seconds": round(self.paced_seconds, 3),
+        }
