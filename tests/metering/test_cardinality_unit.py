@@ -3,7 +3,7 @@
 Against the in-process read model (a real ``Meter``, real ``PartitionWindows``, real ``Metrics``
 and ``Views`` on a stand-in runtime): 100,000 projects that sent one event each, then went idle,
 must cost < 100 MB and be forgotten; /rates/, /shed/, /sink/ and /metrics over 100,000 active
-projects must answer in < 100 ms. The end-to-end check on a worker is tests/test_cardinality.py.
+projects must answer in < 100 ms. The end-to-end check on a worker is tests/metering/test_cardinality.py.
 """
 
 from __future__ import annotations
