@@ -231,7 +231,7 @@ class ControlPlane:
 # Built here so the CLI (``streamapp quota|shed|unshed``) and the admin HTTP API publish the
 # very same records; the meters of all workers read them from their ControlView.
 
-SHED_MODES = ("divert", "drop", "shadow")
+from streamapp.metering import SHED_MODES  # noqa: E402 - the one shed vocabulary
 
 
 def quota_record(

@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 
 from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY
+from streamapp.metering import SHED_MODES
 
 _VERSION = b"streamapp-control-v1"
-SHED_MODES = ("divert", "drop", "shadow")
 
 
 def control_secrets(setting: str) -> tuple[bytes, ...]:

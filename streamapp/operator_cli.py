@@ -423,6 +423,7 @@ import sys as _qt_sys  # noqa: E402
 from typing import Any as _QtAny  # noqa: E402
 
 from streamapp.cli import command as _qt_command  # noqa: E402
+from streamapp.metering import SHED_MODES  # noqa: E402 - the one shed vocabulary
 
 
 def _qt_connection_args(parser: _qt_argparse.ArgumentParser) -> None:
@@ -464,7 +465,7 @@ def _quota_args(parser: _qt_argparse.ArgumentParser) -> None:
     qset.add_argument(
         "--burst", type=float, default=None, help="burst tolerance: shed above quota x (1 + BURST), e.g. 0.5"
     )
-    qset.add_argument("--mode", choices=("divert", "drop", "shadow"), default=None, help="what shedding does")
+    qset.add_argument("--mode", choices=SHED_MODES, default=None, help="what shedding does")
     reset = sub.add_parser("reset", help="put a project's quota, burst and mode back to the defaults")
     reset.add_argument("project_id", type=_qt_project_id)
     listing = sub.add_parser("list", help="quotas and shed states of all projects")
@@ -551,7 +552,7 @@ def _quota_list(args: _qt_argparse.Namespace) -> int:
 def _shed_args(parser: _qt_argparse.ArgumentParser) -> None:
     parser.add_argument("project_id", type=_qt_project_id)
     parser.add_argument("--reason", default="", help="why (shown with the shed state)")
-    parser.add_argument("--mode", choices=("divert", "drop", "shadow"), default=None, help="mode of this manual shed")
+    parser.add_argument("--mode", choices=SHED_MODES, default=None, help="mode of this manual shed")
     parser.add_argument("--clear", action="store_true", help="remove the manual override: the rates decide again")
     _qt_connection_args(parser)
 

@@ -26,18 +26,26 @@ from .shed import (
     step,
     with_mode,
 )
+from .vocabulary import MANUAL_OVERRIDES, NOT_SHED, SHED_MODES, SHED_STATES, ManualOverride, ShedMode, ShedStatus
 
 __all__ = [
     "DEFAULT_SIZE",
     "HEALTH_FLOOR",
     "MANUAL",
+    "MANUAL_OVERRIDES",
     "MIN_ADMIT_FRACTION",
     "MODES",
+    "NOT_SHED",
+    "SHED_MODES",
+    "SHED_STATES",
     "STATES",
+    "ManualOverride",
     "Pacer",
     "Quota",
     "SecondCounts",
+    "ShedMode",
     "ShedState",
+    "ShedStatus",
     "TokenBucket",
     "admit_event",
     "admit_fraction",
