@@ -57,7 +57,7 @@ from streamapp.metering import (
     with_mode,
 )
 from streamapp.metering.unknown import shared_meter_id
-from streamapp.tables.rates import (
+from streamapp.tables.meter import (
     MeterTables,
     PartitionContext,
     RatesRow,

@@ -14,7 +14,7 @@ from faust.types import StreamT
 
 from streamapp.meter import Meter
 from streamapp.runtime import Runtime
-from streamapp.tables.rates import declare_tables
+from streamapp.tables.meter import declare_tables
 from streamapp.web.views import read_allowed, token_in_url
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     # batch of one partition and its value the raw records, so Faust's per-record machinery
     # runs once per batch. Meter.observe counts the records; each touched project's row is
     # written at most once a second (never per event) through PartitionContext, which sets
-    # Faust's current event for the write: see streamapp/tables/rates.py.
+    # Faust's current event for the write: see streamapp/tables/meter.py.
     @app.agent(runtime.topics.events, name="meter")
     async def meter_agent(stream: StreamT) -> None:
         async for event in stream.events():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .bucket import Pacer, TokenBucket
 from .health import HEALTH_FLOOR, health_factor, tighten_heaviest
-from .rates import DEFAULT_SIZE, SecondCounts, merge_counts, tally
+from .second_counts import DEFAULT_SIZE, SecondCounts, merge_counts, tally
 from .shed import (
     MANUAL,
     MIN_ADMIT_FRACTION,

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamapp.control import ControlView, ProjectSettings
 from streamapp.meter import EVICT_BATCH, Meter
-from streamapp.metering.rates import SecondCounts
+from streamapp.metering.second_counts import SecondCounts
 from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
 from streamapp.metrics import OTHER, Metrics
 from streamapp.settings import Settings
@@ -35,7 +35,7 @@ from streamapp.sink.partition import PartitionWindows, Route
 from streamapp.sink.s3 import S3Stats
 from streamapp.sink.service import S3Sink
 from streamapp.sink.uploads import FairQueue
-from streamapp.tables.rates import MeterTables
+from streamapp.tables.meter import MeterTables
 from streamapp.web.views import Views
 
 TOPIC = "events"

@@ -29,7 +29,7 @@ from streamapp.meter import (
 )
 from streamapp.settings import Settings
 from streamapp.sink.partition import RouteCounts
-from streamapp.tables.rates import MeterTables, decode_rates, decode_state
+from streamapp.tables.meter import MeterTables, decode_rates, decode_state
 
 TOPIC = "events"
 
