@@ -30,8 +30,7 @@ from faust.types import TP, EventT, StreamT
 
 from streamapp.contract import TICK_KEY
 from streamapp.control_records import control_headers, control_secrets, verify_control
-from streamapp.meter import sink_backlog_age
-from streamapp.metering import Pacer
+from streamapp.metering import Pacer, sink_backlog_age
 from streamapp.sink.drain import Chunk, OverflowChunks
 from streamapp.sink.layout import checkpoint_key
 

@@ -1,7 +1,7 @@
 """The meter agent: per-project rate tables, shed decisions and shed markers.
 
 It reads the same events-topic records as the S3 sink (one Faust consumer, two agents)
-and never commits: the sink does, once events are in S3. See ``streamapp.meter``.
+and never commits: the sink does, once events are in S3. See ``streamapp.metering.service``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import faust
 from faust.types import StreamT
 
-from streamapp.meter import Meter
+from streamapp.metering.service import Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.meter import declare_tables
 from streamapp.web.views import read_allowed, token_in_url
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     tables = declare_tables(app, runtime.settings)
-    meter = Meter(runtime, tables)
+    meter = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, tables)
     runtime.meter = meter  # type: ignore[attr-defined]
 
     @tables.states.on_recover

@@ -6,7 +6,7 @@ No Kafka, Faust, I/O or clock reads here: time is always passed in as float seco
 from __future__ import annotations
 
 from .bucket import Pacer, TokenBucket
-from .health import HEALTH_FLOOR, health_factor, tighten_heaviest
+from .health import HEALTH_FLOOR, health_factor, sink_backlog_age, tighten_heaviest
 from .second_counts import DEFAULT_SIZE, SecondCounts, merge_counts, tally
 from .shed import (
     MANUAL,
@@ -57,6 +57,7 @@ __all__ = [
     "mix64",
     "retry_after_seconds",
     "set_manual",
+    "sink_backlog_age",
     "step",
     "tally",
     "tighten_heaviest",

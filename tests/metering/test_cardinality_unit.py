@@ -25,8 +25,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamapp.control import ControlView, ProjectSettings
-from streamapp.meter import EVICT_BATCH, Meter
+from streamapp.metering.eviction import EVICT_BATCH
 from streamapp.metering.second_counts import SecondCounts
+from streamapp.metering.service import Meter
 from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
 from streamapp.metrics import OTHER, Metrics
 from streamapp.settings import Settings
@@ -88,7 +89,7 @@ def settings_for(policy: str) -> Settings:
 
 def new_meter(policy: str = "export") -> tuple[Meter, FakeRuntime]:
     runtime = FakeRuntime(settings_for(policy))
-    meter = Meter(runtime, MeterTables(rates={}, states={}))  # type: ignore[arg-type]
+    meter = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, MeterTables(rates={}, states={}))  # type: ignore[arg-type]
     meter.write_rates = lambda: meter._dirty.clear()  # type: ignore[method-assign] - no Faust tables
     meter.reload()
     runtime.meter = meter
