@@ -1,21 +1,22 @@
-"""The meter agent: per-project rate tables, shed decisions and shed markers.
+"""The meter agent: wires the events topic, a 1 s timer and two background tasks to the meter
+service (``streamapp.metering.service.Meter``), and its tables' recovery to ``Meter.reload``.
 
 It reads the same events-topic records as the S3 sink (one Faust consumer, two agents)
-and never commits: the sink does, once events are in S3. See ``streamapp.metering.service``.
+and never commits: the sink does, once events are in S3.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import faust
 from faust.types import StreamT
 
+from streamapp.metering.debug_page import register_meter_page
 from streamapp.metering.service import Meter
 from streamapp.runtime import Runtime
 from streamapp.tables.meter import declare_tables
-from streamapp.web.views import read_allowed, token_in_url
 
 if TYPE_CHECKING:
     from streamapp.app import StreamappApp
@@ -72,32 +73,5 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
             log.warning("meter: declaring the control topic failed: %r", exc)
         await meter.run_publisher()
 
-    @app.page("/_meter/")
-    async def meter_debug(self: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        """Internal: the meter's state on this worker (the operator views are /rates/, /shed/)."""
-        settings = runtime.settings  # the read token (or peer token), never the admin token
-        if token_in_url(request) or not read_allowed(request, settings.read_token, settings.peer_token):
-            return self.json({"error": "unauthorized"}, status=401)
-        body: dict[str, Any] = {
-            **meter.status(),
-            "top": meter.top(1000),
-            "shed": meter.shed(),
-            "counters": meter.counters(),
-            "drain": meter.drain_status(),
-        }
-        project = request.query.get("project")
-        if project:
-            quota = meter.quota_for(project)
-            effective = meter.effective_quota(project)
-            body["project"] = {
-                "project_id": project,
-                "quota_eps": quota.eps,
-                "quota_bps": quota.bps,
-                "burst": quota.burst,
-                "effective_eps": effective.eps,
-                "mode": meter.mode_for(project),
-                "series": meter.series(project, runtime.settings.sustained_horizon_seconds),
-            }
-        return self.json(body)
-
+    register_meter_page(app, meter, runtime.settings)
     return meter
