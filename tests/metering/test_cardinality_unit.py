@@ -25,11 +25,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamapp.control import ControlView, ProjectSettings
+from streamapp.metering import OTHER
 from streamapp.metering.eviction import EVICT_BATCH
 from streamapp.metering.second_counts import SecondCounts
 from streamapp.metering.service import Meter
 from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
-from streamapp.metrics import OTHER, Metrics
+from streamapp.metrics import Metrics
 from streamapp.settings import Settings
 from streamapp.sink.parking import ParkingBook
 from streamapp.sink.partition import PartitionWindows, Route
@@ -434,7 +435,7 @@ def test_inline_ring_behaves_like_the_list_ring(
 
 def test_metrics_from_totals_stay_monotonic_and_exact_for_new_projects() -> None:
     """``update_totals`` (O(labels)): what ``update`` guarantees, without every project's counters."""
-    from streamapp.metrics import BoundedProjectCounters
+    from streamapp.metering import BoundedProjectCounters
 
     def counts(received: int) -> dict[str, int]:
         return {"received": received, "admitted": received, "diverted": 0, "dropped": 0, "bytes": 10 * received}
