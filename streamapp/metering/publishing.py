@@ -20,6 +20,7 @@ from streamapp.control_records import control_headers
 from streamapp.tables.meter import StateRow, encode_state, write_rows
 
 from .project_meter import ProjectMeter
+from .vocabulary import NOT_SHED
 
 if TYPE_CHECKING:
     import faust
@@ -82,7 +83,7 @@ class MeterPublishing:
         failed: set[str] = set()
         for pm, route in out.markers:
             if route is None:
-                body = {"project_id": pm.project_id, "mode": "ok"}
+                body = {"project_id": pm.project_id, "mode": NOT_SHED}
             else:
                 body = {"project_id": pm.project_id, "mode": route[0], "fraction": route[1]}
             value = orjson.dumps(body)
