@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from streamapp.enrichment import parse_trusted_proxies
+from streamapp.metering import SHED_MODES
 
 ENV_PREFIX = "STREAMAPP_"
 
@@ -175,7 +176,7 @@ class Settings:
         need(self.idle_project_seconds > 0, "idle_project_seconds", "must be > 0")
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")
         need(0 < self.shed_exit_ratio <= 1, "shed_exit_ratio", "must be in (0, 1]")
-        need(self.shed_mode in ("divert", "drop", "shadow"), "shed_mode", "must be divert, drop or shadow")
+        need(self.shed_mode in SHED_MODES, "shed_mode", "must be divert, drop or shadow")
         need(
             self.unknown_projects in ("shared", "export", "dead-letter"),
             "unknown_projects",

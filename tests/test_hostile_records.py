@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 from streamapp.contract import InvalidRecord, check_identity, parse_record
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
-from streamapp.meter import default_partition
+from streamapp.partitioning import key_partition as default_partition
 from tests.conftest import app_worker
 from tests.helpers import list_keys, wait_until
 

@@ -1,21 +1,22 @@
-"""The meter agent: per-project rate tables, shed decisions and shed markers.
+"""The meter agent: wires the events topic, a 1 s timer and two background tasks to the meter
+service (``streamapp.metering.service.Meter``), and its tables' recovery to ``Meter.reload``.
 
 It reads the same events-topic records as the S3 sink (one Faust consumer, two agents)
-and never commits: the sink does, once events are in S3. See ``streamapp.meter``.
+and never commits: the sink does, once events are in S3.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import faust
 from faust.types import StreamT
 
-from streamapp.meter import Meter
+from streamapp.metering.debug_page import register_meter_page
+from streamapp.metering.service import Meter
 from streamapp.runtime import Runtime
-from streamapp.tables.rates import declare_tables
-from streamapp.web.auth import read_allowed, token_in_url
+from streamapp.tables.meter import declare_tables
 
 if TYPE_CHECKING:
     from streamapp.app import StreamappApp
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     tables = declare_tables(app, runtime.settings)
-    meter = Meter(runtime, tables)
+    meter = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, tables)
     runtime.meter = meter  # type: ignore[attr-defined]
 
     @tables.states.on_recover
@@ -46,7 +47,7 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     # batch of one partition and its value the raw records, so Faust's per-record machinery
     # runs once per batch. Meter.observe counts the records; each touched project's row is
     # written at most once a second (never per event) through PartitionContext, which sets
-    # Faust's current event for the write: see streamapp/tables/rates.py.
+    # Faust's current event for the write: see streamapp/tables/meter.py.
     @app.agent(runtime.topics.events, name="meter")
     async def meter_agent(stream: StreamT) -> None:
         async for event in stream.events():
@@ -72,32 +73,5 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
             log.warning("meter: declaring the control topic failed: %r", exc)
         await meter.run_publisher()
 
-    @app.page("/_meter/")
-    async def meter_debug(self: faust.web.View, request: faust.web.Request) -> faust.web.Response:
-        """Internal: the meter's state on this worker (the operator views are /rates/, /shed/)."""
-        settings = runtime.settings  # the read token (or peer token), never the admin token
-        if token_in_url(request) or not read_allowed(request, settings.read_token, settings.peer_token):
-            return self.json({"error": "unauthorized"}, status=401)
-        body: dict[str, Any] = {
-            **meter.status(),
-            "top": meter.top(1000),
-            "shed": meter.shed(),
-            "counters": meter.counters(),
-            "drain": meter.drain_status(),
-        }
-        project = request.query.get("project")
-        if project:
-            quota = meter.quota_for(project)
-            effective = meter.effective_quota(project)
-            body["project"] = {
-                "project_id": project,
-                "quota_eps": quota.eps,
-                "quota_bps": quota.bps,
-                "burst": quota.burst,
-                "effective_eps": effective.eps,
-                "mode": meter.mode_for(project),
-                "series": meter.series(project, runtime.settings.sustained_horizon_seconds),
-            }
-        return self.json(body)
-
+    register_meter_page(app, meter, runtime.settings)
     return meter

@@ -15,6 +15,7 @@ from streamapp.cli.command import Command
 from streamapp.cli.control_topic import add_control_topic_args, control_topic_target
 from streamapp.contract import is_valid_name, name_rule
 from streamapp.control import override_record, publish_records, quota_record, read_view
+from streamapp.metering import SHED_MODES
 from streamapp.settings import Settings
 
 
@@ -43,7 +44,7 @@ def _quota_args(parser: argparse.ArgumentParser) -> None:
     qset.add_argument(
         "--burst", type=float, default=None, help="burst tolerance: shed above quota x (1 + BURST), e.g. 0.5"
     )
-    qset.add_argument("--mode", choices=("divert", "drop", "shadow"), default=None, help="what shedding does")
+    qset.add_argument("--mode", choices=SHED_MODES, default=None, help="what shedding does")
     reset = sub.add_parser("reset", help="put a project's quota, burst and mode back to the defaults")
     reset.add_argument("project_id", type=project_id_arg)
     listing = sub.add_parser("list", help="quotas and shed states of all projects")
@@ -124,7 +125,7 @@ def _quota_list(args: argparse.Namespace) -> int:
 def _shed_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("project_id", type=project_id_arg)
     parser.add_argument("--reason", default="", help="why (shown with the shed state)")
-    parser.add_argument("--mode", choices=("divert", "drop", "shadow"), default=None, help="mode of this manual shed")
+    parser.add_argument("--mode", choices=SHED_MODES, default=None, help="mode of this manual shed")
     parser.add_argument("--clear", action="store_true", help="remove the manual override: the rates decide again")
     add_control_topic_args(parser)
 

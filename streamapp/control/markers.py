@@ -26,9 +26,9 @@ from typing import Any
 import orjson
 
 from streamapp.contract import CONTROL_SIG_HEADER, SHED_KEY, TICK_KEY
+from streamapp.metering import NOT_SHED, SHED_MODES
 
 _VERSION = b"streamapp-control-v1"
-SHED_MODES = ("divert", "drop", "shadow")
 
 
 def control_secrets(setting: str) -> tuple[bytes, ...]:
@@ -122,7 +122,7 @@ def parse_control(key: bytes, value: bytes | None) -> Tick | ShedMarker | str:
         project_id, mode = body.get("project_id"), body.get("mode")
         if not isinstance(project_id, str):
             return "shed marker without a string 'project_id'"
-        if mode not in (*SHED_MODES, "ok"):
+        if mode not in (*SHED_MODES, NOT_SHED):
             mode = "ok"  # as before: an unknown mode lifts the route
         fraction = body.get("fraction", 1.0)
         if isinstance(fraction, bool) or not isinstance(fraction, int | float):

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from streamapp.control.projects import ProjectSettings
+from streamapp.metering import SHED_MODES  # the one shed vocabulary
 
 
 def project_record(project: ProjectSettings) -> dict[str, Any]:
@@ -31,9 +32,6 @@ def key_record(
         "key_revoked_at": None if key_hash else now,
         "at": now,
     }
-
-
-SHED_MODES = ("divert", "drop", "shadow")
 
 
 def quota_record(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import Any
 
 HEALTH_FLOOR = 0.25  # quotas are never tightened below a quarter of normal
 
@@ -69,3 +70,21 @@ def tighten_heaviest(
     for p in heapq.nsmallest(top_n, candidates, key=lambda p: (-rates[p], p)):
         out[p] = out[p] * factor
     return out
+
+
+def sink_backlog_age(backlog: dict[str, dict[str, Any]], hold_seconds: float, now: float) -> float:
+    """Seconds the real-time sink is behind, from ``S3Sink.backlog()``.
+
+    An open window is *meant* to wait ``hold_seconds`` (window + lateness + idle flush) before
+    it is written, so only the age past that counts; a partition with unread records also
+    counts by how far its watermark (event time) is behind the wall clock.
+    """
+    worst = 0.0
+    for info in backlog.values():
+        age = float(info.get("oldest_unflushed_age_seconds") or 0.0) - hold_seconds
+        if age > worst:
+            worst = age
+        watermark = info.get("watermark")
+        if info.get("read_lag", 0) > 0 and watermark is not None:
+            worst = max(worst, now - float(watermark) - 1.0)
+    return max(0.0, worst)

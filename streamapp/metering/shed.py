@@ -34,9 +34,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-STATES = ("ok", "shed")
-MODES = ("divert", "drop", "shadow")
-MANUAL = (None, "shed", "unshed")
+from .vocabulary import MANUAL_OVERRIDES, SHED_MODES, SHED_STATES
+
+# The vocabulary's values under this module's historical names (streamapp.metering.vocabulary).
+STATES = SHED_STATES
+MODES = SHED_MODES
+MANUAL = MANUAL_OVERRIDES
 
 # admit_fraction never returns 0 so an admitted share always exists; tiny enough
 # that even 1e9 ev/s against a 1 ev/s quota is not over-admitted.

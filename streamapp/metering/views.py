@@ -32,7 +32,7 @@ from streamapp.web.cluster import Cluster, is_local
 from streamapp.web.read_view import ReadView, query_int
 
 if TYPE_CHECKING:
-    from streamapp.meter import Meter
+    from streamapp.metering.service import Meter
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 500

@@ -31,8 +31,7 @@ from faust.types import TP, EventT
 
 from streamapp.contract import TICK_KEY
 from streamapp.control import control_headers, control_secrets, verify_control
-from streamapp.meter import sink_backlog_age
-from streamapp.metering import Pacer
+from streamapp.metering import Pacer, sink_backlog_age
 from streamapp.overflow.chunks import Chunk, OverflowChunks
 from streamapp.settings import Settings
 from streamapp.sink import CheckpointStore, Parking, Target

@@ -1,1 +1,2 @@
-"""Faust tables of the app (RocksDB, changelogged)."""
+"""Faust tables of the app (RocksDB, changelogged), one module per domain with its row codecs:
+``meter`` (the meter's rate rings and shed states)."""

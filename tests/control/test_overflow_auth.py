@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from streamapp.contract import TICK_KEY, position
 from streamapp.sink import overflow_record
-from tests.test_meter_integration import (
+from tests.metering.test_meter_integration import (
     METER_ENV,
     PROJECTS,
     QUOTA,

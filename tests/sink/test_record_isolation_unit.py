@@ -51,7 +51,7 @@ from streamapp.sink.manifests import parse_manifest_part
 from streamapp.sink.partition import LATE_WINDOWS, PartitionWindows
 from streamapp.sink.service import S3Sink
 from streamapp.sink.status import PartitionStatus
-from tests.test_meter_unit import new_meter, one, rec
+from tests.metering.test_meter_unit import new_meter, one, rec
 
 WINDOW = 10
 LATENESS = 5
@@ -535,7 +535,7 @@ def new_sink(partitions: int = 4) -> tuple[S3Sink, Producer]:
 
 def test_future_corrections_are_counted_in_metrics() -> None:
     from streamapp.metrics import Metrics
-    from tests.test_metrics_unit import _runtime, _scrape
+    from tests.metering.test_metrics_unit import _runtime, _scrape
 
     runtime = _runtime(3)
     runtime.sink.backlog = lambda: {"0": {"future_corrected": 4}, "1": {"future_corrected": 0}}

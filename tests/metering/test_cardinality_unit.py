@@ -3,7 +3,7 @@
 Against the in-process read model (a real ``Meter``, real ``PartitionWindows``, real ``Metrics``
 and the read views on a stand-in runtime): 100,000 projects that sent one event each, then went idle,
 must cost < 100 MB and be forgotten; /rates/, /shed/, /sink/ and /metrics over 100,000 active
-projects must answer in < 100 ms. The end-to-end check on a worker is tests/test_cardinality.py.
+projects must answer in < 100 ms. The end-to-end check on a worker is tests/metering/test_cardinality.py.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamapp.control import ControlView, ProjectSettings
-from streamapp.meter import EVICT_BATCH, Meter
-from streamapp.metering.rates import SecondCounts
+from streamapp.metering import OTHER
+from streamapp.metering.eviction import EVICT_BATCH
+from streamapp.metering.second_counts import SecondCounts
+from streamapp.metering.service import Meter
 from streamapp.metering.unknown import UNKNOWN_FLOW, shared_meter_id
 from streamapp.metering.views import MeteringViews
-from streamapp.metrics import OTHER, Metrics
+from streamapp.metrics import Metrics
 from streamapp.settings import Settings
 from streamapp.sink import ParkingBook
 from streamapp.sink.partition import PartitionWindows, Route
@@ -37,7 +39,7 @@ from streamapp.sink.s3 import S3Stats
 from streamapp.sink.service import S3Sink
 from streamapp.sink.uploads import FairQueue
 from streamapp.sink.views import SinkViews
-from streamapp.tables.rates import MeterTables
+from streamapp.tables.meter import MeterTables
 from streamapp.web.cluster import Cluster
 
 TOPIC = "events"
@@ -104,7 +106,7 @@ def settings_for(policy: str) -> Settings:
 
 def new_meter(policy: str = "export") -> tuple[Meter, FakeRuntime]:
     runtime = FakeRuntime(settings_for(policy))
-    meter = Meter(runtime, MeterTables(rates={}, states={}))  # type: ignore[arg-type]
+    meter = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, MeterTables(rates={}, states={}))  # type: ignore[arg-type]
     meter.write_rates = lambda: meter._dirty.clear()  # type: ignore[method-assign] - no Faust tables
     meter.reload()
     runtime.meter = meter
@@ -458,7 +460,7 @@ def test_inline_ring_behaves_like_the_list_ring(
 
 def test_metrics_from_totals_stay_monotonic_and_exact_for_new_projects() -> None:
     """``update_totals`` (O(labels)): what ``update`` guarantees, without every project's counters."""
-    from streamapp.metrics import BoundedProjectCounters
+    from streamapp.metering import BoundedProjectCounters
 
     def counts(received: int) -> dict[str, int]:
         return {"received": received, "admitted": received, "diverted": 0, "dropped": 0, "bytes": 10 * received}

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamapp.metrics import OTHER, BoundedProjectCounters, Metrics, overflow_backlog_by_partition
+from streamapp.metering import OTHER, BoundedProjectCounters
+from streamapp.metrics import Metrics, overflow_backlog_by_partition
 from streamapp.sink.s3 import S3Stats
 
 OUTCOMES = ("received", "admitted", "diverted", "dropped", "bytes")

@@ -20,16 +20,14 @@ from faust.streams import current_event
 
 from streamapp.contract import SHED_KEY, TICK_KEY
 from streamapp.control import ControlView, override_record, quota_record
-from streamapp.meter import (
-    UNKNOWN_MARKER,
-    Meter,
-    batch_event_count,
-    default_partition,
-    sink_backlog_age,
-)
+from streamapp.metering import sink_backlog_age
+from streamapp.metering.counting import batch_event_count
+from streamapp.metering.publishing import UNKNOWN_MARKER
+from streamapp.metering.service import Meter
+from streamapp.partitioning import key_partition as default_partition
 from streamapp.settings import Settings
 from streamapp.sink.partition import RouteCounts
-from streamapp.tables.rates import MeterTables, decode_rates, decode_state
+from streamapp.tables.meter import MeterTables, decode_rates, decode_state
 
 TOPIC = "events"
 
@@ -142,7 +140,7 @@ SETTINGS = Settings(
 def new_meter(partitions: set[int] = frozenset({0, 1, 2, 3})) -> tuple[Meter, FakeRuntime]:
     runtime = FakeRuntime(SETTINGS, set(partitions))
     tables = MeterTables(rates=FakeTable(), states=FakeTable())  # type: ignore[arg-type]
-    meter = Meter(runtime, tables)  # type: ignore[arg-type]
+    meter = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, tables)  # type: ignore[arg-type]
     meter.reload()
     return meter, runtime
 
@@ -347,7 +345,7 @@ def test_reload_recovers_state_and_states_the_route_again() -> None:
     run(meter.flush())
     assert [b for _, _, b, _ in runtime.app.producer.sent][-1] == runtime.app.producer.sent[0][2]
     # A new process on the same (recovered) tables.
-    fresh = Meter(runtime, meter.tables)  # type: ignore[arg-type]
+    fresh = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, meter.tables)  # type: ignore[arg-type]
     fresh.reload()
     assert fresh.projects["a"].state == before and fresh.projects["a"].marker == meter.projects["a"].marker
     (episode,) = fresh.shed()["episodes"]
@@ -396,7 +394,7 @@ def test_manual_shed_of_a_project_not_seen_yet_on_this_workers_partition() -> No
     meter, runtime = new_meter({partition})
     other, _ = new_meter({(partition + 1) % 4})
     for m in (meter, other):
-        m.runtime.control.view.apply(override_record("newcomer", "shed", "pre-emptive"))
+        m.control.view.apply(override_record("newcomer", "shed", "pre-emptive"))
         m._tick(time.time())
     assert meter.projects["newcomer"].state.is_shed
     assert "newcomer" not in other.projects
