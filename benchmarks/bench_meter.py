@@ -136,11 +136,11 @@ def child(args: argparse.Namespace) -> None:
     data_dir = tempfile.mkdtemp(prefix="bench-meter-")
     app_id = f"bench-{variant}-{uuid.uuid4().hex[:8]}"
     if variant == "meter":
-        from streamapp.agents.meter import register_meter
+        from streamapp.agents import register_control, register_meter
         from streamapp.app import StreamappApp
-        from streamapp.runtime import Runtime
         from streamapp.settings import Settings
         from streamapp.topics import declare_topics
+        from streamapp.wiring import build_services
 
         settings = Settings(
             kafka_bootstrap=args.bootstrap,
@@ -152,8 +152,11 @@ def child(args: argparse.Namespace) -> None:
             unknown_projects="export",  # the projects are never created: meter each on its own, as before
         )
         app = StreamappApp(app_id, broker=settings.broker_url, store="rocksdb://", datadir=data_dir, **app_kwargs())
-        runtime = Runtime(app, settings, declare_topics(app, settings))
-        meter = register_meter(app, runtime)
+        topics = declare_topics(app, settings)
+        services = build_services(app, settings, topics)  # only the meter (and the control plane) run
+        meter = services.meter
+        register_meter(app, meter, services.tables, topics.events, topics.control)
+        register_control(app, services.control)
 
         def extra() -> dict[str, Any]:
             return {
@@ -181,10 +184,6 @@ def child(args: argparse.Namespace) -> None:
             clock.add([getattr(item, "message", item) for item in batch])
 
         meter.handle = counted  # type: ignore[method-assign]
-
-        @app.task
-        async def control_plane() -> None:
-            await runtime.control.start()
 
     else:
         app = faust.App(

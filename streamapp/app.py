@@ -1,6 +1,7 @@
 """The Faust app: ``faust -A streamapp.app worker`` and ``streamapp worker`` run this.
 
-``create_app(settings)`` builds a fully wired app (topics, agents, web views); the
+``create_app(settings)`` builds a fully wired app: topics (``streamapp.topics``), the worker's
+services (``streamapp.wiring.build_services``), its agents and its HTTP routes; the
 module-level ``app`` is built from ``STREAMAPP_*`` environment variables.
 """
 
@@ -16,9 +17,9 @@ import faust
 import streamapp.infra.transport  # noqa: F401 - registers the streamapp:// broker scheme
 from streamapp.infra.local_state import StreamappTableManager
 from streamapp.infra.process_memory import limit_malloc_arenas
-from streamapp.runtime import Runtime
 from streamapp.settings import ENV_PREFIX, Settings, SettingsError
 from streamapp.topics import declare_topics
+from streamapp.wiring import WorkerServices, build_services, register_agents, register_routes
 
 log = logging.getLogger(__name__)
 NO_SECRET = (
@@ -33,15 +34,17 @@ class StreamappApp(faust.App):
     Faust revokes the partitions and stops the tables (its ``on_before_shutdown`` signal comes
     after that, too late for a last table write)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, streamapp_settings: Settings | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.streamapp_settings = streamapp_settings  # None: an app built by hand (benchmarks)
         self.before_consumer_stop: list[Callable[[], None]] = []
+        self.services: WorkerServices | None = None  # set once by create_app, right after this
 
     async def on_first_start(self) -> None:
         # Refuse to run without the secret (`faust -A streamapp.app worker` too): a worker without
         # one could not sign its ticks and markers, and would refuse everyone else's.
-        runtime = getattr(self, "streamapp", None)  # None: an app built by hand (benchmarks)
-        if runtime is not None and not runtime.settings.control_secret:
+        settings = self.streamapp_settings
+        if settings is not None and not settings.control_secret:
             log.error(NO_SECRET)
             raise SettingsError(NO_SECRET)
         limit_malloc_arenas()  # before the S3 upload threads start
@@ -84,6 +87,7 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
     settings = settings or Settings.from_env()
     app = StreamappApp(
         settings.app_id,
+        streamapp_settings=settings,
         broker=settings.broker_url,
         store=settings.store,
         datadir=data_dir(settings),
@@ -114,15 +118,10 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
         logging_config=None,
         loghandlers=[],
     )
-    topics = declare_topics(app, settings)
-    runtime = Runtime(app, settings, topics)
-    app.streamapp = runtime  # type: ignore[attr-defined]
-
-    from streamapp.agents import register_agents
-    from streamapp.web import register_web
-
-    register_agents(app, runtime)
-    register_web(app, runtime)
+    services = build_services(app, settings, declare_topics(app, settings))
+    app.services = services  # for tests and operators' shells: the app's own services
+    register_agents(app, services)
+    register_routes(app, services)
     return app
 
 

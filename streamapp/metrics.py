@@ -6,10 +6,11 @@ Two kinds of series:
   (``object_written``, called by the sink and the drain), S3 put latency (an
   ``S3Writer.on_put`` observer) and HTTP latency (an aiohttp middleware, see
   ``streamapp.web.metrics_view``).
-* Scrape-time ones, read from the runtime when ``/metrics`` is rendered
-  (``bind(runtime)``, ``RuntimeCollector``): per-project counters, rates and shed state from
-  the meter (rendered by ``streamapp.metering.project_families``), per-partition lag and
-  oldest-unflushed age from the sink, S3 retries/errors, the overflow lane and parked objects.
+* Scrape-time ones, read from the worker's services when ``/metrics`` is rendered
+  (``bind(ScrapeSources(...))``, ``WorkerCollector``): per-project counters, rates and shed
+  state from the meter (rendered by ``streamapp.metering.project_families``), per-partition lag
+  and oldest-unflushed age from the sink, S3 retries/errors, the overflow drain and parked
+  objects. ``Metrics`` itself is built first (every service counts into it), the sources last.
 
 Label cardinality is bounded whatever the number of projects: per-project series
 exist only for the ``top_n`` projects by current rate; everything else is summed
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,7 +32,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from streamapp.metering import DEFAULT_TOP_N, OTHER, BoundedProjectCounters, project_families
 
 if TYPE_CHECKING:
-    from streamapp.runtime import Runtime
+    from streamapp.metering.service import Meter
+    from streamapp.sink import Parking, S3Sink, S3Writer
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +82,35 @@ class Metrics:
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
         self.http_seconds.labels(route, method, str(status)).observe(seconds)
 
-    def bind(self, runtime: Runtime) -> None:
-        """Read the meter, the sink and S3 stats of ``runtime`` at every scrape (idempotent)."""
+    def bind(self, sources: ScrapeSources) -> None:
+        """Read the meter, the sink, S3, parking and the drain at every scrape (idempotent)."""
         if self._bound:
             return
         self._bound = True
-        runtime.s3.on_put.append(self.observe_put)
-        self.registry.register(RuntimeCollector(runtime, self.projects))
+        sources.s3.on_put.append(self.observe_put)
+        self.registry.register(WorkerCollector(sources, self.projects))
 
 
-class RuntimeCollector:
-    """Scrape-time series read from one worker's runtime."""
+@dataclass(frozen=True)
+class ScrapeSources:
+    """What ``/metrics`` reads at scrape time: the worker's services, each by what it offers."""
 
-    def __init__(self, runtime: Runtime, projects: BoundedProjectCounters) -> None:
-        self.runtime = runtime
+    meter: Meter
+    sink: S3Sink
+    s3: S3Writer
+    parking: Parking
+    drain_status: Callable[[], Mapping[str, Any]]  # the overflow drain's ``status``
+
+
+class WorkerCollector:
+    """Scrape-time series read from one worker's services."""
+
+    def __init__(self, sources: ScrapeSources, projects: BoundedProjectCounters) -> None:
+        self.sources = sources
         self.projects = projects
 
     def describe(self) -> list[Metric]:
-        return []  # no fixed description: registering must not call into the runtime
+        return []  # no fixed description: registering must not call into the services
 
     def collect(self) -> Iterator[Metric]:
         for part in (
@@ -112,10 +126,10 @@ class RuntimeCollector:
                 log.debug("metrics: %s unavailable: %r", part.__name__, exc)
 
     def _project_families(self) -> list[Metric]:
-        return project_families(self.runtime.meter, self.projects)
+        return project_families(self.sources.meter, self.projects)
 
     def _sink_families(self) -> list[Metric]:
-        backlog = self.runtime.sink.backlog()
+        backlog = self.sources.sink.backlog()
         lag = GaugeMetricFamily(
             "streamapp_consumer_lag", "Events-topic offsets not yet read by the sink", labels=["partition"]
         )
@@ -141,7 +155,7 @@ class RuntimeCollector:
             behind.add_metric([partition], float(info.get("offsets_behind", 0)))
             age.add_metric([partition], float(info.get("oldest_unflushed_age_seconds", 0.0)))
             windows.add_metric([partition], float(info.get("open_windows", 0)))
-        sink = self.runtime.sink
+        sink = self.sources.sink
         pending = GaugeMetricFamily("streamapp_sink_pending_bytes", "Bytes built but not yet durable in S3")
         pending.add_metric([], float(sink.pending_bytes))
         events = CounterMetricFamily("streamapp_sink_events_in", "Events read by the sink")
@@ -151,7 +165,7 @@ class RuntimeCollector:
         return [lag, behind, age, windows, pending, events, invalid, corrected]
 
     def _s3_families(self) -> list[Metric]:
-        stats = self.runtime.s3.stats
+        stats = self.sources.s3.stats
         out = []
         for name, value, doc in (
             ("streamapp_s3_puts", stats.objects, "S3 puts completed (data objects, manifests and checkpoints)"),
@@ -165,10 +179,11 @@ class RuntimeCollector:
         return out
 
     def _parking_families(self) -> list[Metric]:
-        return parking_families(self.runtime.parking.book.snapshot(), self.runtime.parking.book, self.projects.top_n)
+        book = self.sources.parking.book
+        return parking_families(book.snapshot(), book, self.projects.top_n)
 
     def _overflow_families(self) -> list[Metric]:
-        status = self.runtime.meter.drain_status()
+        status = self.sources.drain_status()
         out = []
         backlog = GaugeMetricFamily(
             "streamapp_overflow_backlog", "Overflow records not yet drained to S3", labels=["partition"]
@@ -185,7 +200,7 @@ class RuntimeCollector:
 
 
 def overflow_drain_rate(status: Mapping[str, Any]) -> float | None:
-    """Current overflow drain rate (events/s) from ``meter.drain_status()``, if it says."""
+    """Current overflow drain rate (events/s) from the drain's ``status()``, if it says."""
     for key in ("rate_eps", "drain_rate", "drain_rate_eps"):
         value = status.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -194,7 +209,7 @@ def overflow_drain_rate(status: Mapping[str, Any]) -> float | None:
 
 
 def overflow_backlog_by_partition(status: Mapping[str, Any]) -> dict[str, float]:
-    """Per-partition overflow backlog from ``meter.drain_status()`` (numbers or dicts with a backlog field)."""
+    """Per-partition overflow backlog from the drain's ``status()`` (numbers or dicts with a backlog field)."""
     raw = status.get("backlog", status.get("partitions", {}))
     out: dict[str, float] = {}
     if isinstance(raw, Mapping):

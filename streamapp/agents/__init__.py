@@ -1,18 +1,14 @@
-"""Faust agents, timers and services, wired to one Runtime."""
+"""The Faust layer: one thin module per agent, timer or task, each wiring a stream to one service.
 
-from __future__ import annotations
+``sink`` (events -> S3), ``meter`` (events -> rate tables and shed decisions), ``drain``
+(overflow -> S3, paced), ``parking`` (parked objects, redelivered), ``control`` (the control
+plane's tail). No domain logic lives here; ``streamapp.wiring.register_agents`` calls them all.
+"""
 
-import faust
-
+from streamapp.agents.control import register_control
 from streamapp.agents.drain import register_drain
 from streamapp.agents.meter import register_meter
 from streamapp.agents.parking import register_parking
 from streamapp.agents.sink import register_sink
-from streamapp.runtime import Runtime
 
-
-def register_agents(app: faust.App, runtime: Runtime) -> None:
-    register_sink(app, runtime)
-    register_meter(app, runtime)
-    register_drain(app, runtime)
-    register_parking(app, runtime)
+__all__ = ["register_control", "register_drain", "register_meter", "register_parking", "register_sink"]

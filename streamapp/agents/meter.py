@@ -11,12 +11,10 @@ import logging
 from typing import TYPE_CHECKING
 
 import faust
-from faust.types import StreamT
+from faust.types import StreamT, TopicT
 
-from streamapp.metering.debug_page import register_meter_page
 from streamapp.metering.service import Meter
-from streamapp.runtime import Runtime
-from streamapp.tables.meter import declare_tables
+from streamapp.tables.meter import MeterTables
 
 if TYPE_CHECKING:
     from streamapp.app import StreamappApp
@@ -24,11 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
-    tables = declare_tables(app, runtime.settings)
-    meter = Meter(runtime.app, runtime.settings, runtime.control, runtime.sink, tables)
-    runtime.meter = meter  # type: ignore[attr-defined]
-
+def register_meter(app: StreamappApp, meter: Meter, tables: MeterTables, events: TopicT, control: TopicT) -> None:
     @tables.states.on_recover
     async def meter_recovered() -> None:
         # Called after every rebalance once the changelogs are replayed, before the streams resume.
@@ -48,7 +42,7 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     # runs once per batch. Meter.observe counts the records; each touched project's row is
     # written at most once a second (never per event) through PartitionContext, which sets
     # Faust's current event for the write: see streamapp/tables/meter.py.
-    @app.agent(runtime.topics.events, name="meter")
+    @app.agent(events, name="meter")
     async def meter_agent(stream: StreamT) -> None:
         async for event in stream.events():
             await meter.handle_batch(event.value)
@@ -68,10 +62,7 @@ def register_meter(app: StreamappApp, runtime: Runtime) -> Meter:
     async def meter_publisher() -> None:
         # The control topic must exist for every worker's control-plane tail to catch up.
         try:
-            await runtime.topics.control.maybe_declare()
+            await control.maybe_declare()
         except Exception as exc:  # noqa: BLE001 - it is created on first publish anyway
             log.warning("meter: declaring the control topic failed: %r", exc)
         await meter.run_publisher()
-
-    register_meter_page(app, meter, runtime.settings)
-    return meter

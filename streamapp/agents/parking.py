@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import faust
 
-from streamapp.runtime import Runtime
+from streamapp.sink import Parking
 
 
-def register_parking(app: faust.App, runtime: Runtime) -> None:
+def register_parking(app: faust.App, parking: Parking) -> None:
     @app.task
     async def sink_parked_redelivery() -> None:
-        await runtime.parking.run()
+        await parking.run()

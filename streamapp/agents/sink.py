@@ -10,21 +10,19 @@ import asyncio
 import logging
 
 import faust
-from faust.types import StreamT
+from faust.types import StreamT, TopicT
 
-from streamapp.runtime import Runtime
+from streamapp.sink import S3Sink
 
 log = logging.getLogger(__name__)
 
 
-def register_sink(app: faust.App, runtime: Runtime) -> None:
-    sink = runtime.sink
-    settings = runtime.settings
+def register_sink(app: faust.App, sink: S3Sink, events: TopicT) -> None:
 
     # concurrency=1 on purpose: faust-streaming #606 (concurrency>1 commits past unprocessed
     # records). Events (not values) because the sink needs each record's partition and offset;
     # no take(): the window state machines batch by themselves and acks are ours (see transport).
-    @app.agent(runtime.topics.events, name="s3-sink")
+    @app.agent(events, name="s3-sink")
     async def s3_sink(stream: StreamT) -> None:
         await sink.consume(stream)
 
@@ -41,18 +39,10 @@ def register_sink(app: faust.App, runtime: Runtime) -> None:
     async def stop_overflow_producer(app: faust.App, **kwargs: object) -> None:
         await asyncio.shield(sink.overflow.stop())
 
-    @app.timer(interval=max(0.5, settings.idle_flush_seconds / 2))
+    @app.timer(interval=max(0.5, sink.settings.idle_flush_seconds / 2))
     async def sink_ticks() -> None:
         await sink.tick_idle_partitions()
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
         sink.revoke(revoked)
-
-    @app.task
-    async def control_plane() -> None:
-        await runtime.control.start()
-
-    @app.on_before_shutdown.connect
-    async def stop_control(app: faust.App, **kwargs: object) -> None:
-        await asyncio.shield(runtime.control.stop())

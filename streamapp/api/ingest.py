@@ -36,7 +36,7 @@ Checks, cheapest first; everything up to the body read is a pure in-memory decis
 5. produce (dedicated producer, acks=all) and answer only after Kafka acknowledged; no ack
    within ``api_produce_timeout_seconds`` -> 503 (the client retries: at-least-once).
 
-One class of about 400 lines on purpose: the checks above in their order, the parse process and
+Size: one class of about 430 lines on purpose: the checks above in their order, the parse process and
 the producer's stall clock share its state (pure parts live in the modules named above).
 """
 

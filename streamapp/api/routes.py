@@ -19,7 +19,6 @@ from faust.types import TopicT
 
 from streamapp.api.browser import preflight_headers
 from streamapp.api.ingest import IngestApi
-from streamapp.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +44,8 @@ async def declare_control_topic(control_topic: TopicT) -> None:
         log.warning("could not declare the control topic: %r", exc)
 
 
-def register_api(app: faust.App, runtime: Runtime) -> IngestApi:
-    api = IngestApi(runtime.settings, runtime.control, runtime.metrics.registry, app)
-    runtime.api = api  # type: ignore[attr-defined]  # (read by nobody today)
+def register_api(app: faust.App, api: IngestApi, control_topic: TopicT) -> None:
+    """Mount Keen's write routes, and start and stop the API's producer with the worker."""
     allow_long_beacon_urls(app)
 
     @app.page("/3.0/projects/{project_id}/events/{collection}")
@@ -71,14 +69,12 @@ def register_api(app: faust.App, runtime: Runtime) -> IngestApi:
 
     @app.task
     async def api_producer() -> None:
-        await declare_control_topic(runtime.topics.control)
+        await declare_control_topic(control_topic)
         await api.start()
 
     @app.on_before_shutdown.connect
     async def stop_api_producer(app: faust.App, **kwargs: object) -> None:
         await asyncio.shield(api.stop())
-
-    return api
 
 
 def curl_example(web: str, project_id: str, write_key: str, collection: str = "pageviews") -> str:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -23,6 +23,9 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from streamapp.control.view import ControlView
 from streamapp.settings import Settings
+
+if TYPE_CHECKING:
+    from streamapp.sink.layout import Target
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,18 @@ class ControlPlane:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self.caught_up = asyncio.Event()
+
+    def export_target(self, project_id: str) -> Target | None:
+        """(bucket, prefix) where a project's events go, or None when it does not stream to S3."""
+        project = self.view.projects.get(project_id)
+        if project is None:
+            if not self.settings.s3_streaming_default:
+                return None
+            return (self.settings.s3_bucket, self.settings.s3_prefix)
+        if not project.s3_streaming:
+            return None
+        prefix = project.prefix if project.prefix is not None else self.settings.s3_prefix
+        return (project.bucket or self.settings.s3_bucket, prefix)
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")

@@ -17,7 +17,6 @@ from aiohttp import web
 
 from streamapp.api import ApiError
 from streamapp.control.admin import AdminApi
-from streamapp.runtime import Runtime
 from streamapp.web.cluster import Cluster, is_local
 
 if TYPE_CHECKING:
@@ -63,8 +62,8 @@ async def _guard(admin: AdminApi, request: web.Request, call: Callable[[], Any])
     return _respond(status, payload)
 
 
-def register_admin(app: faust.App, runtime: Runtime, cluster: Cluster) -> AdminApi:
-    admin = AdminApi(runtime.settings, runtime.control)
+def register_admin(app: faust.App, admin: AdminApi, parking: Parking, cluster: Cluster) -> None:
+    """Mount the admin API (``/admin/...``); retrying parked objects asks every worker."""
 
     @app.page("/admin/projects")
     class AdminProjects(faust.web.View):
@@ -103,6 +102,4 @@ def register_admin(app: faust.App, runtime: Runtime, cluster: Cluster) -> AdminA
     @app.page("/admin/sink/retry-parked")
     class AdminRetryParked(faust.web.View):
         async def post(self, request: web.Request) -> web.Response:
-            return await _guard(admin, request, lambda: retry_parked(admin, runtime.parking, cluster, request))
-
-    return admin
+            return await _guard(admin, request, lambda: retry_parked(admin, parking, cluster, request))

@@ -7,6 +7,7 @@ project's quota, effective limit, mode and per-second series.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import faust
@@ -19,14 +20,16 @@ if TYPE_CHECKING:
     from .service import Meter
 
 
-def meter_debug_body(meter: Meter, project: str | None, series_seconds: int) -> dict[str, Any]:
+def meter_debug_body(
+    meter: Meter, drain_status: Mapping[str, Any], project: str | None, series_seconds: int
+) -> dict[str, Any]:
     """The page's JSON body: the meter's status, top, shed, counters, drain, and ``project``'s detail."""
     body: dict[str, Any] = {
         **meter.status(),
         "top": meter.top(1000),
         "shed": meter.shed(),
         "counters": meter.counters(),
-        "drain": meter.drain_status(),
+        "drain": drain_status,
     }
     if project:
         quota = meter.quota_for(project)
@@ -43,8 +46,10 @@ def meter_debug_body(meter: Meter, project: str | None, series_seconds: int) -> 
     return body
 
 
-def register_meter_page(app: faust.App, meter: Meter, settings: Settings) -> None:
-    """Serve ``/_meter/`` on ``app`` from ``meter``."""
+def register_meter_page(
+    app: faust.App, meter: Meter, drain_status: Callable[[], Mapping[str, Any]], settings: Settings
+) -> None:
+    """Serve ``/_meter/`` on ``app`` from ``meter`` (and the overflow drain's ``status``)."""
 
     @app.page("/_meter/")
     async def meter_debug(self: faust.web.View, request: faust.web.Request) -> faust.web.Response:
@@ -53,4 +58,4 @@ def register_meter_page(app: faust.App, meter: Meter, settings: Settings) -> Non
         if token_in_url(request) or not read_allowed(request, settings.read_token, settings.peer_token):
             return self.json({"error": "unauthorized"}, status=401)
         project = request.query.get("project")
-        return self.json(meter_debug_body(meter, project, settings.sustained_horizon_seconds))
+        return self.json(meter_debug_body(meter, drain_status(), project, settings.sustained_horizon_seconds))

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 #: Label value of the bucket that sums every project without a series of its own. A real project
 #: called "other" is always counted in the bucket (it never gets a label of its own).
 OTHER = "other"
-#: Per-project counters the meter keeps (``runtime.meter.counters()``).
+#: Per-project counters the meter keeps (``Meter.counters()``).
 PROJECT_OUTCOMES = ("received", "admitted", "diverted", "dropped")
 DEFAULT_TOP_N = 20
 _TOTALS = "\x00totals"  # key of the all-projects totals in BoundedProjectCounters._last (never a project id)

@@ -47,7 +47,6 @@ class MeterReadModel:
     episodes: deque[dict[str, Any]]
     health: dict[str, Any]
     tightened: dict[str, float]
-    drain: Any
     unknown_policy: str
     batches: int
     events_in: int
@@ -278,11 +277,6 @@ class MeterReadModel:
                 c["dropped"] += counts.dropped
                 c["shadow_excess"] += counts.shadow_excess
         return out
-
-    def drain_status(self) -> dict[str, Any]:
-        if self.drain is None:
-            return {"partitions": {}, "rate_eps": 0.0, "delayed_objects": 0, "events_delivered": 0}
-        return self.drain.status()
 
     def status(self) -> dict[str, Any]:
         """Everything at once (the meter's own debug page)."""

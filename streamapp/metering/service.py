@@ -13,13 +13,13 @@ every rebalance, revoke) and the driving (a batch, the tick); its parts are one 
 * ``decisions``: quotas, modes, the shed state machine, episodes, health-aware limits;
 * ``publishing``: the outbox of decisions, written by ``run_flusher`` / ``run_publisher``;
 * ``read_model``: what the views and /metrics call: :meth:`top`, :meth:`series`,
-  :meth:`shed`, :meth:`counters`, :meth:`drain_status`, :meth:`status`;
+  :meth:`shed`, :meth:`counters`, :meth:`status`;
 * ``eviction``: forgetting idle projects.
 
 Collaborators are passed in (the Faust app for the assignment, the producer and produce
 latency; the settings; the control plane; the S3 sink for its routing counters and backlog;
-the tables). ``drain`` is set later by the drain's registration (its status is proxied by
-``drain_status``).
+the tables), all when it is built (``streamapp.wiring``). The overflow drain's status is the
+drain's own (``OverflowDrain.status``): the views and /metrics read it there.
 """
 
 from __future__ import annotations
@@ -118,7 +118,6 @@ class Meter(MeterCounting, MeterDecisions, MeterPublishing, MeterReadModel, Mete
         self._dirty: dict[bytes, ProjectMeter] = {}  # rate rows counted into, not written yet
         self._rows_due = 0.0
         self._flush_wanted = asyncio.Event()  # decisions wait in _out for run_flusher
-        self.drain: Any = None  # streamapp.agents.drain.Drainer, set by register_drain
         self.unknown_policy = settings.unknown_projects
         # A project idle this long is forgotten (evict_idle): never before its ring is all zeros.
         self.idle_seconds = max(float(self.ring_size), settings.idle_project_seconds)

@@ -9,7 +9,7 @@ refuses them with 404 already):
 * ``dead-letter``: to ``events-invalid`` with the reason, never exported (metered as ``shared``).
 
 "Unknown" is read from the control view when the record is processed, like the export target
-(``Runtime.export_target``): see README "Unknown projects" for what that means for a replay.
+(``ControlPlane.export_target``): see README "Unknown projects" for what that means for a replay.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from faust.web import Request, Response
 
 from streamapp.contract import is_valid_name
 from streamapp.control import ControlView
-from streamapp.runtime import Runtime
 from streamapp.settings import Settings
 from streamapp.web.auth import forward_headers
 from streamapp.web.cluster import Cluster, is_local
@@ -230,9 +229,9 @@ class MeteringViews:
         }
 
 
-def register_metering_views(app: faust.App, runtime: Runtime, cluster: Cluster) -> MeteringViews:
-    """Mount ``/rates/``, ``/rates/{project_id}/`` and ``/shed/`` (the meter must be registered first)."""
-    views = MeteringViews(runtime.settings, runtime.meter, runtime.control.view, cluster)  # type: ignore[attr-defined]
+def register_metering_views(app: faust.App, views: MeteringViews) -> None:
+    """Mount ``/rates/``, ``/rates/{project_id}/`` and ``/shed/``, cluster-wide."""
+    cluster = views.cluster
 
     @app.page("/rates/")
     class Rates(ReadView):
@@ -273,5 +272,4 @@ def register_metering_views(app: faust.App, runtime: Runtime, cluster: Cluster) 
             return self.json(await views.shed(request))
 
     for view_cls in (Rates, ProjectRates, Shed):
-        view_cls.settings = runtime.settings
-    return views
+        view_cls.settings = views.settings

@@ -17,7 +17,7 @@ KIND_DELAYED = "delayed"
 KIND_MANIFEST_PART = "manifest_part"
 
 #: Where a project's objects go: (bucket, prefix). The real-time sink, the overflow drain and the
-#: runtime's ``export_target`` all speak of it.
+#: control plane's ``export_target`` all speak of it.
 Target = tuple[str, str]
 
 

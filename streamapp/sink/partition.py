@@ -19,7 +19,7 @@ Why each piece of the checkpoint is needed:
   diverted event is diverted again (whether its first produce landed is unknown);
   the drain delivers each source position once.
 
-Why one module of ~580 lines: ``PartitionWindows`` is one state machine whose input, windowing,
+Size: one module of ~590 lines, because ``PartitionWindows`` is one state machine whose input, windowing,
 durability and checkpoint methods all read and write the same state; splitting the class would
 spread its invariants over files (and put attribute lookups through a base class on the hot
 path, ``process``, which ``benchmarks/bench_sink.py`` measures). Its data types live beside it:

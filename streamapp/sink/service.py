@@ -12,7 +12,7 @@ with each commit), ``manifests`` (a window's manifest once every partition wrote
 ``diversions`` (the excess into the overflow lane), ``status`` (what the views read). The
 service receives its collaborators explicitly (no runtime locator).
 
-Why ~490 lines: the batch loop, control records, uploads, commits and idle ticks all drive the
+Size: ~490 lines, because the batch loop, control records, uploads, commits and idle ticks all drive the
 same per-partition state (windows, status, pending bytes), and the batch loop (``handle_batch``,
 calling ``_control`` and ``_dispatch``) is the sink's hot path measured by
 ``benchmarks/bench_sink.py``: it is kept in one class rather than spread over helpers.

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import faust
 from faust.web import Request, Response
 
-from streamapp.runtime import Runtime
 from streamapp.web.cluster import Cluster, is_local
 from streamapp.web.health import stopped_partitions
 from streamapp.web.read_view import ReadView
 
 if TYPE_CHECKING:
+    from streamapp.settings import Settings
     from streamapp.sink.parking import Parking
     from streamapp.sink.s3 import S3Writer
     from streamapp.sink.service import S3Sink
@@ -168,21 +168,12 @@ class SinkViews:
         return merged
 
 
-def register_sink_views(app: faust.App, runtime: Runtime, cluster: Cluster) -> SinkViews:
-    """Mount ``/sink/`` (the meter, which proxies the drain's status, must be registered first)."""
-    views = SinkViews(
-        app,
-        runtime.sink,
-        runtime.s3,
-        runtime.parking,
-        runtime.meter.drain_status,  # type: ignore[attr-defined]
-        cluster,
-    )
+def register_sink_views(app: faust.App, views: SinkViews, settings: Settings) -> None:
+    """Mount ``/sink/``: the sink, its parked objects and the overflow drain, cluster-wide."""
 
     @app.page("/sink/")
     class Sink(ReadView):
         async def get(self, request: Request) -> Response:
             return self.json(await views.sink(request))
 
-    Sink.settings = runtime.settings
-    return views
+    Sink.settings = settings

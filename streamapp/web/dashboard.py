@@ -17,7 +17,7 @@ from importlib import resources
 import faust
 from faust.web import Request, Response, View
 
-from streamapp.runtime import Runtime
+from streamapp.settings import Settings
 from streamapp.web.auth import READ_COOKIE, is_read_token, session_cookie_value
 
 SESSION_SECONDS = 12 * 3600
@@ -28,7 +28,7 @@ def dashboard_html() -> str:
     return resources.files("streamapp.web").joinpath("dashboard.html").read_text(encoding="utf-8")
 
 
-def register_dashboard(app: faust.App, runtime: Runtime) -> None:
+def register_dashboard(app: faust.App, settings: Settings) -> None:
     # Registered before Faust's own blueprints are applied (at server start), so this "/" wins
     # over Faust's production index page at the same path.
     @app.page("/")
@@ -39,7 +39,7 @@ def register_dashboard(app: faust.App, runtime: Runtime) -> None:
     @app.page("/dashboard/session")
     class DashboardSession(View):
         async def post(self, request: Request) -> Response:
-            read_token = runtime.settings.read_token
+            read_token = settings.read_token
             if not read_token:
                 return self.json({"session": "not needed: read views are open on this loopback worker"})
             # Only the read token itself opens a session (not a cookie, not the peer token).

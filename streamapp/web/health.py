@@ -20,7 +20,6 @@ from faust.types import TP
 from faust.web import Request, Response, View
 
 from streamapp.control import ControlPlane
-from streamapp.runtime import Runtime
 from streamapp.settings import Settings
 from streamapp.web.cluster import Cluster
 from streamapp.web.read_view import BadRequest, query_float
@@ -114,9 +113,8 @@ class Readiness:
         return 50_000.0  # records behind the high watermark: about two seconds of a busy partition
 
 
-def register_health(app: faust.App, runtime: Runtime, cluster: Cluster) -> Readiness:
+def register_health(app: faust.App, health: Readiness) -> None:
     """Mount ``/healthz`` and ``/readyz``."""
-    health = Readiness(app, runtime.settings, runtime.control, runtime.sink, cluster)
 
     @app.on_partitions_assigned.connect
     async def _assigned(sender: Any, assigned: Any = None, **kwargs: Any) -> None:

@@ -2,7 +2,7 @@
 
 The series are defined in ``streamapp.metrics``; scrape-time ones (per-project counters with
 bounded labels, per-partition lag and unflushed age, S3 retries/errors, overflow backlog) are
-read from the runtime while the page is rendered. HTTP latency is observed by an aiohttp
+read from the worker's services while the page is rendered. HTTP latency is observed by an aiohttp
 middleware on Faust's web application, labelled by route *template* (``/rates/{project_id}/``),
 so the label set stays bounded whatever the URLs requested.
 """
@@ -17,7 +17,8 @@ from aiohttp import web as aioweb
 from faust.web import Request, Response
 from prometheus_client.exposition import choose_encoder
 
-from streamapp.runtime import Runtime
+from streamapp.metrics import Metrics
+from streamapp.settings import Settings
 from streamapp.web.read_view import ReadView
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -34,8 +35,7 @@ def route_template(request: Any) -> str:
     return str(resource.canonical)
 
 
-def latency_middleware(runtime: Runtime) -> Any:
-    metrics = runtime.metrics
+def latency_middleware(metrics: Metrics) -> Any:
 
     @aioweb.middleware
     async def observe(request: aioweb.Request, handler: Any) -> aioweb.StreamResponse:
@@ -55,17 +55,17 @@ def latency_middleware(runtime: Runtime) -> Any:
     return observe
 
 
-def register_metrics(app: faust.App, runtime: Runtime) -> None:
-    runtime.metrics.bind(runtime)
+def register_metrics(app: faust.App, metrics: Metrics, settings: Settings) -> None:
+    """Mount ``/metrics`` and observe every request's latency (``metrics`` is bound already)."""
     web_app = getattr(app.web, "web_app", None)
     if web_app is not None and not web_app.frozen:
-        web_app.middlewares.append(latency_middleware(runtime))
+        web_app.middlewares.append(latency_middleware(metrics))
 
     @app.page("/metrics")
     class MetricsPage(ReadView):
         async def get(self, request: Request) -> Response:
             # Prometheus text format, or OpenMetrics when the scraper asks for it.
             encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-            return self.bytes(encoder(runtime.metrics.registry), headers={"Content-Type": content_type})
+            return self.bytes(encoder(metrics.registry), headers={"Content-Type": content_type})
 
-    MetricsPage.settings = runtime.settings
+    MetricsPage.settings = settings

@@ -1,6 +1,6 @@
 """Unit tests of the Prometheus metrics: bounded project labels, scrape-time series, text format.
 
-The runtime here is a plain stand-in with the few attributes the collector reads; the
+The scrape sources here are plain stand-ins with the few attributes the collector reads; the
 end-to-end check against a real worker is in test_views_integration.py.
 """
 
@@ -120,8 +120,9 @@ class _Meter:
     def series(self, project_id: str, seconds: int) -> list[dict[str, int]]:
         return []
 
-    def drain_status(self) -> dict[str, Any]:
-        return {"backlog": {"0": 12, "1": {"backlog": 3}}, "drain_rate": 250.0}
+
+def _drain_status() -> dict[str, Any]:
+    return {"backlog": {"0": 12, "1": {"backlog": 3}}, "drain_rate": 250.0}
 
 
 class _Sink:
@@ -142,10 +143,13 @@ class _Sink:
 
 
 def _runtime(n_projects: int) -> SimpleNamespace:
+    """The scrape sources (``streamapp.metrics.ScrapeSources``): no parking book (its series are skipped)."""
     return SimpleNamespace(
         meter=_Meter(n_projects),
         sink=_Sink(),
         s3=SimpleNamespace(stats=S3Stats(objects=5, bytes=500, retries=2, errors=2), on_put=[]),
+        parking=None,
+        drain_status=_drain_status,
     )
 
 

@@ -47,7 +47,7 @@ def test_lane_producer_uses_faust_producer_settings() -> None:
     settings = Settings(control_secret="x", app_id="lane-conf", kafka_bootstrap="10.1.2.3:9093,10.1.2.4:9094")
     app = create_app(settings)
     app.conf.producer_compression_type = "gzip"  # whatever Faust's producer uses, the lane uses
-    lane: OverflowLane = app.streamapp.sink.overflow  # type: ignore[attr-defined]
+    lane: OverflowLane = app.services.sink.overflow  # type: ignore[attr-defined]
     config = lane.producer_config()
     faust_config: Any = app.producer._settings_default()  # type: ignore[attr-defined]
     assert config["bootstrap_servers"] == faust_config["bootstrap_servers"]
@@ -62,7 +62,7 @@ def test_lane_producer_uses_faust_producer_settings() -> None:
 async def test_lane_produces_a_signed_record_acknowledged_by_the_broker(broker: Any) -> None:
     settings = Settings(control_secret="s3cret", app_id="lane-e2e", kafka_bootstrap=broker.bootstrap)
     app = create_app(settings)
-    lane: OverflowLane = app.streamapp.sink.overflow  # type: ignore[attr-defined]
+    lane: OverflowLane = app.services.sink.overflow  # type: ignore[attr-defined]
     topic, partition, key, value = "lane-e2e-overflow", 1, b"p1", b'{"events":[1,2,3]}'
     headers = control_headers(b"s3cret", topic, partition, key, value)
     await lane.start()
