@@ -15,7 +15,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 # Keen's JavaScript tracking SDK (npm keen-tracking, pinned by package-lock.json) for
-# tests/test_keen_sdk_browser.py, into the gitignored tests/browser/node_modules.
+# tests/api/test_keen_sdk_browser.py, into the gitignored tests/browser/node_modules.
 browser_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
 if [ ! -f "$browser_dir/node_modules/.package-lock.json" ] \
   || [ "$browser_dir/package-lock.json" -nt "$browser_dir/node_modules/.package-lock.json" ]; then

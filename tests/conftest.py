@@ -124,7 +124,7 @@ def worker_env(broker: BrokerProcess, s3: S3Process, bucket: str, unique_name: s
         calls += 1
         env = connection_env(broker, s3, bucket, unique_name, tmp_path / f"worker-data-{calls}")
         # Tests produce to projects they never create and expect each to be metered and shed on
-        # its own; the default (shared) is covered by tests/test_cardinality.py.
+        # its own; the default (shared) is covered by tests/metering/test_cardinality.py.
         env.update(settings_env(unknown_projects="export"))
         env.update(settings_env(overrides))
         return env

@@ -28,7 +28,7 @@
    agents walk the raw records themselves. Their order and offsets are unchanged.
 5. Isolation ``read_committed``: records of aborted transactions (a transactional producer
    that failed half-way) are never delivered, so never exported. (Tansu has no transactions:
-   there it changes nothing; tests/test_codecs.py pins the setting.)
+   there it changes nothing; tests/infra/test_codecs.py pins the setting.)
 6. A record batch that cannot be decoded (a compression codec this process lacks, a corrupt
    batch) stops only its partition: the records before it are delivered, the partition is
    paused at the batch's offset (nothing after it is read, so nothing is skipped), and the

@@ -5,7 +5,7 @@ Unit part: the signature (bound to topic, partition, key and value; deterministi
 ``\\x00tick`` records written by a plain producer into a real worker's events topic are not
 obeyed, are counted (/sink/, /metrics) and dead-lettered; the worker's own ticks still close
 windows (every event reaches S3 only through them). Genuine shedding is covered by
-tests/test_meter_integration.py.
+tests/metering/test_meter_integration.py.
 """
 
 from __future__ import annotations

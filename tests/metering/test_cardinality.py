@@ -9,7 +9,7 @@ within window + lateness + idle flush + 10 s of being sent, exactly once; the wo
 measured is the cost of the ids, not of reading 50,000 records); /rates/, /shed/, /sink/ and
 /metrics must answer in < 100 ms (median of the requests made while the 50,000 projects are
 live, each view first in turn; the max is reported). Figures for 100,000 projects:
-test_cardinality_unit.py.
+tests/metering/test_cardinality_unit.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Unit tests of the Prometheus metrics: bounded project labels, scrape-time series, text format.
 
 The scrape sources here are plain stand-ins with the few attributes the collector reads; the
-end-to-end check against a real worker is in test_views_integration.py.
+end-to-end check against a real worker is in tests/web/test_views_integration.py.
 """
 
 from __future__ import annotations

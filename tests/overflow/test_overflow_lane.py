@@ -2,7 +2,8 @@
 built from Faust's producer settings, and a signed produce acknowledged by the real broker.
 
 The end-to-end effect (the real-time path no longer stalls behind diversions) is checked by
-tests/test_replay.py; diversions and their drain by tests/overflow/test_drain.py and test_overflow_auth.py.
+tests/replay/test_replay.py; diversions and their drain by tests/overflow/test_drain.py and
+tests/control/test_overflow_auth.py.
 """
 
 from __future__ import annotations

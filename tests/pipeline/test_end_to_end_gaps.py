@@ -122,7 +122,7 @@ def app(
     )
     shared.worker = shared.start(1)
     # One event in every partition first: a partition that never saw an event writes no manifest
-    # parts, so no window's manifest would ever be complete (tests/test_finding_manifest_idle_partition.py).
+    # parts, so no window's manifest would ever be complete (tests/sink/test_manifest_idle_partitions.py).
     warm: dict[int, str] = {}
     for i in range(100):
         warm.setdefault(key_partition(f"warm-{i}", 4), f"warm-{i}")
@@ -474,7 +474,7 @@ def test_a_missing_checkpoint_is_logged_and_nothing_is_lost(app: App) -> None:
 def test_make_run_demo_path(tmp_path: Path) -> None:
     """``streamapp dev --demo`` (what ``make run`` runs) on free ports: demo traffic reaches S3, the
     spiking demo project is shed (its first spike starts 15 s into the demo), Ctrl-C exits 0
-    (--duration's clean exit: tests/test_dev_command.py)."""
+    (--duration's clean exit: tests/cli/test_dev_command.py)."""
     info_file = tmp_path / "info.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMAPP_")}
     command = [
