@@ -103,6 +103,8 @@ def build_services(app: faust.App, settings: Settings, topics: Topics) -> Worker
         settings=settings,
         topic=topics.overflow.get_topic_name(),
         objects_topic=objects_topic,
+        events_topic=topics.events.get_topic_name(),
+        invalid_topic=topics.invalid.get_topic_name(),
         checkpoints=checkpoints,
         parking=parking,
         export_target=control.export_target,

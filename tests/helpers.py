@@ -72,3 +72,19 @@ def every_partition_has_a_watermark(web_url: str, partitions: int = 4) -> bool:
     with urllib.request.urlopen(f"{web_url}/sink/", timeout=5) as response:
         parts = json.loads(response.read())["partitions"]
     return len(parts) == partitions and all(info["watermark"] is not None for info in parts.values())
+
+
+def earlier_overflow_record(
+    project_id: str, collection: str, source_partition: int, positions: list[int], lines: list[bytes]
+) -> bytes:
+    """An overflow record as versions before whole-record diversion wrote it (events already
+    enriched, one position each): the drain still reads them, e.g. after an upgrade."""
+    head = orjson.dumps(
+        {
+            "project_id": project_id,
+            "collection": collection,
+            "source_partition": source_partition,
+            "positions": positions,
+        }
+    )
+    return head[:-1] + b',"events":[' + b",".join(lines) + b"]}"

@@ -1,11 +1,15 @@
 """Chunks of one overflow partition, as a deterministic state machine (no I/O).
 
-The S3 sink diverts a shed project's excess to the overflow topic as records
-``{"project_id", "collection", "source_partition", "positions": [...], "events": [...]}``
-(``streamapp.sink.diversions.overflow_record``; keyed by project id, in the partition number
-of the source). The drain agent feeds
-them here in log order and delivers what comes out: *chunks*, each a set of "delayed"
-S3 objects plus the offset to commit once they (and the chunk's checkpoint) are in S3.
+The S3 sink diverts a shed project's excess records to the overflow topic whole, as read
+(``streamapp.sink.diversions.overflow_record``: a head naming the source partition, offset and
+timestamp, then the record's value; keyed by project id, in the partition number of the source).
+Here their events get what the real-time path would have given them (``sink.event_lines``:
+enrichment, checks, add-ons); an event it would have dead-lettered is dead-lettered from here
+(``dead_letters``, with the source partition and offset). Records of earlier versions
+(``{"project_id", "collection", "source_partition", "positions", "events"}``, events already
+enriched) are still read. The drain agent feeds records here in log order and delivers what comes
+out: *chunks*, each a set of "delayed" S3 objects plus the offset to commit once they (and the
+chunk's checkpoint) are in S3.
 
 Exactly once, like the real-time sink:
 
@@ -38,12 +42,28 @@ from streamapp.contract import (
     CONTROL_KEY_PREFIX,
     INDEX_BITS,
     TICK_KEY,
+    InvalidRecord,
+    check_identity,
     event_time_in_range,
     is_valid_name,
     parse_iso_seconds,
+    parse_record,
     position,
+    record_stamps,
 )
-from streamapp.sink import KIND_DELAYED, Target, describe_object, gzip_lines, object_key, window_start
+from streamapp.sink import (
+    DIVERTED_HEAD,
+    KIND_DELAYED,
+    EventRefused,
+    InvalidItem,
+    Target,
+    describe_object,
+    export_line,
+    gzip_lines,
+    object_key,
+    read_overflow_record,
+    window_start,
+)
 
 SEEN_WINDOW = 1 << 16  # source offsets remembered below the highest delivered one (8 KiB of bitmap)
 
@@ -131,6 +151,9 @@ class OverflowChunks:
         max_bytes: int,
         target: Callable[[str], Target | None],
         checkpoint: Mapping[str, Any] | None = None,
+        max_record_bytes: int = 1_000_000,
+        max_event_bytes: int = 900_000,
+        max_future_seconds: float = 3600.0,
     ) -> None:
         self.topic = topic
         self.partition = partition
@@ -138,6 +161,10 @@ class OverflowChunks:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.target = target
+        # The real-time path's limits (Settings), applied to the events of diverted records.
+        self.max_record_bytes = max_record_bytes
+        self.max_event_bytes = max_event_bytes
+        self.max_future_seconds = max_future_seconds
         self.next_offset = 0
         self.seen: dict[int, SeenOffsets] = {}  # source partition -> offsets delivered
         self.first_offset: int | None = None  # first offset that added events to the open chunk
@@ -146,6 +173,9 @@ class OverflowChunks:
         self.chunk_events = 0
         self.chunk_bytes = 0
         self.ready: list[Chunk] = []
+        # Events (or records) of diverted records to dead-letter, with their source partition;
+        # taken by the drain after each batch.
+        self.dead_letters: list[tuple[int, InvalidItem]] = []
         # Stats (not checkpointed).
         self.duplicates = 0
         self.untargeted = 0
@@ -175,6 +205,75 @@ class OverflowChunks:
             if key == TICK_KEY:
                 self._cut(offset + 1, force=True)
             return
+        if value is not None and value.startswith(DIVERTED_HEAD):
+            added = self._diverted_record(key, value)
+        else:
+            added = self._enriched_events(value)
+        if added:
+            if self.first_offset is None:
+                self.first_offset = offset
+            self.chunk_events += added
+        if self.chunk_events >= self.max_events or self.chunk_bytes >= self.max_bytes:
+            self._cut(offset + 1)
+
+    def _seen(self, source: int) -> SeenOffsets:
+        seen = self.seen.get(source)
+        if seen is None:
+            seen = self.seen[source] = SeenOffsets()
+        return seen
+
+    def _add(self, project: str, collection: str, start: int, target: Target, line: bytes) -> None:
+        gkey = (project, collection, start)
+        group = self.groups.get(gkey)
+        if group is None:
+            group = self.groups[gkey] = _Group()
+            self.group_targets[gkey] = target
+        group.data += line
+        group.events += 1
+        self.chunk_bytes += len(line)
+
+    def _diverted_record(self, key: bytes | None, value: bytes) -> int:
+        """A record the sink diverted whole: its events as the real-time path would write them."""
+        try:
+            source, source_offset, timestamp_ms, raw = read_overflow_record(value)
+        except ValueError:
+            self.invalid += 1  # signed, yet not a diversion this version can read: nothing to deliver
+            return 0
+        seen = self._seen(source)
+        if seen.has(source_offset):
+            self.duplicates += 1  # diverted again after the sink's restart: delivered already
+            return 0
+        seen.add(source_offset)
+        try:
+            record = parse_record(raw, self.max_record_bytes)
+            check_identity(key, record.project_id)
+        except InvalidRecord as exc:  # the sink checked both: only another version's diversion
+            self.dead_letters.append((source, InvalidItem(source_offset, key, raw, exc.reason)))
+            return 0
+        project, collection = record.project_id, record.collection
+        target = self.target(project)
+        if target is None:
+            self.untargeted += len(record.events)  # the project does not export (any more)
+            return 0
+        stamps = record_stamps(source, source_offset, timestamp_ms)
+        added = 0
+        for index, event in enumerate(record.events):
+            try:
+                event_time, line = export_line(event, index, stamps, self.max_future_seconds, self.max_event_bytes)
+            except EventRefused as exc:
+                line = exc.line if exc.line is not None else raw
+                self.dead_letters.append((source, InvalidItem(source_offset, key, line, exc.reason)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - an event can only ever cost itself
+                reason = f"event {index} failed ({type(exc).__name__}: {str(exc)[:200]})"
+                self.dead_letters.append((source, InvalidItem(source_offset, key, raw, reason)))
+                continue
+            self._add(project, collection, window_start(event_time, self.size), target, line)
+            added += 1
+        return added
+
+    def _enriched_events(self, value: bytes | None) -> int:
+        """A diversion of an earlier version: its events already enriched, with their positions."""
         try:
             doc = orjson.loads(value or b"")
             project = doc["project_id"]
@@ -193,10 +292,8 @@ class OverflowChunks:
                 raise ValueError("positions must be non-negative integers")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
             self.invalid += 1  # not written by the sink: nothing to deliver
-            return
-        seen = self.seen.get(source)
-        if seen is None:
-            seen = self.seen[source] = SeenOffsets()
+            return 0
+        seen = self._seen(source)
         # Decide per source offset before marking any: a record's events share their offset.
         fresh = {pos >> INDEX_BITS for pos in positions if not seen.has(pos >> INDEX_BITS)}
         for source_offset in fresh:
@@ -219,23 +316,9 @@ class OverflowChunks:
                 event_time = parse_iso_seconds(keen.get("window_timestamp") or keen.get("timestamp"))
             if event_time is None or not event_time_in_range(event_time):
                 event_time = 0.0
-            start = window_start(event_time, self.size)
-            line = dumps(event, option=newline)
-            gkey = (project, collection, start)
-            group = self.groups.get(gkey)
-            if group is None:
-                group = self.groups[gkey] = _Group()
-                self.group_targets[gkey] = target
-            group.data += line
-            group.events += 1
-            self.chunk_bytes += len(line)
+            self._add(project, collection, window_start(event_time, self.size), target, dumps(event, option=newline))
             added += 1
-        if added:
-            if self.first_offset is None:
-                self.first_offset = offset
-            self.chunk_events += added
-        if self.chunk_events >= self.max_events or self.chunk_bytes >= self.max_bytes:
-            self._cut(offset + 1)
+        return added
 
     def _cut(self, commit_offset: int, force: bool = False) -> None:
         if not self.chunk_events and not force:

@@ -6,6 +6,8 @@ chunk's "delayed" objects (same layout as the real-time objects, ``-d{partition}
 suffix) into the project's export target,
 then the checkpoint for the offset after the chunk, then commits that offset. After a
 crash or rebalance the partition is restored from the checkpoint at the committed offset.
+The events of a diverted record that the real-time path would have dead-lettered are
+dead-lettered from here (``events-invalid``, naming the events-topic record).
 
 Pacing (``metering.Pacer``): each chunk reserves ``events / allowance`` seconds; the
 allowance is ``overflow_max_eps`` while the real-time sink has no backlog and falls
@@ -29,7 +31,7 @@ import faust
 import orjson
 from faust.types import TP, EventT
 
-from streamapp.contract import TICK_KEY
+from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value
 from streamapp.control import control_headers, control_secrets, verify_control
 from streamapp.metering import Pacer, sink_backlog_age
 from streamapp.overflow.chunks import Chunk, OverflowChunks
@@ -56,6 +58,8 @@ class OverflowDrain:
         settings: Settings,
         topic: str,
         objects_topic: str,
+        events_topic: str,
+        invalid_topic: str,
         checkpoints: CheckpointStore,
         parking: Parking,
         export_target: Callable[[str], Target | None],
@@ -67,6 +71,8 @@ class OverflowDrain:
         self.settings = settings
         self.topic = topic
         self.objects_topic = objects_topic
+        self.events_topic = events_topic  # where diverted records were read (named in dead letters)
+        self.invalid_topic = invalid_topic
         self.checkpoints = checkpoints
         self.parking = parking  # a project's own bucket failing parks its objects (sink/parking.py)
         self.export_target = export_target
@@ -80,6 +86,7 @@ class OverflowDrain:
         self.pacer = Pacer(self.settings.overflow_max_eps)
         self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
         self.delayed_objects = 0
+        self.dead_lettered = 0
         self.events_delivered = 0
         self.chunks = 0
         self.paced_seconds = 0.0
@@ -100,6 +107,9 @@ class OverflowDrain:
             max_bytes=CHUNK_MAX_BYTES,
             target=self.export_target,
             checkpoint=checkpoint,
+            max_record_bytes=self.settings.max_record_bytes,
+            max_event_bytes=self.settings.max_event_bytes,
+            max_future_seconds=self.settings.max_future_seconds,
         )
         self.partitions[tp.partition] = chunks
         self.committed[tp.partition] = committed or 0
@@ -129,6 +139,7 @@ class OverflowDrain:
                 self._record(chunks, message.tp, record)
             self.last_record_at[partition] = now
         for partition, chunks in touched.items():
+            self._dead_letter(chunks)
             ready, chunks.ready = chunks.ready, []
             for chunk in ready:
                 await self.deliver(chunk)
@@ -159,6 +170,23 @@ class OverflowDrain:
                 type(exc).__name__,
                 exc,
             )
+
+    def _dead_letter(self, chunks: OverflowChunks) -> None:
+        """Events of diverted records that the real-time path would have dead-lettered: the same
+        dead letter, naming the events-topic record they came from."""
+        producer = self.app.producer
+        for source_partition, item in chunks.dead_letters:
+            value = invalid_record_value(
+                item.reason,
+                topic=self.events_topic,
+                partition=source_partition,
+                offset=item.offset,
+                key=item.key,
+                value=item.value,
+            )
+            self.spawn(producer.send(self.invalid_topic, dead_letter_key(item.key), value, None, None, None))
+        self.dead_lettered += len(chunks.dead_letters)
+        chunks.dead_letters.clear()
 
     def backlog_age(self) -> float:
         s = self.settings
@@ -248,6 +276,7 @@ class OverflowDrain:
                 self.pacer.allowance(now, self.backlog_age(), self.settings.health_backlog_seconds), 1
             ),
             "delayed_objects": self.delayed_objects,
+            "dead_lettered": self.dead_lettered,
             "events_delivered": self.events_delivered,
             "chunks": self.chunks,
             "paced_seconds": round(self.paced_seconds, 3),

@@ -1,7 +1,7 @@
 """The sink's side of the overflow lane: diverted batches out, backpressure in.
 
-A shed project's excess (``DivertedBatch``, decided by ``PartitionWindows``) is written as one
-overflow record (``overflow_record``: the format the drain's ``OverflowChunks`` reads), signed
+A shed project's excess record (``DivertedBatch``, decided by ``PartitionWindows``) is written
+as one overflow record (``overflow_record``: the format the drain's ``OverflowChunks`` reads), signed
 like a control record so the drain delivers only what a worker diverted, and produced through
 the lane's own producer (``streamapp.overflow.lane.OverflowLane``, passed in). The batch becomes
 committable once Kafka acknowledged it. While over ``MAX_DIVERTING_BYTES`` of a partition's
@@ -20,30 +20,41 @@ from streamapp.control import control_headers
 if TYPE_CHECKING:
     from streamapp.overflow.lane import OverflowLane
 
-__all__ = ["MAX_DIVERTING_BYTES", "Diversions", "overflow_record"]
+__all__ = ["DIVERTED_HEAD", "MAX_DIVERTING_BYTES", "Diversions", "overflow_record", "read_overflow_record"]
 
 #: A partition's diverted bytes not yet acknowledged by Kafka above which the sink stops taking
 #: records until the overflow lane catches up (backpressure from the lane's own producer).
 MAX_DIVERTING_BYTES = 32 * 1024 * 1024
 
 
-def overflow_record(
-    project_id: str, collection: str, source_partition: int, positions: list[int], lines: list[bytes]
-) -> bytes:
-    """The overflow record of a diverted batch: ``lines`` are its events as JSON lines.
+#: How a diverted record's overflow value begins (an earlier version's begin ``{"project_id"``).
+DIVERTED_HEAD = b'{"diverted":1,'
 
-    They are already encoded: spliced in rather than decoded and encoded again.
-    """
+
+def overflow_record(source_partition: int, offset: int, timestamp_ms: int, record: bytes) -> bytes:
+    """The overflow value of a diverted record: a one-line JSON head saying where it was read
+    (the drain's enrichment needs the source partition, offset and timestamp), a newline, then
+    the record's value exactly as read (not decoded and encoded again). The project id is the key."""
     head = orjson.dumps(
-        {
-            "project_id": project_id,
-            "collection": collection,
-            "source_partition": source_partition,
-            "positions": positions,
-        }
+        {"diverted": 1, "source_partition": source_partition, "offset": offset, "timestamp_ms": timestamp_ms}
     )
-    events = b"[" + b",".join(line.rstrip(b"\n") for line in lines) + b"]"
-    return head[:-1] + b',"events":' + events + b"}"
+    return head + b"\n" + record
+
+
+def read_overflow_record(value: bytes) -> tuple[int, int, int, bytes]:
+    """(source partition, offset, timestamp in ms, the record's value) of ``overflow_record``'s
+    output; raises ``ValueError`` for anything else (anyone may produce to the overflow topic)."""
+    head, newline, record = value.partition(b"\n")
+    if not newline or not head.startswith(DIVERTED_HEAD):
+        raise ValueError("not a diverted record")
+    doc = orjson.loads(head)  # a JSONDecodeError is a ValueError
+    fields = (doc.get("source_partition"), doc.get("offset"), doc.get("timestamp_ms"))
+    if not all(type(field) is int for field in fields):
+        raise ValueError("source partition, offset and timestamp must be integers")
+    source, offset, timestamp_ms = fields
+    if not (0 <= source < 1 << 31 and 0 <= offset < 1 << 63 and 0 <= timestamp_ms < 1 << 53):
+        raise ValueError("source partition, offset or timestamp out of range")
+    return source, offset, timestamp_ms, record
 
 
 class Diversions:

@@ -16,8 +16,8 @@ Why each piece of the checkpoint is needed:
   again: the part is not rewritten (without the objects the replay skips).
 * ``windows[S].skip_below``: windows flushed after the commit point; their admitted
   events in the replay range are already in S3 and must not be written again. A
-  diverted event is diverted again (whether its first produce landed is unknown);
-  the drain delivers each source position once.
+  diverted record after the position is diverted again (whether its first produce
+  landed is unknown); the drain delivers each source offset once.
 
 Size: one module of ~590 lines, because ``PartitionWindows`` is one state machine whose input, windowing,
 durability and checkpoint methods all read and write the same state; splitting the class would
@@ -170,6 +170,12 @@ class PartitionWindows:
         counts = self.counts.get(project)
         if counts is None:
             counts = self.counts[project] = RouteCounts()
+        # A shed project's records are sampled whole, by record position (deterministic on replay).
+        excess = route.mode if route is not None and not admit_event(base, route.fraction) else None
+        if excess == "divert":
+            assert value is not None  # parse_record accepted it
+            self._divert(offset, timestamp_ms, project, value, len(record.events), counts)
+            return
         watermark = self.watermark
         size = self.size
         late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
@@ -185,8 +191,6 @@ class PartitionWindows:
         older_start = int(late_edge // size) * size - LATE_WINDOWS * size if late_edge != _NEG_INF else _NEG_INF
         max_time = _NEG_INF
         unexported = False
-        diverted_events: list[bytes] | None = None
-        diverted_positions: list[int] = []
         stamps: RecordStamps | None = None
         skip = self.skip
         pc = (project, collection)
@@ -239,18 +243,8 @@ class PartitionWindows:
             early = not late and start > early_edge
             if early and start >= later_start:
                 start = later_start
-            # The diversion is decided before the skip check: ``skip`` says which admitted events
-            # are in S3, not whether a diverted one reached the overflow lane, so the replay
-            # diverts its excess again (the drain drops what it has delivered, by position).
-            if route is not None and not admit_event(pos, route.fraction):
-                if route.mode == "divert":
-                    counts.diverted += 1
-                    if diverted_events is None:
-                        diverted_events = []
-                    diverted_events.append(line)
-                    diverted_positions.append(pos)
-                    continue
-                if route.mode == "drop":
+            if excess is not None:
+                if excess == "drop":
                     counts.dropped += 1
                     continue
                 counts.shadow_excess += 1  # shadow: decide and count, change nothing
@@ -282,12 +276,6 @@ class PartitionWindows:
                 del buffers[(project, collection, start)]
                 self._emit(buf, pos + 1)
         self.events_in += len(record.events)
-        if diverted_events:
-            batch = DivertedBatch(
-                next(self._ids), project, collection, diverted_events, diverted_positions, self._snapshot()
-            )
-            self.inflight[batch.id] = batch
-            self.diverted.append(batch)
         if unexported:
             # Events of a project that does not export still tell the time: without this, a partition
             # busy with only such traffic is never idle-ticked and no window's manifest completes.
@@ -297,6 +285,30 @@ class PartitionWindows:
         if max_time > watermark:
             self.last_event_time = max_time
             self._advance(max_time, position(offset + 1))
+
+    def _divert(
+        self, offset: int, timestamp_ms: int, project: str, value: bytes, events: int, counts: RouteCounts
+    ) -> None:
+        """A shed project's excess record: to the overflow lane whole, as read (see ``DivertedBatch``).
+
+        Its envelope and identity are checked; its events are checked, enriched and windowed by
+        the drain. A record before the checkpoint's position was diverted and acknowledged before
+        the commit (a diverted record holds the commit point at its first position until Kafka
+        acknowledged it), so it is not diverted again; one after it is, and the drain delivers
+        each source offset once.
+        """
+        self.events_in += events
+        if position(offset) < self.skip_pos:
+            return
+        counts.diverted += events
+        batch = DivertedBatch(next(self._ids), project, offset, timestamp_ms, value, events, self._snapshot())
+        self.inflight[batch.id] = batch
+        self.diverted.append(batch)
+        # Its record time still tells the partition's time (as for a project that does not export).
+        record_time = timestamp_ms / 1000.0
+        if record_time > self.watermark and event_time_in_range(record_time):
+            self.last_event_time = record_time
+            self._advance(record_time, position(offset + 1))
 
     def tick(self, offset: int, watermark: float) -> None:
         """A watermark tick written into this partition when it was idle and caught up."""

@@ -328,7 +328,7 @@ class S3Sink:
             self.invalid_out += len(windows.invalid)
             windows.invalid.clear()
         for batch in windows.diverted:
-            value = overflow_record(batch.project_id, batch.collection, partition, batch.positions, batch.events)
+            value = overflow_record(partition, batch.offset, batch.timestamp_ms, batch.record)
             self.diversions.started(partition, len(value))
             self._track(self._divert(windows, partition, batch.id, batch.project_id, value))
         windows.diverted.clear()

@@ -11,12 +11,13 @@ anything unsigned. Real worker, real broker, real S3.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streamapp.contract import TICK_KEY, position
+from streamapp.contract import TICK_KEY
 from streamapp.sink import overflow_record
 from tests.metering.test_meter_integration import (
     METER_ENV,
@@ -46,7 +47,8 @@ async def forge(bootstrap: str, topic: str) -> int:
     sent = 0
     try:
         for partition in range(PARTITIONS):
-            value = overflow_record("p00", "pageviews", partition, [position(10**9)], [b'{"n":-1,"forged":true}'])
+            record = b'{"project_id":"p00","collection":"pageviews","event":{"n":-1,"forged":true}}'
+            value = overflow_record(partition, 10**9, int(time.time() * 1000), record)
             await producer.send_and_wait(topic, value, key=b"p00", partition=partition)
             await producer.send_and_wait(topic, b'{"at":0}', key=TICK_KEY, partition=partition)
             sent += 2

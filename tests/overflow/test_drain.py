@@ -18,8 +18,9 @@ import pytest
 
 from streamapp.contract import TICK_KEY, position
 from streamapp.overflow.chunks import SEEN_WINDOW, OverflowChunks, SeenOffsets
+from streamapp.sink.diversions import DIVERTED_HEAD, overflow_record
 from streamapp.sink.layout import KIND_DELAYED, object_key
-from tests.helpers import events_in
+from tests.helpers import earlier_overflow_record, events_in
 
 WINDOW = 10
 T0 = 1_800_000_000
@@ -34,8 +35,11 @@ def _iso(t: float) -> str:
 Record = tuple[int, bytes, bytes]
 
 
-def make_log(rng: random.Random, n: int) -> tuple[list[Record], Counter[str]]:
-    """Overflow records of two source partitions (one lane); some re-sent later (sink crash)."""
+def make_log(rng: random.Random, n: int, whole: bool = True) -> tuple[list[Record], Counter[str]]:
+    """Overflow records of two source partitions (one lane); some re-sent later (sink crash).
+
+    ``whole``: records diverted whole, as this version's sink does; else an earlier version's
+    records (events already enriched, the excess share of a batch record)."""
     log: list[Record] = []
     want: Counter[str] = Counter()
     next_offset = {0: 0, 4: 0}  # source partition -> next source offset
@@ -58,37 +62,42 @@ def make_log(rng: random.Random, n: int) -> tuple[list[Record], Counter[str]]:
         if roll < 0.2 and len(log) > 2 and not log[-1][1].startswith(b"\x00"):
             # Two diversions produced concurrently land in the other order.
             previous = log.pop()
-            log.append((offset - 1, *_next_record(rng, sent, want, next_offset, clock)))
+            log.append((offset - 1, *_next_record(rng, sent, want, next_offset, clock, whole)))
             log.append((offset, previous[1], previous[2]))
             continue
         clock += rng.uniform(0.0, 0.8)
-        log.append((offset, *_next_record(rng, sent, want, next_offset, clock)))
+        log.append((offset, *_next_record(rng, sent, want, next_offset, clock, whole)))
     return log, want
 
 
 def _next_record(
-    rng: random.Random, sent: list[bytes], want: Counter[str], next_offset: dict[int, int], clock: float
+    rng: random.Random,
+    sent: list[bytes],
+    want: Counter[str],
+    next_offset: dict[int, int],
+    clock: float,
+    whole: bool,
 ) -> tuple[bytes, bytes]:
     source = rng.choice([0, 4])
     src_offset = next_offset[source]
     next_offset[source] += rng.randint(1, 3)
     project = rng.choice(["p1", "p2", "p3"])
     count = rng.choice([1, 1, 2, 5])
-    indexes = sorted(rng.sample(range(8), count))  # the excess share of a batch record
+    # Whole: all of a source record's events; earlier: the excess share of a batch record.
+    indexes = list(range(count)) if whole else sorted(rng.sample(range(8), count))
     events = []
     for i in indexes:
         name = f"{source}-{src_offset}-{i}"
         events.append({"n": name, "keen": {"timestamp": _iso(clock - rng.uniform(0, 3)), "id": name}})
         want[name] += 1
-    value = orjson.dumps(
-        {
-            "project_id": project,
-            "collection": rng.choice(["clicks", "views"]),
-            "source_partition": source,
-            "positions": [position(src_offset, i) for i in indexes],
-            "events": events,
-        }
-    )
+    collection = rng.choice(["clicks", "views"])
+    if whole:
+        record = orjson.dumps({"project_id": project, "collection": collection, "events": events})
+        value = overflow_record(source, src_offset, int(clock * 1000), record)
+    else:
+        value = earlier_overflow_record(
+            project, collection, source, [position(src_offset, i) for i in indexes], [orjson.dumps(e) for e in events]
+        )
     sent.append(value)
     return project.encode(), value
 
@@ -105,9 +114,9 @@ def new_chunks(checkpoint: dict[str, Any] | None, max_events: int = 40) -> Overf
     )
 
 
-def simulate(seed: int, n: int = 1500, crashes: int = 8, max_events: int = 40) -> dict[str, bytes]:
+def simulate(seed: int, n: int = 1500, crashes: int = 8, max_events: int = 40, whole: bool = True) -> dict[str, bytes]:
     rng = random.Random(seed)
-    log, _ = make_log(rng, n)
+    log, _ = make_log(rng, n, whole)
     log.append((len(log), TICK_KEY, b"{}"))  # the drain ticks an idle lane at the end
     crash_at = sorted(rng.sample(range(20, n), crashes))
     s3: dict[str, bytes] = {}
@@ -140,11 +149,12 @@ def projects_of(s3: dict[str, bytes]) -> set[str]:
     return {key.split("/")[1] for key in s3 if key.endswith(".json.gz")}
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-records", "earlier-format"])
 @pytest.mark.parametrize("seed", range(10))
-def test_every_diverted_event_exactly_once_across_crashes_and_resends(seed: int) -> None:
+def test_every_diverted_event_exactly_once_across_crashes_and_resends(seed: int, whole: bool) -> None:
     rng = random.Random(seed)
-    log, want = make_log(rng, 1500)
-    s3 = simulate(seed)
+    log, want = make_log(rng, 1500, whole)
+    s3 = simulate(seed, whole=whole)
     got = events_in(s3)
     # p3 does not export: its excess is consumed, never written.
     names = _names_of(log, exclude="p3")
@@ -161,7 +171,7 @@ def _names_of(log: list[Record], exclude: str) -> set[str]:
         if key.startswith(b"\x00"):
             continue
         try:
-            doc = orjson.loads(value)
+            doc = orjson.loads(value.partition(b"\n")[2] if value.startswith(DIVERTED_HEAD) else value)
         except orjson.JSONDecodeError:
             continue
         if doc["project_id"] != exclude:
@@ -169,8 +179,9 @@ def _names_of(log: list[Record], exclude: str) -> set[str]:
     return names
 
 
-def test_replay_from_a_checkpoint_writes_identical_keys_and_bytes() -> None:
-    log, _ = make_log(random.Random(3), 600)
+@pytest.mark.parametrize("whole", [True, False], ids=["whole-records", "earlier-format"])
+def test_replay_from_a_checkpoint_writes_identical_keys_and_bytes(whole: bool) -> None:
+    log, _ = make_log(random.Random(3), 600, whole)
     first = new_chunks(None)
     for record in log:
         first.process(*record)

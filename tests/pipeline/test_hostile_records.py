@@ -17,6 +17,10 @@ overflow topic. After the run:
   are dead-lettered too and never obeyed: some are generated so that obeying one would hurt the
   honest projects (a shed marker dropping them, a tick far ahead), and the checks above would fail;
 * manifests are still written.
+
+``mallory`` (the name most hostile records claim) is shed from the start with a tiny quota, so its
+valid-envelope records are diverted whole and their events checked, enriched and exported (as
+"delayed" objects) or dead-lettered by the overflow drain: the same property holds on that path.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamapp.contract import InvalidRecord, check_identity, parse_record
+from streamapp.control import publish_records, quota_record
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
 from streamapp.partitioning import key_partition as default_partition
 from tests.conftest import app_worker
@@ -53,6 +58,8 @@ HONEST = ("honest-a", "honest-b")
 HONEST_EPS = 20  # per project
 PARTITIONS = 4  # the default: Settings.topic_partitions
 EXAMPLES = 30
+SHED = "mallory"  # shed (divert) for the whole run: its records take the overflow lane
+SHED_QUOTA_EPS = 0.5
 BAD_LOG = re.compile(r"Traceback|crashed|Restarting dead|Giving up", re.IGNORECASE)
 ON_TIME_KEY = re.compile(r"-p\d+-o\d+(-i\d+)?\.json\.gz$")
 
@@ -323,6 +330,30 @@ def contract_valid(key: bytes | None, value: bytes) -> bool:
     return True
 
 
+def shed_from_the_start(hostile: Hostile, broker: BrokerProcess) -> None:
+    """Give ``SHED`` a tiny quota and write over it until the meter sheds it (divert: its records
+    take the overflow lane); then some records of it whose events the drain must dead-letter."""
+    kafka, topic = hostile.kafka, hostile.topic
+    asyncio.run(
+        publish_records(broker.bootstrap, f"{topic}-control", [quota_record(SHED, quota_eps=SHED_QUOTA_EPS, burst=0.0)])
+    )
+
+    def send(events: list[Any]) -> None:
+        value = orjson.dumps({"project_id": SHED, "collection": "c", "events": events})
+        meta = kafka.run(kafka.send(topic, SHED.encode(), value))
+        hostile.records.append((meta.partition, meta.offset, SHED.encode(), value))
+
+    def shed() -> bool:
+        send([{"warm": n} for n in range(5)])
+        with urllib.request.urlopen(f"{hostile.worker.web_url}/_meter/", timeout=5) as answer:
+            states = orjson.loads(answer.read())["shed"]["shed"]
+        return any(s["project_id"] == SHED and s["state"] == "shed" and s["mode"] == "divert" for s in states)
+
+    wait_until(shed, 60, interval=0.2, what=f"{SHED} shed")
+    for _ in range(20):  # diverted from here on (the admitted share is ~quota / rate)
+        send([{"ok": 1}, 5, {"keen": {"timestamp": "1969-12-31T23:59:59Z"}}, {"keen": {"addons": [{}]}}, {"ok": 2}])
+
+
 # ------------------------------------------------------------------------------ the property
 def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any, broker: BrokerProcess) -> None:
     kafka, worker, topic = hostile.kafka, hostile.worker, hostile.topic
@@ -335,6 +366,7 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
             fillers.append(f"filler-{n}")
     honest = HonestStream(kafka, topic, fillers)
     started_at = time.time()
+    shed_from_the_start(hostile, broker)
     time.sleep(2 * WINDOW)  # the honest projects' windows are flowing before the first hostile record
 
     @settings(
@@ -373,8 +405,49 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
     committed_after = time.time() - ended_at
     assert committed_after <= COMMIT_BOUND, f"commits took {committed_after:.1f}s > {COMMIT_BOUND}s"
 
+    # Every hostile events-topic record: dead-lettered with a reason, or exported as its own project
+    # (the shed project's through the overflow drain, which delivers a little later).
+    exported_ids: set[str] = set()
+    hostile_events = [(p, o, k, v) for p, o, k, v in hostile.records if not (k or b"x").startswith(b"\x00")]
+    forged_control = {(p, o) for p, o, k, v in hostile.records if (k or b"x").startswith(b"\x00")}
+    must_dead_letter = {(p, o) for p, o, k, v in hostile_events if not contract_valid(k, v)} | forged_control
+    dead = asyncio.run(read_dead_letters(broker.bootstrap, f"{topic}-invalid", must_dead_letter, 60))
+    assert must_dead_letter <= dead.keys(), f"not dead-lettered: {sorted(must_dead_letter - dead.keys())[:10]}"
+    assert all(dead[pos]["reason"] for pos in must_dead_letter)
+    valid = [(p, o, k, v) for p, o, k, v in hostile_events if (p, o) not in must_dead_letter]
+    valid = [(p, o, k, v) for p, o, k, v in valid if parse_record(v, 1_000_000).events != []]
+
+    def unaccounted() -> list[tuple[int, int, bytes | None, bytes]]:
+        # Valid envelope: each event exported under its own id, or dead-lettered one by one.
+        nonlocal objects, dead
+        objects = read_exported(s3_client, hostile.bucket)
+        exported_ids.clear()
+        exported_ids.update(
+            e["keen"]["id"][:18] for events in objects.values() for e in events if isinstance(e.get("keen"), dict)
+        )
+        left = [r for r in valid if f"{r[0]:04x}{r[1]:014x}" not in exported_ids and (r[0], r[1]) not in dead]
+        if left:
+            dead = asyncio.run(
+                read_dead_letters(broker.bootstrap, f"{topic}-invalid", {(p, o) for p, o, *_ in left}, 2)
+            )
+        return [r for r in left if (r[0], r[1]) not in dead]
+
+    objects: dict[str, list[dict[str, Any]]] = {}
+    try:
+        wait_until(lambda: not unaccounted(), 90, what="every valid hostile record exported or dead-lettered")
+    except AssertionError:
+        raise AssertionError(
+            f"neither exported nor dead-lettered: {[(p, o, k, v[:200]) for p, o, k, v in unaccounted()]}"
+        ) from None
+
+    # The shed project's records took the overflow lane: some exported as delayed objects, some of
+    # their events dead-lettered by the drain (the dead letter names the events-topic record).
+    delayed = [k for k in objects if k.split("/")[1] == SHED and k.endswith("-delayed.json.gz")]
+    assert delayed, f"no delayed object of {SHED}: {sorted(objects)[:20]}"
+    shed_valid = {(p, o) for p, o, k, v in valid if k == SHED.encode()}
+    assert shed_valid & dead.keys(), "no event of a diverted record was dead-lettered by the drain"
+
     # Every honest event exactly once, in an on-time object.
-    objects = read_exported(s3_client, hostile.bucket)
     seen: Counter[tuple[str, int]] = Counter()
     for key, events in objects.items():
         project = key.split("/")[1]
@@ -386,26 +459,6 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
     want = Counter({(p, n): 1 for p, count in honest.sent.items() for n in range(count)})
     assert seen == want, f"missing {sum((want - seen).values())}, duplicated {sum((seen - want).values())}"
 
-    # Every hostile events-topic record: dead-lettered with a reason, or exported as its own project.
-    exported_ids = {
-        e["keen"]["id"][:18] for events in objects.values() for e in events if isinstance(e.get("keen"), dict)
-    }
-    hostile_events = [(p, o, k, v) for p, o, k, v in hostile.records if not (k or b"x").startswith(b"\x00")]
-    forged_control = {(p, o) for p, o, k, v in hostile.records if (k or b"x").startswith(b"\x00")}
-    must_dead_letter = {(p, o) for p, o, k, v in hostile_events if not contract_valid(k, v)} | forged_control
-    dead = asyncio.run(read_dead_letters(broker.bootstrap, f"{topic}-invalid", must_dead_letter, 60))
-    assert must_dead_letter <= dead.keys(), f"not dead-lettered: {sorted(must_dead_letter - dead.keys())[:10]}"
-    assert all(dead[pos]["reason"] for pos in must_dead_letter)
-    for p, o, k, v in hostile_events:
-        if (p, o) in must_dead_letter:
-            continue
-        # Valid envelope: each event exported under its own id, or dead-lettered one by one.
-        assert f"{p:04x}{o:014x}" in exported_ids or (p, o) in dead or parse_record(v, 1_000_000).events == [], (
-            p,
-            o,
-            k,
-            v[:200],
-        )
     big = [d for d in dead.values() if d.get("value_truncated")]
     assert any(d["value_bytes"] == 1_000_000 for d in big) or b"\x00" * 1_000_000 not in {
         v for *_, v in hostile.records

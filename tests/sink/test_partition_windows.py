@@ -119,8 +119,8 @@ def feed(windows: PartitionWindows, record: tuple[int, int, bytes, bytes]) -> No
 
 
 def overflow_value(batch: DivertedBatch) -> bytes:
-    """The overflow record the sink produces for a diverted batch of source partition 0."""
-    return overflow_record(batch.project_id, batch.collection, 0, batch.positions, batch.events)
+    """The overflow record the sink produces for a diverted record of source partition 0."""
+    return overflow_record(0, batch.offset, batch.timestamp_ms, batch.record)
 
 
 def drain_into(s3: dict[str, bytes], overflow: list[bytes]) -> None:
@@ -317,7 +317,9 @@ def test_divert_route_sends_excess_to_overflow_deterministically() -> None:
     counts = windows.counts["p"]
     assert counts.admitted + counts.diverted == 2000
     assert 0.2 < counts.admitted / 2000 < 0.3
-    assert sum(len(b.events) for b in windows.diverted) == counts.diverted
+    assert sum(b.events for b in windows.diverted) == counts.diverted
+    # Diverted whole, as read: the drain enriches them (tests/overflow/test_raw_diversion_unit.py).
+    assert all(b.record == orjson.dumps(body) for b in windows.diverted)
 
 
 def test_records_delivered_again_after_a_seek_back_are_ignored() -> None:

@@ -51,6 +51,7 @@ from streamapp.sink.manifests import parse_manifest_part
 from streamapp.sink.partition import LATE_WINDOWS, PartitionWindows
 from streamapp.sink.service import S3Sink
 from streamapp.sink.status import PartitionStatus
+from tests.helpers import earlier_overflow_record
 from tests.metering.test_meter_unit import new_meter, one, rec
 
 WINDOW = 10
@@ -546,9 +547,9 @@ def test_future_corrections_are_counted_in_metrics() -> None:
 
 
 def test_the_drain_reads_past_overflow_records_it_cannot_use() -> None:
-    """Anyone can produce to the overflow topic: no field is used before it is checked."""
+    """Anyone can produce to the overflow topic: no field is used before it is checked (records
+    in an earlier version's format; this version's: tests/overflow/test_raw_diversion_unit.py)."""
     from streamapp.overflow import OverflowChunks
-    from streamapp.sink import overflow_record
 
     chunks = OverflowChunks(
         "overflow", 0, window_seconds=WINDOW, max_events=50, max_bytes=1 << 20, target=lambda p: ("bucket", "pre")
@@ -565,7 +566,7 @@ def test_the_drain_reads_past_overflow_records_it_cannot_use() -> None:
         chunks.process(offset, b"p", orjson.dumps(doc))
     far = {"keen": {"timestamp": "9999-12-31T23:59:59-05:00"}, "n": "far"}
     ahead = {"keen": {"timestamp": iso(T0 + 7200), "window_timestamp": iso(T0)}, "n": "ahead"}
-    good = overflow_record("p", "c", 0, [1 << 20, 2 << 20], [orjson.dumps(far), orjson.dumps(ahead)])
+    good = earlier_overflow_record("p", "c", 0, [1 << 20, 2 << 20], [orjson.dumps(far), orjson.dumps(ahead)])
     chunks.process(len(bad), b"p", good)
     chunks.process(len(bad) + 1, TICK_KEY, b"{}")
     assert chunks.invalid == 5  # the event that is not an object is skipped inside a good record
