@@ -79,6 +79,7 @@ class MeterCounting:
     ready: bool
     partitions: set[int]
     floors: dict[int, int]
+    record_clock: dict[int, tuple[int, float]]
     by_key: dict[bytes, ProjectMeter]
     shared: dict[int, ProjectMeter]
     tables: MeterTables
@@ -145,8 +146,10 @@ class MeterCounting:
         self.events_in += n_events
         if not acc:
             return []
-        now_sec = int(time.time())
+        now = time.time()
+        now_sec = int(now)
         touched: dict[bytes, ProjectMeter] = {}
+        newest: dict[int, int] = {}  # partition -> newest record second of this batch (not ahead of ours)
         for (key, sec), (n, nbytes, partition, offset) in sorted(acc.items(), key=lambda kv: kv[0][1]):
             if partition not in owned:
                 continue
@@ -158,7 +161,10 @@ class MeterCounting:
             touched[pm.key] = pm
             # A client clock ahead of ours must not push the ring into the future (it would then
             # drop every on-time count as "too old").
-            pm.counts.add(min(sec, now_sec), n, nbytes)
+            sec = min(sec, now_sec)
+            pm.counts.add(sec, n, nbytes)
+            if sec > newest.get(partition, -1):
+                newest[partition] = sec
             pm.received += n
             pm.nbytes += nbytes
             self.received_total += n
@@ -166,6 +172,10 @@ class MeterCounting:
             if offset > pm.offset:
                 pm.offset = offset
             pm.partition = partition
+        clock = self.record_clock
+        for partition, sec in newest.items():
+            previous = clock.get(partition)
+            clock[partition] = (max(sec, previous[0]) if previous is not None else sec, now)
         self._dirty.update(touched)
         if time.monotonic() >= self._rows_due:
             self.write_rates()

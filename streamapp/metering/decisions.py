@@ -34,6 +34,10 @@ FRACTION_CHANGE = 0.15
 SHAPING_HORIZON_SECONDS = 3
 # Records of a second are assumed complete this long after it ended (fetch + batch delay).
 CONSUMER_LAG_SECONDS = 0.5
+# A partition whose newest counted record is further behind the clock than this, while records keep
+# coming, is metered on its records' clock (``record_lag``); an idle one stays on the wall clock.
+RECORD_LAG_TOLERANCE_SECONDS = 2
+RECORD_CLOCK_IDLE_SECONDS = 2.0
 # Kafka produce latency (mean of the last sends) above which limits tighten, like the sink backlog.
 PRODUCE_LATENCY_THRESHOLD_MS = 500.0
 # Health-aware limits tighten only the heaviest projects.
@@ -55,6 +59,7 @@ class MeterDecisions:
     sustained_h: int
     shaping_h: int
     projects: dict[str, ProjectMeter]
+    record_clock: dict[int, tuple[int, float]]
     episodes: deque[dict[str, Any]]
     health: dict[str, float]
     tightened: dict[str, float]
@@ -96,6 +101,26 @@ class MeterDecisions:
         control = self.control
         return control.caught_up.is_set() or time.monotonic() - self.started_at > CONTROL_GRACE_SECONDS
 
+    def record_lag(self, partition: int, now: float) -> int:
+        """Seconds the records now being counted on ``partition`` are behind ``now`` (0 if caught up).
+
+        Rates are counted by record timestamp. While the consumer is behind (a backlog), the
+        records counted now are seconds old, so rates over the last seconds of the wall clock
+        would see none: the project would look quiet, its admitted share would be 1 and its whole
+        backlog would be exported on time, which deepens the backlog (the 2019 spiral). So a
+        partition that is behind is metered at the clock of its newest counted record. A far-future
+        record timestamp is capped at the clock when counted, so a producer can only make its
+        partition look caught up (the wall clock), never further behind.
+        """
+        clock = self.record_clock.get(partition)
+        if clock is None:
+            return 0
+        newest, counted_at = clock
+        if not 0 <= now - counted_at <= RECORD_CLOCK_IDLE_SECONDS:
+            return 0  # nothing counted lately (or only after ``now``): caught up and quiet
+        lag = int(now) - newest
+        return lag if lag > RECORD_LAG_TOLERANCE_SECONDS else 0
+
     def decide(self, pms: list[ProjectMeter], now: float) -> None:
         """Run the state machine for ``pms`` at ``now``; queue markers and control records."""
         s = self.settings
@@ -117,13 +142,15 @@ class MeterDecisions:
                     and counts.bytes_held <= quota.enter_bps
                 ):
                     continue
-            pm.eps_burst, pm.bps_burst = counts.rate(now_sec, self.burst_h, elapsed)
-            pm.eps_sustained, pm.bps_sustained = counts.rate(now_sec, self.sustained_h, elapsed, full_window=True)
+            lag = self.record_lag(pm.partition, now)
+            at_sec = now_sec - lag  # the metering clock of its partition
+            pm.eps_burst, pm.bps_burst = counts.rate(at_sec, self.burst_h, elapsed)
+            pm.eps_sustained, pm.bps_sustained = counts.rate(at_sec, self.sustained_h, elapsed, full_window=True)
             # The admitted share is sized by the larger of the rate over the last complete seconds
             # (stable: records of the current second are still arriving) and the rate including
             # the current second (quick to see a jump).
-            recent_eps, recent_bps = counts.rate(now_sec, self.shaping_h, elapsed)
-            complete_eps, complete_bps = counts.rate(int(now - CONSUMER_LAG_SECONDS) - 1, self.shaping_h)
+            recent_eps, recent_bps = counts.rate(at_sec, self.shaping_h, elapsed)
+            complete_eps, complete_bps = counts.rate(int(now - lag - CONSUMER_LAG_SECONDS) - 1, self.shaping_h)
             pm.eps_shaping = max(recent_eps, complete_eps)
             bps_shaping = max(recent_bps, complete_bps)
             quota = self.effective_quota(pm.project_id)

@@ -99,6 +99,9 @@ class Meter(MeterCounting, MeterDecisions, MeterPublishing, MeterReadModel, Mete
         self.projects: dict[str, ProjectMeter] = {}
         self.by_key: dict[bytes, ProjectMeter] = {}
         self.floors: dict[int, int] = {}  # partition -> highest offset counted before the last reload
+        # partition -> (newest record second counted, wall time it was counted): the metering clock
+        # of a partition the consumer is behind on (MeterDecisions.record_lag).
+        self.record_clock: dict[int, tuple[int, float]] = {}
         self.partitions: set[int] = set()
         self.ready = False  # tables recovered and loaded for the current assignment
         self.started_at = time.monotonic()
@@ -161,6 +164,7 @@ class Meter(MeterCounting, MeterDecisions, MeterPublishing, MeterReadModel, Mete
         self.shared = {}
         self._watched, self._undecided, self._top_cache, self._totals_snapshot = {}, {}, None, None
         self.floors = {}
+        self.record_clock = {}
         idle_before = int(time.time() - self.idle_seconds)
         skipped = 0
         for key, row in self._owned_rows(self.tables.rates, decode_rates, "rates"):

@@ -295,6 +295,23 @@ def test_admit_fraction_is_announced_again_only_when_it_moves_over_15_percent() 
     assert runtime.app.producer.sent[-1][2]["fraction"] > 1.15 * runtime.app.producer.sent[0][2]["fraction"]
 
 
+def test_a_partition_behind_is_metered_on_its_records_clock() -> None:
+    """A backlog: the records counted now were written 20 s ago. On the wall clock the spiking
+    project would look quiet (admitted share 1: its whole backlog exported on time, the 2019
+    spiral); on its partition's records clock it is 20x over its quota."""
+    meter, runtime = new_meter()
+    feed = Feed()
+    t0 = int(time.time()) - 28  # records of 20-28 s ago, all counted now
+    spike(meter, feed, "a", 2, t0, 20, 800)
+    now = time.time()
+    assert meter.record_lag(2, now) >= 20 and meter.record_lag(1, now) == 0
+    pm = meter.projects["a"]
+    meter.decide([pm], now)
+    assert pm.state.is_shed and 0.03 <= pm.fraction <= 0.06  # ~40 ev/s of 800 (the wall clock: 1.0)
+    # Caught up and quiet (nothing counted for a while): back on the wall clock.
+    assert meter.record_lag(2, now + 5) == 0
+
+
 def test_quiet_project_leaves_shed_only_after_the_cooldown() -> None:
     meter, runtime = new_meter()
     feed = Feed()
