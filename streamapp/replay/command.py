@@ -52,6 +52,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle-seconds", type=float, default=None)
     parser.add_argument("--calibration-seconds", type=float, default=None)
     parser.add_argument("--spike-connections", type=int, default=None, help="HTTP connections of the spiking client")
+    parser.add_argument(
+        "--spike-addons",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"the spike's events ask for Keen's ua/url/referrer add-ons (default {d.spike_addons})",
+    )
+    parser.add_argument(
+        "--drain-share",
+        type=float,
+        default=None,
+        help=f"overflow drain ceiling / measured capacity, protected arm (default {d.drain_share:g})",
+    )
     parser.add_argument("--arms", default="baseline,protected", help="comma-separated arms to run")
 
 
@@ -71,6 +83,8 @@ _FLAG_FIELDS = {
     "settle_seconds": "settle_seconds",
     "calibration_seconds": "calibration_seconds",
     "spike_connections": "spike_connections",
+    "spike_addons": "spike_addons",
+    "drain_share": "drain_share",
 }
 
 
@@ -206,7 +220,13 @@ def _traffic_config(
         "spike_connections": scenario.spike_connections,
         "other_connections": scenario.other_connections,
         "writers": [
-            {"name": name, "index": base_index + i, "key": keys[name], "channel": channels[name]}
+            {
+                "name": name,
+                "index": base_index + i,
+                "key": keys[name],
+                "channel": channels[name],
+                "addons": scenario.spike_addons and name in (scenario.spiking_project, CALIBRATION_PROJECT),
+            }
             for i, name in enumerate(names)
         ],
         "out": str(path),

@@ -27,6 +27,30 @@ CHANNELS = ("batch", "single", "kafka")
 ID_SHIFT = 32
 
 _EVENT = b'{"x":%d,"t":%d,"page":"/p/%d","user":%d,"keen":{"timestamp":"%s"}}'
+#: A web pageview asking for Keen's user-agent, URL and referrer parsers (``--spike-addons``).
+_PAGEVIEW = (
+    b'{"x":%d,"t":%d,"page_url":"https://shop.example.com/p/%d?utm_source=news&item=%d#top","user":%d,'
+    b'"user_agent":"%s","referrer":"https://www.google.com/search?q=shoes+%d",'
+    b'"keen":{"timestamp":"%s","addons":['
+    b'{"name":"keen:ua_parser","input":{"ua_string":"user_agent"},"output":"parsed_user_agent"},'
+    b'{"name":"keen:url_parser","input":{"url":"page_url"},"output":"parsed_page_url"},'
+    b'{"name":"keen:referrer_parser","input":{"referrer_url":"referrer","page_url":"page_url"},'
+    b'"output":"referrer_info"}]}}'
+)
+_USER_AGENTS = [
+    agent.replace("{v}", str(version)).encode()
+    for version in range(60)
+    for agent in (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/1{v}.0.0.0 "
+        "Safari/537.36",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_{v} like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+        "Version/17.0 Mobile/15E148 Safari/604.1",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.{v} "
+        "Safari/605.1.15",
+        "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/12{v}.0.0.0 Mobile "
+        "Safari/537.36",
+    )
+]
 
 
 def event_id(project_index: int, seq: int) -> int:
@@ -38,10 +62,19 @@ def iso_ms(epoch_ms: int) -> bytes:
     return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z").encode()
 
 
-def encode_events(project_index: int, first_seq: int, count: int, epoch_ms: int) -> bytes:
-    """``count`` events joined by commas (the inside of a JSON array)."""
+def encode_events(project_index: int, first_seq: int, count: int, epoch_ms: int, addons: bool = False) -> bytes:
+    """``count`` events joined by commas (the inside of a JSON array); ``addons``: pageviews that
+    ask for three of Keen's add-ons (a few hundred distinct agents and URLs, as on a real site)."""
     stamp = iso_ms(epoch_ms)
     base = project_index << ID_SHIFT
+    if addons:
+        agents = _USER_AGENTS
+        return b",".join(
+            [
+                _PAGEVIEW % (base | seq, epoch_ms, seq % 300, seq % 40, seq % 9973, agents[seq % 240], seq % 50, stamp)
+                for seq in range(first_seq, first_seq + count)
+            ]
+        )
     return b",".join(
         [_EVENT % (base | seq, epoch_ms, seq % 50, seq % 9973, stamp) for seq in range(first_seq, first_seq + count)]
     )
@@ -55,6 +88,7 @@ class Writer:
     index: int
     key: str
     channel: str
+    addons: bool = False  # its events ask for Keen's add-ons (``encode_events``)
     seq: int = 0
     carry: float = 0.0
 
@@ -231,7 +265,7 @@ class Generator:
     async def http_batch(self, writer: Writer, first: int, n: int, due: float, epoch_ms: int) -> int:
         import aiohttp
 
-        body = b'{"pageviews":[' + encode_events(writer.index, first, n, epoch_ms) + b"]}"
+        body = b'{"pageviews":[' + encode_events(writer.index, first, n, epoch_ms, writer.addons) + b"]}"
         url = f"{self.web}/3.0/projects/{writer.name}/events"
         status, ok = NO_ANSWER, 0
         try:
@@ -264,7 +298,7 @@ class Generator:
         self.log.add(due, time.time() - due, writer, status, first, 1, 1 if status == 201 else 0)
 
     async def kafka_batch(self, writer: Writer, first: int, n: int, due: float, epoch_ms: int) -> None:
-        events = encode_events(writer.index, first, n, epoch_ms)
+        events = encode_events(writer.index, first, n, epoch_ms, writer.addons)
         head = b'{"project_id":"%s","collection":"pageviews",' % writer.name.encode()
         if n == 1:
             value = head + b'"event":' + events + b"}"

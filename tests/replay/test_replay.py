@@ -4,11 +4,11 @@ command itself) checked for its outputs, exactly-once accounting and issue #12's
 capacity) on hand-made inputs.
 
 Invariants (B = window + lateness + idle flush + 5 s = 13 s here), on the other projects during the
-spike: protected p99 delivery <= B and API success >= 99.9 % are asserted. Baseline p99 >= 2B is
-not, because it does not hold yet on one 2-core worker: the baseline's others p99 was 10.7-19.0 s
-(< 2B = 26 s) with a 20 s spike at Kafka shares 0.05-0.3, while the protected arm misses B above
-a share of ~0.2 (16.8 s at 0.3, 49 s at 0.5); see the README's "The incident, replayed". Issue
-#12 stays open for it: a check that cannot fail (an xfail) would only hide it.
+spike, all asserted: protected p99 delivery <= B, baseline p99 >= 2B, protected API success >=
+99.9 %. The spike is sized from the machine (2.5x the measured capacity, half of it straight to
+Kafka, pageviews asking for three add-ons: see the README's "The incident, replayed"); the
+protected arm's diverted excess is in S3 about a minute after the spike, so the replay takes a
+few minutes rather than two.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ REDUCED = [
     "--window-seconds", "5",
     "--lateness-seconds", "2",
     "--idle-flush-seconds", "1",
-    "--settle-seconds", "60",
+    "--settle-seconds", "150",
     "--calibration-seconds", "4",
 ]  # fmt: skip
 
@@ -91,6 +91,14 @@ def test_protected_arm_keeps_the_others_within_the_bound(replay_run: tuple[int, 
     assert others["api"]["success_rate"] >= 0.999, others["api"]
 
 
+@pytest.mark.integration
+def test_baseline_arm_puts_the_others_at_least_twice_the_bound_behind(replay_run: tuple[int, Path, str]) -> None:
+    """The same traffic without protection degrades: otherwise the replay would prove nothing."""
+    others, bound = _others(replay_run, "baseline")
+    assert others["delivery_seconds"]["p99"] is not None
+    assert others["delivery_seconds"]["p99"] >= 2 * bound, others["delivery_seconds"]
+
+
 # ----------------------------------------------------------------------------------------- pure parts
 
 
@@ -110,8 +118,13 @@ def test_parse_object_reads_ids_and_event_times_of_the_generated_events() -> Non
     ids, times = parse_object(gzip.compress(lines))
     assert ids.tolist() == [event_id(2, 7), event_id(0, 1)]
     assert times.tolist() == [1700000000123, 1700000000999]
-    generated = b"[" + encode_events(4, 10, 3, 1700000000500) + b"]"
-    assert [e["x"] for e in json.loads(generated)] == [event_id(4, s) for s in (10, 11, 12)]
+    for addons in (False, True):
+        generated = b"[" + encode_events(4, 10, 3, 1700000000500, addons) + b"]"
+        assert [e["x"] for e in json.loads(generated)] == [event_id(4, s) for s in (10, 11, 12)]
+        assert parse_object(gzip.compress(generated[1:-1].replace(b"},{", b"}\n{")))[0].tolist() == [
+            event_id(4, s) for s in (10, 11, 12)
+        ]
+        assert all(("addons" in e["keen"]) is addons for e in json.loads(generated))
 
 
 def test_object_kinds_and_filtering_follow_the_s3_layout() -> None:
