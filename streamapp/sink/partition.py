@@ -173,9 +173,16 @@ class PartitionWindows:
         # A shed project's records are sampled whole, by record position (deterministic on replay).
         excess = route.mode if route is not None and not admit_event(base, route.fraction) else None
         if excess == "divert":
-            assert value is not None  # parse_record accepted it
-            self._divert(offset, timestamp_ms, project, value, len(record.events), counts)
-            return
+            if base >= self.skip_pos:
+                assert value is not None  # parse_record accepted it
+                self._divert(offset, timestamp_ms, project, value, len(record.events), counts)
+                return
+            # Before the restored commit point: diverted and acknowledged before the commit (a
+            # diverted record holds the commit point at its position until then). Only a checkpoint
+            # of a version that diverted event by event can fall inside a shed record: its events
+            # past the point are exported on time here, never lost (at worst also delivered once by
+            # the drain).
+            excess = None
         watermark = self.watermark
         size = self.size
         late_edge = watermark - size - self.lateness  # windows starting at or before this are closed
@@ -292,14 +299,10 @@ class PartitionWindows:
         """A shed project's excess record: to the overflow lane whole, as read (see ``DivertedBatch``).
 
         Its envelope and identity are checked; its events are checked, enriched and windowed by
-        the drain. A record before the checkpoint's position was diverted and acknowledged before
-        the commit (a diverted record holds the commit point at its first position until Kafka
-        acknowledged it), so it is not diverted again; one after it is, and the drain delivers
-        each source offset once.
+        the drain. After a restart it is diverted again (whether its first produce landed is not
+        known); the drain delivers each source offset once.
         """
         self.events_in += events
-        if position(offset) < self.skip_pos:
-            return
         counts.diverted += events
         batch = DivertedBatch(next(self._ids), project, offset, timestamp_ms, value, events, self._snapshot())
         self.inflight[batch.id] = batch

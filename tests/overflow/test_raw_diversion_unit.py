@@ -177,6 +177,32 @@ def test_a_diverted_record_before_the_checkpoint_is_not_diverted_again() -> None
     assert [b.offset for b in again.diverted] == [2]
 
 
+def test_an_earlier_versions_commit_point_inside_a_shed_record_exports_the_rest_on_time() -> None:
+    """A version that diverted event by event could commit in the middle of a shed batch record;
+    restored from such a checkpoint, that record's events past the point are not lost."""
+    from streamapp.contract import position
+
+    value = orjson.dumps({"project_id": "p", "collection": "c", "events": [{"n": i} for i in range(6)]})
+    checkpoint = {"position": position(1, 4), "watermark": T0 - 100.0, "routes": {"p": ["divert", 1e-9]}}
+    windows = PartitionWindows(
+        "events",
+        2,
+        window_seconds=WINDOW,
+        lateness=5,
+        max_object_bytes=1 << 30,
+        max_event_bytes=2_000,
+        max_record_bytes=100_000,
+        target=lambda project: ("bucket", "pre"),
+        manifest_target=("bucket", "pre"),
+        checkpoint=checkpoint,
+    )
+    windows.process(1, T0_MS, b"p", value)
+    windows.tick(2, T0 + 10 * WINDOW)
+    assert not windows.diverted
+    exported = lines_of([obj.body() for obj in windows.outbox if obj.body_lines is not None])
+    assert sorted(event["n"] for event in exported.values()) == [4, 5]
+
+
 def test_the_drain_delivers_each_source_offset_once() -> None:
     chunks = new_chunks()
     value = overflow_record(2, 7, T0_MS, orjson.dumps({"project_id": "p", "collection": "c", "event": {"n": 1}}))
