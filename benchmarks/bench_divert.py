@@ -1,10 +1,11 @@
 """What a shed project's excess costs the sink: diverted whole vs exported on time, side by side.
 
-    .venv/bin/python benchmarks/bench_divert.py [--records 400] [--events 500] [--repeat 3]
+    .venv/bin/python benchmarks/bench_divert.py [--records 400] [--events 500] [--repeat 3] [--plain]
 
 In-process and pure (no broker, no S3; a few seconds). The same backlog of a spiking project's
-batch records (the replay's spike: ``--events`` events per record) is fed to the sink's state
-machine (``PartitionWindows.process`` plus building what it hands on) three ways:
+batch records (the replay's spike: ``--events`` pageviews per record asking for three add-ons;
+``--plain``: the replay's plain events) is fed to the sink's state machine
+(``PartitionWindows.process`` plus building what it hands on) three ways:
 
 * **export**: no shed marker; every event enriched, encoded and buffered for S3 (the baseline);
 * **divert**: shed in divert mode at the replay's share (5 % admitted); the other records go to
@@ -36,9 +37,9 @@ from streamapp.sink.window_state import Route  # noqa: E402
 ADMITTED = 0.05
 
 
-def backlog(records: int, events: int, epoch_ms: int) -> list[bytes]:
+def backlog(records: int, events: int, epoch_ms: int, addons: bool) -> list[bytes]:
     head = b'{"project_id":"p000","collection":"pageviews","events":['
-    return [head + encode_events(0, i * events, events, epoch_ms) + b"]}" for i in range(records)]
+    return [head + encode_events(0, i * events, events, epoch_ms, addons) + b"]}" for i in range(records)]
 
 
 def new_windows(route: Route | None) -> PartitionWindows:
@@ -90,9 +91,10 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--events", type=int, default=500, help="events per record")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--plain", action="store_true", help="plain events instead of the spike's pageviews")
     args = parser.parse_args()
     epoch_ms = int(time.time() * 1000)
-    values = backlog(args.records, args.events, epoch_ms)
+    values = backlog(args.records, args.events, epoch_ms, addons=not args.plain)
     total = args.records * args.events
     best: dict[str, float] = {}
     diverted_events = 0
@@ -103,7 +105,8 @@ def main() -> None:
         diverted_events = len(overflow) * args.events
         for name, seconds in (("export", export_s), ("divert", divert_s), ("drain", drain_s)):
             best[name] = min(best.get(name, float("inf")), seconds)
-    print(f"{args.records} records of {args.events} events ({total:,} events), best of {args.repeat}, CPU time:")
+    kind = "plain events" if args.plain else "pageviews with 3 add-ons"
+    print(f"{args.records} records of {args.events} {kind} ({total:,} events), best of {args.repeat}, CPU time:")
     print(f"  sink, exported on time (baseline)    {total / best['export']:>12,.0f} events/s")
     share = diverted_events / total
     print(f"  sink, shed: {share:.0%} diverted whole        {total / best['divert']:>12,.0f} events/s")
