@@ -89,6 +89,9 @@ class OverflowLane:
             acks="all",  # a diverted batch is done (its offset committable) only once durable
             # One overflow record is one source record's excess: let a batch hold a few of them.
             max_batch_size=max(1 << 20, settings.max_record_bytes + 4096),
+            # ... and a source record of the largest accepted size, plus the overflow head and the
+            # signature, must never be refused by this producer (it would be retried forever).
+            max_request_size=max(int(config.get("max_request_size") or 0), settings.max_record_bytes + 65536),
         )
         config.pop("partitioner", None)  # diversions name their partition
         return config

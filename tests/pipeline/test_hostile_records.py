@@ -352,6 +352,8 @@ def shed_from_the_start(hostile: Hostile, broker: BrokerProcess) -> None:
     wait_until(shed, 60, interval=0.2, what=f"{SHED} shed")
     for _ in range(20):  # diverted from here on (the admitted share is ~quota / rate)
         send([{"ok": 1}, 5, {"keen": {"timestamp": "1969-12-31T23:59:59Z"}}, {"keen": {"addons": [{}]}}, {"ok": 2}])
+    # Diverted whole at (almost) the largest accepted record size: the overflow lane takes it too.
+    send([{"big": "x" * 999_900}])
 
 
 # ------------------------------------------------------------------------------ the property
