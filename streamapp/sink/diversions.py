@@ -52,7 +52,8 @@ def read_overflow_record(value: bytes) -> tuple[int, int, int, bytes]:
     if not all(type(field) is int for field in fields):
         raise ValueError("source partition, offset and timestamp must be integers")
     source, offset, timestamp_ms = fields
-    if not (0 <= source < 1 << 31 and 0 <= offset < 1 << 63 and 0 <= timestamp_ms < 1 << 53):
+    # Any Kafka timestamp (int64; -1 is "none") is carried as read: the drain stamps like the sink.
+    if not (0 <= source < 1 << 31 and 0 <= offset < 1 << 63 and -(1 << 63) <= timestamp_ms < 1 << 63):
         raise ValueError("source partition, offset or timestamp out of range")
     return source, offset, timestamp_ms, record
 

@@ -203,6 +203,19 @@ def test_an_earlier_versions_commit_point_inside_a_shed_record_exports_the_rest_
     assert sorted(event["n"] for event in exported.values()) == [4, 5]
 
 
+@pytest.mark.parametrize("timestamp_ms", [-1, 0, 253402300800001, 2**63 - 1])
+def test_any_kafka_timestamp_of_a_diverted_record_is_carried(timestamp_ms: int) -> None:
+    chunks = new_chunks()
+    record = orjson.dumps({"project_id": "p", "collection": "c", "event": {"n": 1, "keen": {"timestamp": iso(T0)}}})
+    chunks.process(0, b"p", overflow_record(2, 7, timestamp_ms, record))
+    chunks.process(1, TICK_KEY, b"{}")
+    # Read, then exported or dead-lettered as the sink would have (-1: the event is stamped an
+    # hour past its 1969 record time, so it is windowed at that time, outside 1970-9999).
+    delivered = sum(chunk.events for chunk in chunks.ready)
+    assert chunks.invalid == 0 and delivered + len(chunks.dead_letters) == 1
+    assert delivered == (0 if timestamp_ms == -1 else 1)
+
+
 def test_the_drain_delivers_each_source_offset_once() -> None:
     chunks = new_chunks()
     value = overflow_record(2, 7, T0_MS, orjson.dumps({"project_id": "p", "collection": "c", "event": {"n": 1}}))
@@ -221,6 +234,7 @@ def test_the_drain_delivers_each_source_offset_once() -> None:
         DIVERTED_HEAD + b'"source_partition":0,"offset":1e300,"timestamp_ms":0}\n{}',
         DIVERTED_HEAD + b'"source_partition":0,"offset":1,"timestamp_ms":[1]}\n{}',
         DIVERTED_HEAD + b'"source_partition":0,"offset":1,"timestamp_ms":1e400}\n{}',
+        DIVERTED_HEAD + b'"source_partition":0,"offset":1,"timestamp_ms":9223372036854775808}\n{}',
         DIVERTED_HEAD + b'"source_partition":0,"offset":1}\n{}',
         DIVERTED_HEAD + b"not json\n{}",
     ],
@@ -274,7 +288,7 @@ HEADS = st.fixed_dictionaries(
     {
         "source_partition": st.one_of(st.integers(0, 5), JSON),
         "offset": st.one_of(st.integers(0, 2**62), JSON),
-        "timestamp_ms": st.one_of(st.integers(0, 253402300800000), JSON),
+        "timestamp_ms": st.one_of(st.integers(-(2**63), 2**63 - 1), JSON),
     }
 )
 
