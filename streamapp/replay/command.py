@@ -64,6 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"overflow drain ceiling / measured capacity, protected arm (default {d.drain_share:g})",
     )
+    parser.add_argument(
+        "--spike-ramp-seconds",
+        type=float,
+        default=None,
+        help=f"seconds the spike takes to reach its full rate, 0 = a step (default {d.spike_ramp_seconds:g})",
+    )
     parser.add_argument("--arms", default="baseline,protected", help="comma-separated arms to run")
 
 
@@ -85,6 +91,7 @@ _FLAG_FIELDS = {
     "spike_connections": "spike_connections",
     "spike_addons": "spike_addons",
     "drain_share": "drain_share",
+    "spike_ramp_seconds": "spike_ramp_seconds",
 }
 
 
@@ -131,6 +138,7 @@ def run_arm(
         "idle_flush_seconds": scenario.idle_flush_seconds,
         "shed_mode": mode,
         "health_backlog_seconds": scenario.health_backlog_seconds,
+        "burst_horizon_seconds": scenario.burst_horizon_seconds,
     }
     if scenario.derived:
         worker_settings["overflow_max_eps"] = scenario.derived["overflow_max_eps"]
@@ -247,6 +255,7 @@ def replay(
         spiking_project=scenario.spiking_project,
         spike_start=scenario.spike_start,
         spike_end=scenario.spike_end,
+        spike_ramp_seconds=scenario.spike_ramp_seconds,
         spike_eps=d["spike_eps"],
         base_eps=d["base_eps_per_project"],
     )

@@ -176,7 +176,10 @@ class Generator:
     def rate(self, writer: Writer, elapsed: float) -> float:
         cfg = self.config
         if writer.name == cfg["spiking_project"] and cfg["spike_start"] <= elapsed < cfg["spike_end"]:
-            return float(cfg["spike_eps"])
+            ramp = float(cfg.get("spike_ramp_seconds") or 0.0)
+            climbed = min(1.0, (elapsed - cfg["spike_start"]) / ramp) if ramp > 0 else 1.0
+            base = float(cfg["base_eps"])
+            return base + (float(cfg["spike_eps"]) - base) * climbed
         if writer.channel == "single":
             return min(float(cfg["base_eps"]), float(cfg["single_write_max_eps"]))
         return float(cfg["base_eps"])

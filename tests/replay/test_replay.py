@@ -153,3 +153,20 @@ def test_spike_and_quota_follow_the_measured_capacity() -> None:
     assert sized.derived["quota_eps"] == 1_000.0
     assert sized.derived["base_eps_per_project"] == 20.0
     assert Scenario(window_seconds=5, allowed_lateness_seconds=2, idle_flush_seconds=1.0).bound_seconds == 13.0
+
+
+def test_the_spike_climbs_to_its_rate_over_the_ramp() -> None:
+    from streamapp.replay.traffic import Generator, Writer
+
+    config = {
+        "web": "http://127.0.0.1:1", "topic": "t", "tick_seconds": 0.2, "http_timeout_seconds": 1.0,
+        "batch_size": 500, "kafka_batch_size": 500, "writers": [], "spiking_project": "p000",
+        "spike_start": 10.0, "spike_end": 40.0, "spike_eps": 10_100.0, "base_eps": 100.0,
+        "single_write_max_eps": 10.0, "spike_ramp_seconds": 5.0,
+    }  # fmt: skip
+    spiker, other = Writer("p000", 0, "k", "batch"), Writer("p001", 1, "k", "batch")
+    generator = Generator(config)
+    rates = [generator.rate(spiker, t) for t in (9.9, 10.0, 12.5, 15.0, 39.9, 40.0)]
+    assert rates == [100.0, 100.0, 5_100.0, 10_100.0, 10_100.0, 100.0]
+    assert generator.rate(other, 12.5) == 100.0
+    assert Generator({**config, "spike_ramp_seconds": 0.0}).rate(spiker, 10.0) == 10_100.0
