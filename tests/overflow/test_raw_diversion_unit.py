@@ -37,7 +37,7 @@ def iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def new_windows(route: Route | None) -> PartitionWindows:
+def new_windows(route: Route | None, checkpoint: dict[str, Any] | None = None) -> PartitionWindows:
     windows = PartitionWindows(
         "events",
         2,
@@ -48,6 +48,7 @@ def new_windows(route: Route | None) -> PartitionWindows:
         max_record_bytes=100_000,
         target=lambda project: ("bucket", "pre"),
         manifest_target=("bucket", "pre"),
+        checkpoint=checkpoint,
         max_future_seconds=3600,
     )
     if route is not None:
@@ -160,18 +161,7 @@ def test_a_diverted_record_before_the_checkpoint_is_not_diverted_again() -> None
     windows.done(batch.id)
     offset, checkpoint = windows.commit_point()
     assert offset == 2
-    again = PartitionWindows(
-        "events",
-        2,
-        window_seconds=WINDOW,
-        lateness=5,
-        max_object_bytes=1 << 30,
-        max_event_bytes=2_000,
-        max_record_bytes=100_000,
-        target=lambda project: ("bucket", "pre"),
-        manifest_target=("bucket", "pre"),
-        checkpoint=checkpoint,
-    )
+    again = new_windows(None, checkpoint)
     again.process(1, T0_MS, b"p", value)  # a redelivery from before the commit point
     again.process(2, T0_MS, b"p", value)
     assert [b.offset for b in again.diverted] == [2]
@@ -184,18 +174,7 @@ def test_an_earlier_versions_commit_point_inside_a_shed_record_exports_the_rest_
 
     value = orjson.dumps({"project_id": "p", "collection": "c", "events": [{"n": i} for i in range(6)]})
     checkpoint = {"position": position(1, 4), "watermark": T0 - 100.0, "routes": {"p": ["divert", 1e-9]}}
-    windows = PartitionWindows(
-        "events",
-        2,
-        window_seconds=WINDOW,
-        lateness=5,
-        max_object_bytes=1 << 30,
-        max_event_bytes=2_000,
-        max_record_bytes=100_000,
-        target=lambda project: ("bucket", "pre"),
-        manifest_target=("bucket", "pre"),
-        checkpoint=checkpoint,
-    )
+    windows = new_windows(None, checkpoint)
     windows.process(1, T0_MS, b"p", value)
     windows.tick(2, T0 + 10 * WINDOW)
     assert not windows.diverted
