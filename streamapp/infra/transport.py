@@ -420,15 +420,30 @@ class StreamappConsumer(Consumer):
 
         return cast(dict[TP, int | None], await thread.call_thread(fetch))
 
+    def _delivered(self, tp: TP, offset: int, seek_seq: int | None) -> None:
+        """``offset`` of ``tp`` was handed to the agents: the partition reads on after it.
+
+        Unless the partition was sought (or revoked) while the hand-over waited: it waits on
+        Faust's flow control, which a rebalance holds until every partition is sought again.
+        Recording the stale offset then would make the next fetch skip everything between the
+        seek target and it, and those records would never be read (a live rebalance in the test
+        suite showed it: a partition sought to its commit at offset 753 was next read from past
+        1,000). The message itself is dropped by Faust's streams (an older generation).
+        """
+        if self._sought_seq.get(tp) != seek_seq:
+            return
+        self._read_offset[tp] = offset
+        self._next_offset[tp] = offset + 1
+
     async def _drain_messages(self, fetcher: Service) -> None:  # pragma: no cover - exercised end to end
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         get_read_offset = self._read_offset.__getitem__
-        next_offset = self._next_offset
-        next_offset_get = next_offset.get
-        set_read_offset = self._read_offset.__setitem__
+        next_offset_get = self._next_offset.get
+        sought_seq_get = self._sought_seq.get
+        delivered = self._delivered
         acks_enabled_for = self.app.topics.acks_enabled_for
         commit_every = self._commit_every
         sleep = asyncio.sleep
@@ -455,12 +470,12 @@ class StreamappConsumer(Consumer):
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
+                    seek_seq = sought_seq_get(tp)
                     if self.flow_active:
                         await callback(message)
                     else:
                         await self.wait_first(callback(message), self.suspend_flow.wait())
-                    set_read_offset(tp, offset)
-                    next_offset[tp] = offset + 1
+                    delivered(tp, offset, seek_seq)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 return

@@ -153,6 +153,28 @@ async def test_a_partition_kept_through_a_rebalance_resumes_after_its_last_deliv
     assert c._thread.seeks == [(EVENTS_0, 6)]
 
 
+def test_a_hand_over_that_outlives_a_seek_does_not_move_the_partition_past_it() -> None:
+    """A record handed to the agents while the partition is sought again (a full agent queue
+    blocked the hand-over through a rebalance) must not set where the partition reads on."""
+    c = consumer()
+    c._mark_sought(EVENTS_0, 700)
+    before = c._sought_seq.get(EVENTS_0)
+    c._delivered(EVENTS_0, 700, before)  # no seek meanwhile: read on after it
+    assert c._next_offset[EVENTS_0] == 701 and c._read_offset[EVENTS_0] == 700
+
+    blocked = c._sought_seq.get(EVENTS_0)
+    c._mark_sought(EVENTS_0, 753)  # the rebalance's seek to the commit, while offset 1,000 waits
+    c._delivered(EVENTS_0, 1000, blocked)
+    assert c._next_offset[EVENTS_0] == 753, "the seek's position stands"
+    assert c._read_offset[EVENTS_0] == 700
+    kept = bulk_records({EVENTS_0: [RawRecord(o) for o in range(753, 760)]}, {"events"}, c._next_offset)
+    assert [r.offset for r in kept[EVENTS_0][0].value] == list(range(753, 760)), "nothing after the seek is skipped"
+
+    c._sought_seq.pop(EVENTS_1, None)  # revoked (never sought again) while its hand-over waited
+    c._delivered(EVENTS_1, 5, 3)
+    assert EVENTS_1 not in c._next_offset
+
+
 @dataclass
 class RawRecord:
     offset: int
