@@ -46,7 +46,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from streamapp.settings import Settings
 from streamapp.sink.layout import KIND_MANIFEST_PART
-from streamapp.sink.parking_book import ParkedObject, ParkingBook, parked_key, parked_root, parse_parked_key
+from streamapp.sink.parking_book import (
+    ParkedObject,
+    ParkedOrigin,
+    ParkingBook,
+    parked_key,
+    parked_root,
+    parse_parked_key,
+)
 from streamapp.sink.s3 import S3Writer
 from streamapp.sink.s3_errors import DestinationError, classify_exception, error_code_and_status
 
@@ -221,10 +228,9 @@ class Parking:
                 log.warning("parking: cannot list parked objects of %s/%s: %r", topic, partition, exc)
                 continue
             objects = [o for o in (parse_parked_key(root, topic, k, n) for k, n in listed) if o is not None]
-            new = self.book.discovered(objects, now)
+            origins = {pid: await self._origin(key) for pid, key in self.book.unknown_projects(objects).items()}
+            self.book.discovered(objects, now, origins)
             self._scanned.add((topic, partition))
-            for project_id in new:
-                await self._restore_reason(project_id)
             if objects:
                 log.info("parking: %d parked objects found for %s/%s", len(objects), topic, partition)
 
@@ -275,25 +281,22 @@ class Parking:
             notice = {}
         return notice if isinstance(notice, dict) else {}
 
-    async def _restore_reason(self, project_id: str) -> None:
-        """After a restart: the reason and time stored with the project's oldest parked object."""
-        tenant = self.book.tenants.get(project_id)
-        if tenant is None or not tenant.objects:
-            return
-        first = min(tenant.objects)
+    async def _origin(self, parked_key: str) -> ParkedOrigin:
+        """After a restart: the reason and time stored with a parked object (a default if unreadable)."""
         client, pool = self._redeliverer().client, self._redeliverer().pool
         try:
             head = await asyncio.get_running_loop().run_in_executor(
-                pool, lambda: client.head_object(Bucket=self.bucket, Key=first)
+                pool, lambda: client.head_object(Bucket=self.bucket, Key=parked_key)
             )
         except (ClientError, BotoCoreError, OSError):
-            return
+            return ParkedOrigin()
         meta = head.get("Metadata") or {}
         try:
             since = float(meta.get(META_PARKED_AT, ""))
         except ValueError:
             since = None
-        self.book.set_reason(project_id, str(meta.get(META_REASON) or tenant.reason), since)
+        reason = str(meta.get(META_REASON) or "")
+        return ParkedOrigin(reason, since) if reason else ParkedOrigin(since=since)
 
     async def _list(self, prefix: str) -> list[tuple[str, int]]:
         client, pool = self._redeliverer().client, self._redeliverer().pool

@@ -7,7 +7,7 @@ the whole mechanism.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,14 @@ def parse_parked_key(root: str, topic: str, parked: str, size: int = 0) -> Parke
 
 
 # ---------------------------------------------------------------------------------- bookkeeping
+@dataclass(frozen=True)
+class ParkedOrigin:
+    """Why and when a project's oldest parked object was parked (stored with the object)."""
+
+    reason: str = "parked before this worker took the partition"
+    since: float | None = None
+
+
 @dataclass
 class TenantParking:
     """One parked project: its objects waiting in the quarantine and the state of redelivery."""
@@ -112,18 +120,36 @@ class ParkingBook:
             self.objects_parked += 1
         tenant.objects[obj.parked_key] = obj
 
-    def discovered(self, objects: Iterable[ParkedObject], now: float) -> list[str]:
+    def unknown_projects(self, objects: Iterable[ParkedObject]) -> dict[str, str]:
+        """Projects among ``objects`` this book does not know yet, each with its oldest parked key.
+
+        The caller reads the reason stored with that key before calling :meth:`discovered`, so a
+        project never shows up without it.
+        """
+        oldest: dict[str, str] = {}
+        for obj in objects:
+            if obj.project_id not in self.tenants:
+                known = oldest.get(obj.project_id)
+                oldest[obj.project_id] = obj.parked_key if known is None else min(known, obj.parked_key)
+        return oldest
+
+    def discovered(
+        self, objects: Iterable[ParkedObject], now: float, origins: Mapping[str, ParkedOrigin] | None = None
+    ) -> list[str]:
         """Parked objects found by listing the quarantine (after a restart or a rebalance).
 
-        Projects not known yet are due at once (their objects may have waited for a long time);
-        returns them, so the caller can fetch their reason.
+        Projects not known yet take their reason and time from ``origins`` (what their oldest
+        object was parked with) and are due at once: their objects may have waited for a long
+        time. Returns those projects.
         """
         new: list[str] = []
         for obj in objects:
             tenant = self.tenants.get(obj.project_id)
             if tenant is None:
+                origin = (origins or {}).get(obj.project_id, ParkedOrigin())
+                since = now if origin.since is None else min(now, origin.since)
                 tenant = self.tenants[obj.project_id] = TenantParking(
-                    obj.project_id, "parked before this worker took the partition", now, next_attempt_at=now
+                    obj.project_id, origin.reason, since, next_attempt_at=now
                 )
                 new.append(obj.project_id)
             tenant.objects.setdefault(obj.parked_key, obj)
@@ -159,13 +185,6 @@ class ParkingBook:
         if kind is ErrorKind.TENANT:
             tenant.reason = reason
         tenant.next_attempt_at = now + self.retry_seconds
-
-    def set_reason(self, project_id: str, reason: str, since: float | None) -> None:
-        tenant = self.tenants.get(project_id)
-        if tenant is not None:
-            tenant.reason = reason
-            if since is not None:
-                tenant.since = min(tenant.since, since)
 
     def retry_now(self, project_id: str | None = None) -> list[str]:
         """Make one project (or all) due now; returns the projects concerned."""

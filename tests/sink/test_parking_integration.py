@@ -224,7 +224,16 @@ def test_a_tenant_with_a_missing_bucket_waits_alone_and_gets_its_events_exactly_
         20,
         what="the restarted worker's parked state",
     )
+    # It shows the reason the objects were parked for as soon as it shows them.
     assert "NoSuchBucket" in get_json(worker.web_url + "/sink/")["parked"][tenant]["reason"]
+    # Found objects are retried at once; wait for that attempt to fail (the bucket is still missing),
+    # so the operator's command below is what redelivers them, not a retry racing the bucket's creation.
+    wait_until(
+        lambda: "NoSuchBucket" in get_json(worker.web_url + "/sink/")["parked"][tenant]["last_error"],
+        20,
+        what="the restarted worker's first redelivery attempt to fail",
+    )
+    assert get_json(worker.web_url + "/sink/")["parked"][tenant]["redelivery_attempts"] >= 1
 
     # The bucket appears; the operator asks for a retry now (the retry interval is 600 s).
     s3.create_bucket(tenant_bucket)

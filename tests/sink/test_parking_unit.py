@@ -9,7 +9,14 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from streamapp.metrics import parking_families
 from streamapp.settings import Settings
-from streamapp.sink.parking_book import ParkedObject, ParkingBook, parked_key, parked_root, parse_parked_key
+from streamapp.sink.parking_book import (
+    ParkedObject,
+    ParkedOrigin,
+    ParkingBook,
+    parked_key,
+    parked_root,
+    parse_parked_key,
+)
 from streamapp.sink.s3 import S3Writer
 from streamapp.sink.s3_errors import (
     DestinationError,
@@ -149,12 +156,16 @@ def test_retry_now_makes_one_or_every_tenant_due() -> None:
 def test_objects_found_by_listing_are_due_at_once_and_revoked_partitions_are_forgotten() -> None:
     book = ParkingBook(retry_seconds=30)
     book.parked(parked(1, "known", partition=1), "NoSuchBucket (404)", now=50)
-    new = book.discovered([parked(1, "known", partition=1), parked(2, "fresh", 2), parked(3, "fresh", 2)], now=60)
-    assert new == ["fresh"]
-    assert book.due(60) == ["fresh"]  # found after a restart: try now
+    listed = [parked(1, "known", partition=1), parked(3, "fresh", 2), parked(2, "fresh", 2), parked(4, "other", 2)]
+    oldest = book.unknown_projects(listed)
+    assert oldest == {"fresh": parked(2, "fresh", 2).parked_key, "other": parked(4, "other", 2).parked_key}
+    new = book.discovered(listed, now=60, origins={"fresh": ParkedOrigin("NoSuchBucket (404)", since=10)})
+    assert new == ["fresh", "other"]
+    assert book.due(60) == ["fresh", "other"]  # found after a restart: try now
     assert book.snapshot()["known"]["backlog_objects"] == 1  # the same object listed again is not doubled
-    book.set_reason("fresh", "NoSuchBucket (404)", since=10)
+    # A project shows up with the reason it was parked for, never without it.
     assert book.snapshot()["fresh"]["reason"] == "NoSuchBucket (404)" and book.snapshot()["fresh"]["since"] == 10
+    assert book.snapshot()["other"]["reason"] == ParkedOrigin().reason and book.snapshot()["other"]["since"] == 60
     book.forget_partitions({("events", 1), ("overflow", 2)})
     assert list(book.snapshot()) == ["known"]
     book.forget_partitions(set())
