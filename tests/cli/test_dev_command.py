@@ -40,7 +40,7 @@ def test_dev_runs_the_stack_exports_produced_events_and_stops_cleanly(tmp_path: 
     ]  # fmt: skip
     dev = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(info_file.exists, 30, what="the info file")
+        wait_until(info_file.exists, 90, what="the info file")  # broker, S3 server, worker spawned
         info = json.loads(info_file.read_text())
         assert info["kafka"] == f"127.0.0.1:{kafka_port}"
         assert info["s3_endpoint_url"] == f"http://127.0.0.1:{s3_port}"

@@ -486,7 +486,7 @@ def test_make_run_demo_path(tmp_path: Path) -> None:
         command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
-        wait_until(info_file.exists, 30, what="the info file")
+        wait_until(info_file.exists, 90, what="the info file")  # broker, S3 server, worker spawned
         info = json.loads(info_file.read_text())
         client = make_s3_client(info["s3_endpoint_url"])
 
