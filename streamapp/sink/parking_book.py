@@ -133,27 +133,22 @@ class ParkingBook:
                 oldest[obj.project_id] = obj.parked_key if known is None else min(known, obj.parked_key)
         return oldest
 
-    def discovered(
-        self, objects: Iterable[ParkedObject], now: float, origins: Mapping[str, ParkedOrigin] | None = None
-    ) -> list[str]:
+    def discovered(self, objects: Iterable[ParkedObject], now: float, origins: Mapping[str, ParkedOrigin]) -> None:
         """Parked objects found by listing the quarantine (after a restart or a rebalance).
 
         Projects not known yet take their reason and time from ``origins`` (what their oldest
-        object was parked with) and are due at once: their objects may have waited for a long
-        time. Returns those projects.
+        object was parked with, see :meth:`unknown_projects`) and are due at once: their objects
+        may have waited for a long time.
         """
-        new: list[str] = []
         for obj in objects:
             tenant = self.tenants.get(obj.project_id)
             if tenant is None:
-                origin = (origins or {}).get(obj.project_id, ParkedOrigin())
+                origin = origins.get(obj.project_id, ParkedOrigin())
                 since = now if origin.since is None else min(now, origin.since)
                 tenant = self.tenants[obj.project_id] = TenantParking(
                     obj.project_id, origin.reason, since, next_attempt_at=now
                 )
-                new.append(obj.project_id)
             tenant.objects.setdefault(obj.parked_key, obj)
-        return new
 
     def redelivered(self, obj: ParkedObject) -> bool:
         """``obj`` is in its original place and no longer parked; True when its tenant has nothing left."""
