@@ -93,18 +93,30 @@ class Pacer:
     ``allowance`` is ``max_rate`` when the real-time backlog age is 0 and falls
     linearly to ``floor_fraction * max_rate`` as the age reaches
     ``health_threshold`` (and stays there beyond it); never 0.
+
+    The gap after a delivery of ``n`` events is ``n / allowance`` at the allowance in force when
+    the drain *asks* (``wait_seconds``), not when it delivered: a gap judged at the floor rate would
+    hold a 5,000-event chunk back ~15 s after the real-time backlog is gone (the replay's drain sat
+    idle for 24 s after a spike), and one judged at the full rate would not yield when a backlog
+    builds during the wait. The drain asks again every few hundred milliseconds while it waits.
+
+    The waits use the worst backlog age seen in the last ``memory_seconds`` (slow to speed up, quick
+    to yield): an overloaded sink's backlog age dips to 0 for a moment each time its windows are
+    written, and a drain that went at full rate in every dip would keep the sink overloaded.
     """
 
-    __slots__ = ("_next", "floor_fraction", "max_rate")
+    __slots__ = ("_ages", "_last", "floor_fraction", "max_rate", "memory_seconds")
 
-    def __init__(self, max_rate: float, floor_fraction: float = 0.05) -> None:
+    def __init__(self, max_rate: float, floor_fraction: float = 0.05, memory_seconds: float = 5.0) -> None:
         if not max_rate > 0:
             raise ValueError(f"max_rate must be > 0, got {max_rate}")
         if not 0 < floor_fraction <= 1:
             raise ValueError(f"floor_fraction must be in (0, 1], got {floor_fraction}")
         self.max_rate = float(max_rate)
         self.floor_fraction = float(floor_fraction)
-        self._next: float | None = None  # earliest start of the next delivery
+        self.memory_seconds = float(memory_seconds)
+        self._last: tuple[float, int] | None = None  # (start, events) of the last delivery
+        self._ages: list[tuple[float, float]] = []  # (when, backlog age) seen in the last memory_seconds
 
     def allowance(self, now: float, backlog_age_seconds: float, health_threshold: float) -> float:
         """Drain rate in events/s for the current backlog age.
@@ -123,24 +135,34 @@ class Pacer:
             pressure = min(1.0, max(0.0, backlog_age_seconds) / health_threshold)
         return self.max_rate * (1.0 - (1.0 - self.floor_fraction) * pressure)
 
-    def delay_for(
-        self,
-        n_events: int,
-        now: float,
-        backlog_age_seconds: float,
-        health_threshold: float,
-    ) -> float:
-        """Seconds to sleep before delivering ``n_events``, and reserve their time slot.
+    def wait_seconds(self, now: float, backlog_age_seconds: float, health_threshold: float) -> float:
+        """Seconds until the next delivery may start, at the current allowance (0: go now).
 
-        The first batch after an idle spell goes at once; each batch then pushes
-        the next one back by ``n_events / allowance``. Idle time earns no credit,
-        so the drain never bursts above the allowance.
+        The first delivery after an idle spell goes at once; idle time earns no credit, so the
+        drain never bursts above the allowance.
         """
-        rate = self.allowance(now, backlog_age_seconds, health_threshold)
-        start = now if self._next is None or self._next < now else self._next
-        self._next = start + max(0, n_events) / rate
-        return start - now
+        age = self.recent_age(now, backlog_age_seconds)
+        if self._last is None:
+            return 0.0
+        start, events = self._last
+        rate = self.allowance(now, age, health_threshold)
+        return max(0.0, start + events / rate - now)
+
+    def recent_age(self, now: float, backlog_age_seconds: float) -> float:
+        """The worst backlog age seen in the last ``memory_seconds``, ``backlog_age_seconds`` included
+        (NaN, health unknown, is kept as is: ``allowance`` treats it as at the threshold)."""
+        if math.isnan(backlog_age_seconds):
+            return backlog_age_seconds
+        ages = [(t, a) for t, a in self._ages if now - t < self.memory_seconds]
+        ages.append((now, backlog_age_seconds))
+        self._ages = ages
+        return max(a for _, a in ages)
+
+    def started(self, n_events: int, now: float) -> None:
+        """A delivery of ``n_events`` starts at ``now``: the next one waits for its share of time."""
+        self._last = (now, max(0, n_events))
 
     def reset(self) -> None:
-        """Forget reservations (e.g. after a rebalance)."""
-        self._next = None
+        """Forget the last delivery and the ages seen (e.g. after a rebalance)."""
+        self._last = None
+        self._ages = []

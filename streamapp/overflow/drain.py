@@ -9,8 +9,9 @@ crash or rebalance the partition is restored from the checkpoint at the committe
 The events of a diverted record that the real-time path would have dead-lettered are
 dead-lettered from here (``events-invalid``, naming the events-topic record).
 
-Pacing (``metering.Pacer``): each chunk reserves ``events / allowance`` seconds; the
-allowance is ``overflow_max_eps`` while the real-time sink has no backlog and falls
+Pacing (``metering.Pacer``): after a chunk the drain waits ``events / allowance`` seconds, at the
+allowance in force while it waits (re-read every ``PACE_RECHECK_SECONDS``); the allowance is
+``overflow_max_eps`` while the real-time sink has had no backlog for a few seconds and falls
 linearly to 5 % of it as the sink's backlog age reaches ``health_backlog_seconds``. The
 drain waits inside its agent's loop, so its Faust buffer fills and Faust stops fetching the
 overflow partitions (per-partition flow control) while the events partitions flow on. The
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_MAX_EVENTS = 5000
 CHUNK_MAX_BYTES = 8 * 1024 * 1024
+#: While paced, the drain re-reads the sink's backlog this often: the allowance follows it.
+PACE_RECHECK_SECONDS = 0.25
 
 
 class OverflowDrain:
@@ -201,12 +204,12 @@ class OverflowDrain:
     async def deliver(self, chunk: Chunk) -> None:
         """Pace, write the chunk's objects, then its checkpoint, then commit."""
         if chunk.events:
-            delay = self.pacer.delay_for(
-                chunk.events, time.monotonic(), self.backlog_age(), self.settings.health_backlog_seconds
-            )
-            if delay > 0:
-                self.paced_seconds += delay
-                await asyncio.sleep(delay)
+            threshold = self.settings.health_backlog_seconds
+            while (wait := self.pacer.wait_seconds(time.monotonic(), self.backlog_age(), threshold)) > 0:
+                step = min(wait, PACE_RECHECK_SECONDS)
+                self.paced_seconds += step
+                await asyncio.sleep(step)
+            self.pacer.started(chunk.events, time.monotonic())
         parking = self.parking
         deliveries = await asyncio.gather(
             *(parking.put(self.topic, chunk.partition, obj, "application/gzip") for obj in chunk.objects)
@@ -273,7 +276,10 @@ class OverflowDrain:
             "offsets_behind": sum(p["offsets_behind"] for p in partitions.values()),
             "rate_eps": round(rate, 1),
             "allowance_eps": round(
-                self.pacer.allowance(now, self.backlog_age(), self.settings.health_backlog_seconds), 1
+                self.pacer.allowance(
+                    now, self.pacer.recent_age(now, self.backlog_age()), self.settings.health_backlog_seconds
+                ),
+                1,
             ),
             "delayed_objects": self.delayed_objects,
             "dead_lettered": self.dead_lettered,

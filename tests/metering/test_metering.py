@@ -638,25 +638,54 @@ def test_pacer_allowance_scaling() -> None:
         Pacer(10.0, floor_fraction=0.0)
 
 
-def test_pacer_delay_for() -> None:
+def test_pacer_waits_for_the_last_delivery_at_the_current_allowance() -> None:
     p = Pacer(1000.0)
-    assert p.delay_for(500, 10.0, 0.0, 120.0) == 0.0  # idle: go at once
-    assert p.delay_for(500, 10.0, 0.0, 120.0) == pytest.approx(0.5)
-    assert p.delay_for(100, 10.2, 0.0, 120.0) == pytest.approx(0.8)
-    # idle time earns no credit
-    assert p.delay_for(100, 50.0, 0.0, 120.0) == 0.0
-    assert p.delay_for(100, 50.0, 0.0, 120.0) == pytest.approx(0.1)
+    assert p.wait_seconds(10.0, 0.0, 120.0) == 0.0  # idle: go at once
+    p.started(500, 10.0)
+    assert p.wait_seconds(10.0, 0.0, 120.0) == pytest.approx(0.5)
+    assert p.wait_seconds(10.2, 0.0, 120.0) == pytest.approx(0.3)
+    # idle time earns no credit: long after the last delivery, one goes at once and the next waits
+    assert p.wait_seconds(50.0, 0.0, 120.0) == 0.0
+    p.started(100, 50.0)
+    assert p.wait_seconds(50.0, 0.0, 120.0) == pytest.approx(0.1)
     # at the threshold the drain slows to the floor (50 ev/s)
     p.reset()
-    assert p.delay_for(100, 0.0, 120.0, 120.0) == 0.0
-    assert p.delay_for(100, 0.0, 120.0, 120.0) == pytest.approx(2.0)
+    assert p.wait_seconds(0.0, 120.0, 120.0) == 0.0
+    p.started(100, 0.0)
+    assert p.wait_seconds(0.0, 120.0, 120.0) == pytest.approx(2.0)
+
+
+def test_pacer_wait_follows_the_backlog_while_the_drain_waits() -> None:
+    """A chunk delivered under pressure must not hold the drain back at the floor rate once the
+    real-time backlog is gone (nor go at full rate when a backlog builds during the wait)."""
+    p = Pacer(1000.0, memory_seconds=0.0)
+    p.started(5000, 0.0)
+    assert p.wait_seconds(0.1, 120.0, 120.0) == pytest.approx(100.0 - 0.1)  # floor: 50 ev/s
+    assert p.wait_seconds(1.0, 0.0, 120.0) == pytest.approx(4.0)  # backlog gone: 1000 ev/s from the start
+    assert p.wait_seconds(5.0, 0.0, 120.0) == 0.0
+    p.started(1000, 5.0)
+    assert p.wait_seconds(5.5, 0.0, 120.0) == pytest.approx(0.5)
+    assert p.wait_seconds(5.5, 120.0, 120.0) == pytest.approx(19.5)  # backlog built: yields
+
+
+def test_pacer_is_slow_to_speed_up_and_quick_to_yield() -> None:
+    """A backlog age that dips to 0 between window writes must not let the drain go at full rate."""
+    p = Pacer(1000.0, memory_seconds=5.0)
+    p.started(1000, 0.0)
+    assert p.wait_seconds(0.5, 120.0, 120.0) == pytest.approx(19.5)  # at the floor (50 ev/s)
+    assert p.wait_seconds(3.0, 0.0, 120.0) == pytest.approx(17.0)  # a dip: still the floor
+    assert p.wait_seconds(5.6, 0.0, 120.0) == 0.0  # 5 s without a backlog: full rate again
+    assert p.recent_age(5.6, 0.0) == 0.0
+    assert p.recent_age(6.0, 60.0) == 60.0  # a new backlog counts at once
+    assert math.isnan(p.recent_age(6.0, float("nan")))
 
 
 def test_pacer_sustained_rate_matches_allowance() -> None:
     p = Pacer(2000.0)
     now = 0.0
     for _ in range(100):
-        now += p.delay_for(100, now, 60.0, 120.0)  # sleep, then deliver 100
+        now += p.wait_seconds(now, 60.0, 120.0)  # sleep, then deliver 100
+        p.started(100, now)
     # 100 batches, the last one starting after 99 batch intervals
     assert now == pytest.approx(99 * 100 / p.allowance(0.0, 60.0, 120.0))
 
