@@ -39,9 +39,10 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
+import simdjson
 
 # A leading "_" is reserved for the service's own prefixes (``_manifests``, ``_checkpoints``).
 NAME_PATTERN = r"[A-Za-z0-9-][A-Za-z0-9_-]{0,63}"
@@ -138,6 +139,55 @@ def parse_record(value: bytes | None, max_record_bytes: int) -> ParsedRecord:
     else:
         raise InvalidRecord("record has neither 'event' nor 'events'")
     return ParsedRecord(project_id, collection, events)
+
+
+class BatchEnvelope(NamedTuple):
+    """What :func:`scan_batch` read of a batch record: its names and how many events it holds."""
+
+    project_id: str
+    collection: str
+    events: int
+
+
+# One parser, reused: each parse invalidates the previous document, so nothing read from it
+# outlives scan_batch (the agents all run on one event loop thread).
+_scanner = simdjson.Parser()
+_SCANNED_ERRORS = (ValueError, RuntimeError, KeyError, TypeError, MemoryError)
+
+
+def scan_batch(value: bytes) -> BatchEnvelope | None:
+    """The envelope of a batch record as :func:`parse_record` would read it, without building
+    its events: simdjson checks the whole document and builds only the three top-level fields
+    (0.27 ms against orjson's 2.2 ms for one of the replay's 500-pageview records). The meter
+    counts a batch this way and the sink diverts a shed project's records this way: the two
+    decodes of every spike record were ~40 % of an overloaded protected worker's main thread.
+
+    ``None`` when the record is not a well-formed batch (no ``events`` list, bad names, over
+    ``MAX_BATCH_EVENTS``) or when simdjson could read it differently from orjson (duplicate
+    top-level keys: simdjson finds the first, orjson keeps the last; a byte order mark or leading
+    space; anything simdjson refuses, such as integers over 64 bits): the caller then takes
+    :func:`parse_record`'s path. Where simdjson accepts what orjson refuses inside the events (a
+    lone surrogate escape), the record reads the same here and fails later, in orjson, where its
+    events are used: a diverted one is dead-lettered by the overflow drain, with its offset.
+    """
+    if value[:1] != b"{":
+        return None
+    try:
+        doc = _scanner.parse(value)
+        if type(doc) is not simdjson.Object:
+            return None
+        keys = list(doc.keys())
+        if "events" not in keys or len(set(keys)) != len(keys):
+            return None
+        project_id = doc["project_id"]
+        collection = doc["collection"]
+        events = doc["events"]
+        if type(events) is not simdjson.Array or not (is_valid_name(project_id) and is_valid_name(collection)):
+            return None
+        count = len(events)
+    except _SCANNED_ERRORS:  # not JSON simdjson reads (or no such field): the orjson path decides
+        return None
+    return BatchEnvelope(project_id, collection, count) if count <= MAX_BATCH_EVENTS else None
 
 
 def name_rule(name: object) -> str:

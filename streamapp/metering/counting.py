@@ -4,9 +4,10 @@ writing the rate rows (at most once per project per second, never per event).
 The project id is the record *key*, counted only when the value names the same project
 (``contract.value_names_project``: a few byte scans for the usual one-event record; the sink
 dead-letters the others, so a record keyed ``victim`` carrying ``mallory``'s events is counted
-against nobody); batch records (value containing ``"events"``) are decoded only to count their
-events; bytes are ``len(value)``. Counts are aggregated per (project, record-timestamp second)
-over the batch, then added to the project's ring once per second-bucket.
+against nobody); batch records (value containing ``"events"``) are scanned only to count their
+events (``contract.scan_batch``: no event objects built); bytes are ``len(value)``. Counts are
+aggregated per (project, record-timestamp second) over the batch, then added to the project's
+ring once per second-bucket.
 
 Replay guard: the events topic is committed by the S3 sink only when the events are in S3, so
 after a restart or rebalance the meter re-reads records it already counted (the recovered rate
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from streamapp.contract import value_names_project
+from streamapp.contract import scan_batch, value_names_project
 from streamapp.tables.meter import RatesRow, encode_rates, write_rows
 
 from .project_meter import ProjectMeter
@@ -57,9 +58,13 @@ def batch_event_count(value: bytes) -> int:
 def events_for_key(value: bytes, key: bytes) -> int:
     """Events a batch record counts for the project ``key``: -1 when its value names another project.
 
-    A batch record is decoded anyway (to count its events), so its ``project_id`` is read from the
-    document (one-event records: ``contract.value_names_project``, inline in ``Meter.observe``).
+    Its ``project_id`` is read with its event count (one-event records:
+    ``contract.value_names_project``, inline in ``Meter.observe``): by ``contract.scan_batch``
+    without building the events, or, for anything it is unsure of, by decoding the document.
     """
+    envelope = scan_batch(value)
+    if envelope is not None:
+        return envelope.events if envelope.project_id.encode() == key else -1
     try:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError:

@@ -247,7 +247,7 @@ class OverflowChunks:
         try:
             record = parse_record(raw, self.max_record_bytes)
             check_identity(key, record.project_id)
-        except InvalidRecord as exc:  # the sink checked both: only another version's diversion
+        except InvalidRecord as exc:  # the sink checked both (contract.scan_batch): events orjson refuses
             self.dead_letters.append((source, InvalidItem(source_offset, key, raw, exc.reason)))
             return 0
         project, collection = record.project_id, record.collection

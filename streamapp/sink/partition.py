@@ -48,6 +48,7 @@ from streamapp.contract import (
     position,
     position_offset,
     record_stamps,
+    scan_batch,
 )
 from streamapp.enrichment import AddonError, dead_letter_bytes, run_addons
 from streamapp.metering.shed import admit_event
@@ -149,6 +150,8 @@ class PartitionWindows:
         base = position(offset)
         if not self._advance_read(offset):
             return
+        if self.routes and key and base >= self.skip_pos and self._divert_unparsed(offset, timestamp_ms, key, value):
+            return
         try:
             record = parse_record(value, self.max_record_bytes)
             if key is None or key != record.project_id.encode():
@@ -167,9 +170,7 @@ class PartitionWindows:
         route = routes.get(project) if routes else None  # usually none: nothing is shed
         if route is None and routes and self.shared_id in routes and not self.known(project):
             route = routes[self.shared_id]  # unknown projects are shed as one
-        counts = self.counts.get(project)
-        if counts is None:
-            counts = self.counts[project] = RouteCounts()
+        counts = self._route_counts(project)
         # A shed project's records are sampled whole, by record position (deterministic on replay).
         excess = route.mode if route is not None and not admit_event(base, route.fraction) else None
         if excess == "divert":
@@ -292,6 +293,39 @@ class PartitionWindows:
         if max_time > watermark:
             self.last_event_time = max_time
             self._advance(max_time, position(offset + 1))
+
+    def _divert_unparsed(self, offset: int, timestamp_ms: int, key: bytes, value: bytes | None) -> bool:
+        """Divert a shed project's record that its route's sample sends to the overflow lane, with
+        its envelope and identity checked by ``contract.scan_batch`` (no event objects built): True
+        if it did. Anything else (admitted, one-event, invalid, a record scan_batch is unsure of)
+        returns False and ``process`` parses it like any record, with the same outcome as before."""
+        try:
+            project = key.decode()
+        except UnicodeDecodeError:
+            return False
+        routes = self.routes
+        route = routes.get(project)
+        if route is None:
+            if self.shared_id not in routes or self.known(project):
+                return False
+            route = routes[self.shared_id]  # unknown projects are shed as one
+        if route.mode != "divert" or admit_event(position(offset), route.fraction):
+            return False
+        if value is None or len(value) > self.max_record_bytes:
+            return False
+        envelope = scan_batch(value)
+        if envelope is None or envelope.project_id != project:
+            return False
+        if self.dead_letter_unknown and not self.known(project):
+            return False
+        self._divert(offset, timestamp_ms, project, value, envelope.events, self._route_counts(project))
+        return True
+
+    def _route_counts(self, project: str) -> RouteCounts:
+        counts = self.counts.get(project)
+        if counts is None:
+            counts = self.counts[project] = RouteCounts()
+        return counts
 
     def _divert(
         self, offset: int, timestamp_ms: int, project: str, value: bytes, events: int, counts: RouteCounts

@@ -35,6 +35,7 @@ from streamapp.contract import (
     is_valid_name,
     iso_from_ms,
     parse_record,
+    scan_batch,
     value_names_project,
 )
 from streamapp.control.admin import AdminApi
@@ -629,3 +630,139 @@ def test_a_quiet_partitions_first_close_writes_parts_for_every_window_since_its_
     parts = sorted(obj.start for obj in windows.outbox if obj.kind == KIND_MANIFEST_PART)
     w0 = T0 // WINDOW * WINDOW
     assert parts == [w0 + i * WINDOW for i in range(4)]
+
+
+# ------------------------------------------------------------------ scan_batch: the envelope without the events
+
+ENVELOPE_KEYS = st.sampled_from(["project_id", "collection", "events", "event", "x"])
+EVENTS = st.lists(st.one_of(st.dictionaries(st.text(max_size=4), JSON, max_size=2), JSON), max_size=4)
+
+
+def _raw_object(pairs: list[tuple[str, Any]], escape: bool) -> bytes:
+    """A JSON object written member by member: duplicate keys and escaped keys stay as written."""
+    members = []
+    for name, value in pairs:
+        key = json.dumps(name).encode()
+        if escape:
+            key = key.replace(b"_", b"\\u005f")
+        members.append(key + b":" + orjson.dumps(value))
+    return b"{" + b",".join(members) + b"}"
+
+
+def _as_parse_record_reads(value: bytes) -> tuple[str, str, int] | None:
+    try:
+        record = parse_record(value, 10_000_000)
+    except InvalidRecord:
+        return None
+    return record.project_id, record.collection, len(record.events)
+
+
+def _or_any(value: Any) -> st.SearchStrategy[Any]:
+    return st.one_of(NAMES, JSON, EVENTS) if value is None else st.just(value)
+
+
+#: A batch envelope (its three members in any order, values sometimes of the wrong type) with up
+#: to two more members: duplicates of any of them, "event", or another name.
+ENVELOPES = st.tuples(
+    st.permutations(
+        [
+            ("project_id", "p"),
+            ("collection", "c"),
+            ("events", [{"n": 1}, {"n": 2}]),
+        ]
+    ).flatmap(
+        lambda base: st.tuples(
+            *[st.tuples(st.just(k), st.sampled_from([v, v, v, None]).flatmap(_or_any)) for k, v in base]
+        )
+    ),
+    st.lists(st.tuples(ENVELOPE_KEYS, st.one_of(NAMES, JSON, EVENTS)), max_size=2),
+    st.integers(0, 3),
+).map(lambda t: [*t[0][: t[2]], *t[1], *t[0][t[2] :]])
+
+
+@settings(max_examples=400, deadline=None)
+@given(pairs=ENVELOPES, escape=st.booleans(), cut=st.integers(0, 400), junk=st.binary(max_size=3))
+def test_scan_batch_reads_nothing_parse_record_would_read_differently(
+    pairs: list[tuple[str, Any]], escape: bool, cut: int, junk: bytes
+) -> None:
+    """What the meter counts and the sink diverts without decoding is what the decode would say.
+
+    Whenever ``scan_batch`` answers, ``parse_record`` reads the same project, collection and
+    number of events, or orjson refuses the document (the drain then dead-letters it). Values:
+    objects with duplicate, escaped and missing members of any type, and the same bytes cut
+    short or with junk spliced in.
+    """
+    whole = _raw_object(pairs, escape)
+    for value in (whole, whole[:cut] + junk + whole[cut:], whole[:cut]):
+        envelope = scan_batch(value)
+        if envelope is None:
+            continue
+        try:
+            orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        assert _as_parse_record_reads(value) == tuple(envelope), value
+
+
+@settings(max_examples=200, deadline=None)
+@given(project=st.sampled_from(["p", "victim", "a-b_9"]), events=EVENTS, spaced=st.booleans())
+def test_scan_batch_answers_for_every_well_formed_batch(project: str, events: list[Any], spaced: bool) -> None:
+    """The fast path is taken for what producers write (compact or Python-spaced JSON)."""
+    doc = {"project_id": project, "collection": "c", "events": events}
+    value = json.dumps(doc).encode() if spaced else orjson.dumps(doc)
+    assert scan_batch(value) == (project, "c", len(events))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"project_id":"mallory","collection":"c","events":[{}],"project_id":"victim"}',  # duplicate
+        b'{"project_id":"mallory","collection":"c","events":[{}],"project\\u005fid":"victim"}',  # escaped one
+        b'{"project_id":"p","collection":"c","events":[{}],"events":[{},{},{}]}',  # the last list wins in orjson
+        b'\xef\xbb\xbf{"project_id":"p","collection":"c","events":[{}]}',  # orjson refuses a BOM
+        b'{"project_id":"p","collection":"c","events":[{"n":123456789012345678901234567890}]}',  # simdjson refuses
+        b'{"project_id":"p","collection":"c","events":{"0":{}}}',
+        b'{"project_id":"p","collection":"_c","events":[{}]}',
+        b'{"project_id":"p","events":[{}]}',
+        b'{"project_id":"p","collection":"c","event":{}}',  # one event: parse_record's path
+        b'["project_id","p"]',
+        b"",
+    ],
+)
+def test_scan_batch_leaves_anything_it_could_misread_to_parse_record(value: bytes) -> None:
+    assert scan_batch(value) is None
+
+
+def test_a_shed_record_is_diverted_unparsed_exactly_as_a_parsed_one_would_be() -> None:
+    """The sink's fast divert: the same records diverted with the same counts; invalid, foreign and
+    admitted records still take parse_record's path (dead-lettered or exported as before)."""
+    from streamapp.sink.partition import Route
+
+    def batch(project: str, n: int, **extra: Any) -> bytes:
+        events = [{"n": i, "keen": {"timestamp": iso(T0)}} for i in range(n)]
+        return orjson.dumps({"project_id": project, "collection": "c", "events": events, **extra})
+
+    log = [(b"p", batch("p", 1 + i % 7)) for i in range(300)]
+    log += [(b"p", batch("mallory", 3)), (b"p", b'{"project_id":"p","collection":"c","events":[{}'), (b"\xff", b"{}")]
+    log += [(b"p", batch("p", 2, x=[1])), (b"p", orjson.dumps({"project_id": "p", "collection": "c", "event": {}}))]
+    outcomes = []
+    for fast in (True, False):
+        windows = new_windows()
+        windows.marker(0, "p", Route("divert", 0.3))
+        if not fast:
+            windows._divert_unparsed = lambda *args: False  # type: ignore[method-assign]
+        for offset, (key, value) in enumerate(log, start=1):
+            windows.process(offset, T0 * 1000, key, value)
+        outcomes.append(
+            (
+                [(b.offset, b.events, b.record) for b in windows.diverted],
+                windows.counts["p"].admitted,
+                windows.counts["p"].diverted,
+                [(i.offset, i.reason) for i in windows.invalid],
+                windows.events_in,
+            )
+        )
+    assert outcomes[0] == outcomes[1]
+    diverted, admitted, diverted_events, invalid, _ = outcomes[0]
+    assert len(diverted) > 150 and admitted > 0 and diverted_events > 0
+    assert [offset for offset, _ in invalid] == [301, 302, 303]  # foreign, not JSON, bad key
