@@ -260,7 +260,12 @@ def replay(
         base_eps=d["base_eps_per_project"],
     )
     watcher = S3Watcher(
-        stack.s3_client(), stack.bucket, stack.prefix, poll=scenario.s3_poll_seconds, exclude=(CALIBRATION_PROJECT,)
+        stack.s3_client(),
+        stack.bucket,
+        stack.prefix,
+        poll=scenario.s3_poll_seconds,
+        exclude=(CALIBRATION_PROJECT,),
+        local_clock=not stack.external,
     )
     shed = ShedWatcher(stack.web)
     watcher.start()
@@ -310,5 +315,6 @@ def replay(
         "poll_seconds": scenario.s3_poll_seconds,
         "failed_listings": watcher.errors,
         "last_modified_subsecond": watcher.last_modified_resolution() > 0,
+        "visible_time": "min(first listed, LastModified + 1 s)" if watcher.local_clock else "first listed",
     }
     return summary, series

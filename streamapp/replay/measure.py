@@ -67,13 +67,21 @@ class ObjectEvents:
 
 @dataclass
 class S3Watcher:
-    """Lists the bucket every ``poll`` seconds in a thread; ``first_seen[key]`` is the visible time."""
+    """Lists the bucket every ``poll`` seconds in a thread; ``first_seen[key]`` is when a listing
+    first showed it, an upper bound of its visible time (``visible_at``).
+
+    A listing returns ~1,700 keys/s from moto, so with a few thousand objects in the bucket one takes
+    1-2 s and a key can be seen that much after it was written. With ``local_clock`` (the embedded S3
+    server, on this machine's clock) the bound is tightened by the object's own ``LastModified``:
+    whole seconds, so the object was written before ``LastModified + 1 s``.
+    """
 
     client: Any
     bucket: str
     prefix: str
     poll: float = 1.0
     exclude: tuple[str, ...] = ()
+    local_clock: bool = False
     first_seen: dict[str, float] = field(default_factory=dict)
     last_modified: dict[str, float] = field(default_factory=dict)
     read_keys: set[str] = field(default_factory=set)
@@ -114,16 +122,22 @@ class S3Watcher:
     def read_new(self) -> int:
         """Read objects not read yet; returns how many events they held."""
         added = 0
-        for key, seen in list(self.first_seen.items()):
+        for key in list(self.first_seen):
             if key in self.read_keys:
                 continue
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
             ids, times = parse_object(body)
             self.read_keys.add(key)
             kind = np.full(len(ids), object_kind(key), np.int8)
-            self._parts.append((ids, times / 1000.0, np.full(len(ids), seen), kind))
+            self._parts.append((ids, times / 1000.0, np.full(len(ids), self.visible_at(key)), kind))
             added += len(ids)
         return added
+
+    def visible_at(self, key: str) -> float:
+        """Latest time at which ``key`` can have become visible (see the class doc)."""
+        seen = self.first_seen[key]
+        modified = self.last_modified.get(key)
+        return min(seen, modified + 1.0) if self.local_clock and modified is not None else seen
 
     def events(self) -> ObjectEvents:
         if not self._parts:

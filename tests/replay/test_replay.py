@@ -6,15 +6,16 @@ capacity) on hand-made inputs.
 Invariants (B = window + lateness + idle flush + 5 s = 13 s here), on the other projects during the
 spike. The spike is sized from the machine (2.5x the measured capacity, half of it straight to
 Kafka, pageviews asking for three add-ons, climbing over 5 s: see the README's "The incident,
-replayed"), so the baseline must degrade: its p99 >= 2B is asserted (35-68 s in this session's
-reduced replays). The protected arm's API success >= 99.9 % is asserted, and its p99 at most
-``PROTECTED_SHARE`` of the baseline's (measured: 0.29-0.37 alone, 0.55 with a CPU burner beside the
-test suite: both arms then run slower, the baseline less so as it has no drain). Its p99 <= B, issue
-#12's bound, is not asserted: it held in some reduced replays here (12.5 s, 12.7 s) and not in
-others (14.3 s, 14.4 s, and 25.0 s with a step spike and the default burst horizon): on one 2-core
-worker the spike exported before the shed marker is in the log costs the others on its partitions
-about the few seconds B leaves. Issue #12 stays open for it; an assertion that fails on half the
-runs would only make CI a coin toss.
+replayed"), so the baseline must degrade: its p99 >= 2B is asserted (27-68 s in reduced replays;
+a 15 s spike came within 1 s of 2B, hence 20 s). The protected arm's API success >= 99.9 % is
+asserted, and its p99 at most ``PROTECTED_SHARE`` of the baseline's (measured: 0.29-0.46 alone,
+0.55 with a CPU burner beside the test suite: both arms then run slower, the baseline less so as
+it has no drain). Its p99 <= B, issue #12's bound, is not asserted: with this session's changes
+(no decode of a shed record, the drain's pacing) it held in two reduced replays with a 15 s spike
+(9.0 s, 12.5 s) and not in one with this 20 s spike (17.1 s, the calibration having measured
+23,500 events/s), nor in every ``--quick`` run (11.5 s and 14.8 s): the spike exported before the
+shed marker is in the log costs the others on its partitions about the few seconds B leaves.
+Issue #12 stays open for it; an assertion that fails on some runs would make CI a coin toss.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ import numpy as np
 import pytest
 
 from streamapp.replay.analysis import expand_ids, first_delivery
-from streamapp.replay.measure import KIND_DELAYED, KIND_LATE, ObjectEvents, is_event_object, object_kind, parse_object
+from streamapp.replay.measure import (
+    KIND_DELAYED,
+    KIND_LATE,
+    ObjectEvents,
+    S3Watcher,
+    is_event_object,
+    object_kind,
+    parse_object,
+)
 from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
@@ -37,13 +46,14 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The protected arm's p99 for the others at most this share of the baseline's (see the module doc).
 PROTECTED_SHARE = 0.75
 
-#: Small windows and a short spike: the whole replay (two arms) in 5-7 minutes on this machine
-#: (issue #12 asks for under two; the settle phase waits for the protected arm's diverted excess).
+#: Small windows and a short spike: the whole replay (two arms) in about 3 minutes on this machine
+#: (issue #12 asks for under two; the settle phase waits ~60 s for the protected arm's diverted
+#: excess: the drain delivers one chunk at a time).
 REDUCED = [
     "--projects", "10",
     "--warmup-seconds", "5",
     "--spike-seconds", "20",
-    "--after-seconds", "3",
+    "--after-seconds", "2",
     "--window-seconds", "5",
     "--lateness-seconds", "2",
     "--idle-flush-seconds", "1",
@@ -147,6 +157,17 @@ def test_object_kinds_and_filtering_follow_the_s3_layout() -> None:
     assert not is_event_object("events/_manifests/w.json", "events")
     assert not is_event_object("events/_checkpoints/a/b.json.gz", "events")
     assert not is_event_object("events/calib/w/c/x.json.gz", "events", ("calib",))
+
+
+def test_visible_time_is_the_tighter_of_the_listing_and_last_modified_bounds() -> None:
+    local = S3Watcher(client=None, bucket="b", prefix="events", local_clock=True)
+    remote = S3Watcher(client=None, bucket="b", prefix="events")
+    for watcher in (local, remote):
+        watcher.first_seen.update({"slow-listing": 105.4, "fast-listing": 100.3, "no-date": 100.0})
+        watcher.last_modified.update({"slow-listing": 103.0, "fast-listing": 100.0})
+    assert [local.visible_at(k) for k in ("slow-listing", "fast-listing", "no-date")] == [104.0, 100.3, 100.0]
+    # Another server's clock is not this machine's: only the listing bounds it.
+    assert [remote.visible_at(k) for k in ("slow-listing", "fast-listing", "no-date")] == [105.4, 100.3, 100.0]
 
 
 def test_first_delivery_keeps_the_earliest_copy_of_a_duplicate() -> None:
