@@ -166,8 +166,9 @@ def scan_batch(value: bytes) -> BatchEnvelope | None:
     ``MAX_BATCH_EVENTS``) or when simdjson could read it differently from orjson (duplicate
     top-level keys: simdjson finds the first, orjson keeps the last; a byte order mark or leading
     space; anything simdjson refuses, such as integers over 64 bits): the caller then takes
-    :func:`parse_record`'s path. Where simdjson accepts what orjson refuses inside the events (a
-    lone surrogate escape), the record reads the same here and fails later, in orjson, where its
+    :func:`parse_record`'s path. Should simdjson accept a document that orjson refuses (none is
+    known: both refuse lone surrogates, NaN, trailing bytes and numbers out of range), the names
+    and count read here are still the document's, and the record fails later, in orjson, where its
     events are used: a diverted one is dead-lettered by the overflow drain, with its offset.
     """
     if value[:1] != b"{":
