@@ -166,10 +166,7 @@ class PartitionWindows:
                 self.invalid.append(InvalidItem(offset, key, value, f"unknown project {project!r}: not created"))
             return
         target = self.target(project)
-        routes = self.routes
-        route = routes.get(project) if routes else None  # usually none: nothing is shed
-        if route is None and routes and self.shared_id in routes and not self.known(project):
-            route = routes[self.shared_id]  # unknown projects are shed as one
+        route = self._route_for(project) if self.routes else None  # usually none: nothing is shed
         counts = self._route_counts(project)
         # A shed project's records are sampled whole, by record position (deterministic on replay).
         excess = route.mode if route is not None and not admit_event(base, route.fraction) else None
@@ -303,13 +300,8 @@ class PartitionWindows:
             project = key.decode()
         except UnicodeDecodeError:
             return False
-        routes = self.routes
-        route = routes.get(project)
-        if route is None:
-            if self.shared_id not in routes or self.known(project):
-                return False
-            route = routes[self.shared_id]  # unknown projects are shed as one
-        if route.mode != "divert" or admit_event(position(offset), route.fraction):
+        route = self._route_for(project)
+        if route is None or route.mode != "divert" or admit_event(position(offset), route.fraction):
             return False
         if value is None or len(value) > self.max_record_bytes:
             return False
@@ -320,6 +312,14 @@ class PartitionWindows:
             return False
         self._divert(offset, timestamp_ms, project, value, envelope.events, self._route_counts(project))
         return True
+
+    def _route_for(self, project: str) -> Route | None:
+        """The shed route in force for ``project``: its own, else the shared one if it is unknown."""
+        routes = self.routes
+        route = routes.get(project)
+        if route is None and self.shared_id in routes and not self.known(project):
+            route = routes[self.shared_id]  # unknown projects are shed as one
+        return route
 
     def _route_counts(self, project: str) -> RouteCounts:
         counts = self.counts.get(project)
