@@ -294,7 +294,7 @@ class Meter(MeterCounting, MeterDecisions, MeterPublishing, MeterReadModel, Mete
             self._evict_due = time.monotonic() + EVICT_INTERVAL_SECONDS
             self.evict_idle(time.time())
         if self.ready and time.monotonic() - self._read_model_wanted_at < READ_MODEL_WANTED_SECONDS:
-            self.refresh_read_model(time.time())
+            await self.refresh_read_model(time.time())
         self._wake_flusher()
 
     def _tick(self, now: float) -> None:
