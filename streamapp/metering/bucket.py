@@ -141,7 +141,7 @@ class Pacer:
         The first delivery after an idle spell goes at once; idle time earns no credit, so the
         drain never bursts above the allowance.
         """
-        age = self.recent_age(now, backlog_age_seconds)
+        age = self._observe(now, backlog_age_seconds)
         if self._last is None:
             return 0.0
         start, events = self._last
@@ -150,13 +150,22 @@ class Pacer:
 
     def recent_age(self, now: float, backlog_age_seconds: float) -> float:
         """The worst backlog age seen in the last ``memory_seconds``, ``backlog_age_seconds`` included
-        (NaN, health unknown, is kept as is: ``allowance`` treats it as at the threshold)."""
+        (NaN, health unknown, is kept as is: ``allowance`` treats it as at the threshold).
+
+        A pure read (views call it); ``wait_seconds`` records the ages it is given."""
         if math.isnan(backlog_age_seconds):
             return backlog_age_seconds
-        ages = [(t, a) for t, a in self._ages if now - t < self.memory_seconds]
-        ages.append((now, backlog_age_seconds))
-        self._ages = ages
-        return max(a for _, a in ages)
+        recent = [a for t, a in self._ages if now - t < self.memory_seconds]
+        recent.append(backlog_age_seconds)
+        return max(recent)
+
+    def _observe(self, now: float, backlog_age_seconds: float) -> float:
+        """``recent_age``, keeping ``backlog_age_seconds`` among the ages seen."""
+        age = self.recent_age(now, backlog_age_seconds)
+        if not math.isnan(backlog_age_seconds):
+            self._ages = [(t, a) for t, a in self._ages if now - t < self.memory_seconds]
+            self._ages.append((now, backlog_age_seconds))
+        return age
 
     def started(self, n_events: int, now: float) -> None:
         """A delivery of ``n_events`` starts at ``now``: the next one waits for its share of time."""

@@ -678,6 +678,9 @@ def test_pacer_is_slow_to_speed_up_and_quick_to_yield() -> None:
     assert p.recent_age(5.6, 0.0) == 0.0
     assert p.recent_age(6.0, 60.0) == 60.0  # a new backlog counts at once
     assert math.isnan(p.recent_age(6.0, float("nan")))
+    assert p.recent_age(6.1, 0.0) == 0.0  # a read (the views') is not remembered ...
+    p.wait_seconds(6.2, 60.0, 120.0)
+    assert p.recent_age(6.3, 0.0) == 60.0  # ... what the drain waited on is
 
 
 def test_pacer_sustained_rate_matches_allowance() -> None:
