@@ -39,9 +39,9 @@ def limit_malloc_arenas(arenas: int = WORKER_MALLOC_ARENAS) -> bool:
 def freeze_startup_heap() -> int:
     """Move every object alive now out of the collector's reach; returns how many were moved.
 
-    A full collection visits every tracked object, and a worker starts with ~130,000 of them
+    A full collection visits every tracked object, and a worker starts with 100,000-130,000
     (Faust, aiokafka, botocore's service models) that live as long as the process: one full
-    collection over them alone took ~250 ms here, a stall of the event loop every agent, timer
+    collection over them alone took 150-250 ms here, a stall of the event loop every agent, timer
     and HTTP request shares. Frozen, they are never visited again (``gc.freeze``, meant for this);
     what the worker allocates afterwards is collected as before. Called once, at first start.
     """
