@@ -4,7 +4,8 @@ The meter agent (``streamapp.agents.meter``) feeds it batches of events-topic re
 a 1 s timer calls :meth:`Meter.tick` so that quiet projects can leave shed after the
 cooldown and health-aware limits follow the sink. Everything here is synchronous except
 sending what was decided (shed markers into the events topic, shed states to the control
-topic), so a decision and its table write can never interleave with another one.
+topic) and the read model's pass for the views (read-only, in slices: ``read_model``), so a
+decision and its table write can never interleave with another one.
 
 ``Meter`` holds the state and owns the lifecycle (rebuild from the recovered tables on
 every rebalance, revoke) and the driving (a batch, the tick); its parts are one module each:
