@@ -161,11 +161,11 @@ class Pacer:
 
     def _observe(self, now: float, backlog_age_seconds: float) -> float:
         """``recent_age``, keeping ``backlog_age_seconds`` among the ages seen."""
-        age = self.recent_age(now, backlog_age_seconds)
-        if not math.isnan(backlog_age_seconds):
-            self._ages = [(t, a) for t, a in self._ages if now - t < self.memory_seconds]
-            self._ages.append((now, backlog_age_seconds))
-        return age
+        if math.isnan(backlog_age_seconds):
+            return backlog_age_seconds
+        self._ages = [(t, a) for t, a in self._ages if now - t < self.memory_seconds]
+        self._ages.append((now, backlog_age_seconds))
+        return max(a for _, a in self._ages)
 
     def started(self, n_events: int, now: float) -> None:
         """A delivery of ``n_events`` starts at ``now``: the next one waits for its share of time."""
