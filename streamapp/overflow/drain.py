@@ -1,15 +1,15 @@
 """The overflow drain service: a shed project's excess from the overflow topic into S3, paced, exactly once.
 
 ``OverflowChunks`` (streamapp.overflow.chunks) cuts each overflow partition into deterministic
-chunks; this service (fed by the ``overflow-drain`` agent, streamapp.agents.drain) writes a
-chunk's "delayed" objects (same layout as the real-time objects, ``-d{partition}-o{offset}-delayed``
-suffix) into the project's export target,
-then the checkpoint for the offset after the chunk, then commits that offset. After a
+chunks; this service (fed by the ``overflow-drain`` agent, streamapp.agents.drain) writes the
+"delayed" objects of up to ``CHUNKS_PER_DELIVERY`` ready chunks at once (same layout as the
+real-time objects, ``-d{partition}-o{offset}-delayed`` suffix) into the project's export target,
+then the checkpoint for the offset after the last of them, then commits that offset. After a
 crash or rebalance the partition is restored from the checkpoint at the committed offset.
 The events of a diverted record that the real-time path would have dead-lettered are
 dead-lettered from here (``events-invalid``, naming the events-topic record).
 
-Pacing (``metering.Pacer``): after a chunk the drain waits ``events / allowance`` seconds, at the
+Pacing (``metering.Pacer``): after a delivery the drain waits ``events / allowance`` seconds, at the
 allowance in force while it waits (re-read every ``PACE_RECHECK_SECONDS``); the allowance is
 ``overflow_max_eps`` while the real-time sink has had no backlog for a few seconds and falls
 linearly to 5 % of it as the sink's backlog age reaches ``health_backlog_seconds``. The
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_MAX_EVENTS = 5000
 CHUNK_MAX_BYTES = 8 * 1024 * 1024
+#: Ready chunks of one partition delivered together (their objects written at once, one checkpoint
+#: and one commit): per chunk, those round trips held the drain to ~8,000 events/s.
+CHUNKS_PER_DELIVERY = 4
 #: While paced, the drain re-reads the sink's backlog this often: the allowance follows it.
 PACE_RECHECK_SECONDS = 0.25
 
@@ -144,8 +147,8 @@ class OverflowDrain:
         for partition, chunks in touched.items():
             self._dead_letter(chunks)
             ready, chunks.ready = chunks.ready, []
-            for chunk in ready:
-                await self.deliver(chunk)
+            for start in range(0, len(ready), CHUNKS_PER_DELIVERY):
+                await self.deliver(ready[start : start + CHUNKS_PER_DELIVERY])
                 if self.partitions.get(partition) is not chunks:
                     break  # revoked meanwhile: the new owner replays from the committed offset
 
@@ -201,35 +204,44 @@ class OverflowDrain:
             backlog, s.window_seconds + s.allowed_lateness_seconds + s.idle_flush_seconds, time.time()
         )
 
-    async def deliver(self, chunk: Chunk) -> None:
-        """Pace, write the chunk's objects, then its checkpoint, then commit."""
-        if chunk.events:
+    async def deliver(self, batch: list[Chunk]) -> None:
+        """Pace, write the objects of consecutive chunks of one partition at once, then the last
+        chunk's checkpoint, then commit its offset.
+
+        One checkpoint and one commit for the lot: the offsets between are never committed, so no
+        checkpoint is needed for them. A crash before the commit replays from the previous one and
+        cuts the same chunks again (cuts are a function of the log): the same keys, the same bytes.
+        """
+        events = sum(chunk.events for chunk in batch)
+        if events:
             threshold = self.settings.health_backlog_seconds
             while (wait := self.pacer.wait_seconds(time.monotonic(), self.backlog_age(), threshold)) > 0:
                 step = min(wait, PACE_RECHECK_SECONDS)
                 self.paced_seconds += step
                 await asyncio.sleep(step)
-            self.pacer.started(chunk.events, time.monotonic())
+            self.pacer.started(events, time.monotonic())
+        last = batch[-1]
+        objects = [obj for chunk in batch for obj in chunk.objects]
         parking = self.parking
         deliveries = await asyncio.gather(
-            *(parking.put(self.topic, chunk.partition, obj, "application/gzip") for obj in chunk.objects)
+            *(parking.put(self.topic, last.partition, obj, "application/gzip") for obj in objects)
         )
-        await self.checkpoints.save(self.topic, chunk.partition, chunk.commit_offset, chunk.checkpoint)
+        await self.checkpoints.save(self.topic, last.partition, last.commit_offset, last.checkpoint)
         producer = self.app.producer
-        for obj, delivery in zip(chunk.objects, deliveries, strict=True):
+        for obj, delivery in zip(objects, deliveries, strict=True):
             if delivery.parked_key is None:
                 self.metrics.object_written(obj, delivery.size)
-            fields = {**obj.describe(), "gzip_bytes": delivery.size, "partition": chunk.partition}
+            fields = {**obj.describe(), "gzip_bytes": delivery.size, "partition": last.partition}
             notice = orjson.dumps({**fields, **parking.notice_fields(delivery)})
             self.spawn(producer.send(self.objects_topic, obj.key.encode(), notice, None, None, None))
-        tp = TP(self.topic, chunk.partition)
-        if await self.app.consumer.commit_offsets({tp: chunk.commit_offset}):  # type: ignore[attr-defined]
-            self.committed[chunk.partition] = chunk.commit_offset
-        self.delayed_objects += len(chunk.objects)
-        self.events_delivered += chunk.events
-        self.chunks += 1
+        tp = TP(self.topic, last.partition)
+        if await self.app.consumer.commit_offsets({tp: last.commit_offset}):  # type: ignore[attr-defined]
+            self.committed[last.partition] = last.commit_offset
+        self.delayed_objects += len(objects)
+        self.events_delivered += events
+        self.chunks += len(batch)
         now = time.monotonic()
-        self._rate_window.append((now, chunk.events))
+        self._rate_window.append((now, events))
         self._rate_window = [(t, n) for t, n in self._rate_window if now - t <= 10.0]
 
     # ---------------------------------------------------------------- ticks

@@ -3,8 +3,9 @@
 A simulated overflow log (what the sink diverts, including the re-sends a sink crash causes,
 with the same source positions) is fed through ``OverflowChunks`` while the process "crashes"
 at random points: uploads of the chunk being delivered may or may not land, the commit may
-not happen. After every restart from the committed offset's checkpoint, the fake S3 must hold
-every diverted event exactly once.
+not happen (ready chunks are delivered in groups, as the drain does, with one commit per group).
+After every restart from the committed offset's checkpoint, the fake S3 must hold every diverted
+event exactly once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 from streamapp.contract import TICK_KEY, position
 from streamapp.overflow.chunks import SEEN_WINDOW, OverflowChunks, SeenOffsets
+from streamapp.overflow.drain import CHUNKS_PER_DELIVERY
 from streamapp.sink.diversions import DIVERTED_HEAD, overflow_record
 from streamapp.sink.layout import KIND_DELAYED, object_key
 from tests.helpers import earlier_overflow_record, events_in
@@ -115,6 +117,9 @@ def new_chunks(checkpoint: dict[str, Any] | None, max_events: int = 40) -> Overf
 
 
 def simulate(seed: int, n: int = 1500, crashes: int = 8, max_events: int = 40, whole: bool = True) -> dict[str, bytes]:
+    """Deliver as ``OverflowDrain`` does: records in fetched batches, the ready chunks in groups of
+    ``CHUNKS_PER_DELIVERY`` (all of a group's objects at once, then the last chunk's checkpoint and
+    commit). A crash lands a random share of the group's objects and commits nothing."""
     rng = random.Random(seed)
     log, _ = make_log(rng, n, whole)
     log.append((len(log), TICK_KEY, b"{}"))  # the drain ticks an idle lane at the end
@@ -124,21 +129,24 @@ def simulate(seed: int, n: int = 1500, crashes: int = 8, max_events: int = 40, w
     chunks = new_chunks(None, max_events)
     i = 0
     while i < len(log):
-        offset, key, value = log[i]
-        chunks.process(offset, key, value)
-        i += 1
+        fetched = log[i : i + rng.randint(1, 4 * max_events)]  # one fetch: up to a few chunks' worth
+        for offset, key, value in fetched:
+            chunks.process(offset, key, value)
+        i += len(fetched)
         crashed = bool(crash_at) and i >= crash_at[0]
-        for chunk in chunks.ready:
-            for obj in chunk.objects:
+        ready, chunks.ready = chunks.ready, []
+        for start in range(0, len(ready), CHUNKS_PER_DELIVERY):
+            group = ready[start : start + CHUNKS_PER_DELIVERY]
+            for obj in (obj for chunk in group for obj in chunk.objects):
                 if not crashed or rng.random() < 0.5:  # a crash mid-delivery lands some objects
                     s3[obj.key] = obj.body()
             if crashed:
                 break
-            s3[f"_checkpoints/{chunk.commit_offset}"] = orjson.dumps(chunk.checkpoint)
-            committed = (chunk.commit_offset, chunk.checkpoint)
-        chunks.ready.clear()
+            last = group[-1]
+            s3[f"_checkpoints/{last.commit_offset}"] = orjson.dumps(last.checkpoint)
+            committed = (last.commit_offset, last.checkpoint)
         if crashed:
-            crash_at.pop(0)
+            crash_at = [at for at in crash_at if at > i]
             offset, checkpoint = committed
             chunks = new_chunks(checkpoint, max_events)
             i = offset
