@@ -105,6 +105,23 @@ def test_a_real_gap_is_accepted_after_the_reseeks() -> None:
     assert len(c._thread.seeks) == MAX_RESEEKS
 
 
+def test_a_bulk_batch_starting_past_the_next_offset_is_read_again() -> None:
+    """Point 7: delivered up to 99, the next fetch of partition 0 starts at 103 (three records it
+    never returned): dropped and sought back to 100; partition 1 and other topics are untouched."""
+    c = consumer()
+    overflow_0 = TP("overflow", 0)
+    c._next_offset = {EVENTS_0: 100, EVENTS_1: 40, overflow_0: 7}
+    fetched = {EVENTS_0: batch(103), EVENTS_1: batch(40), TP("other", 0): batch(900), overflow_0: batch(5)}
+    c._check_continuity(fetched, {"events", "overflow"})
+    records = c._resumable(fetched)
+    assert list(records) == [EVENTS_1, TP("other", 0), overflow_0]
+    assert c._thread.seeks == [(EVENTS_0, 100)]
+    # The refetch starts where it should: delivered, and the partition is no longer held.
+    fetched = {EVENTS_0: batch(100)}
+    c._check_continuity(fetched, {"events"})
+    assert list(c._resumable(fetched)) == [EVENTS_0] and c._resume == {}
+
+
 def test_seek_without_a_target_is_not_checked() -> None:
     c = consumer()
     c._mark_sought(EVENTS_0, 10)
