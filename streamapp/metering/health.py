@@ -77,7 +77,10 @@ def sink_backlog_age(backlog: dict[str, dict[str, Any]], hold_seconds: float, no
 
     An open window is *meant* to wait ``hold_seconds`` (window + lateness + idle flush) before
     it is written, so only the age past that counts; a partition with unread records also
-    counts by how far its watermark (event time) is behind the wall clock.
+    counts by how far its watermark (event time) is behind the wall clock, at most for as long as
+    its records have been unread (``unread_seconds``). Without that cap the sink's own watermark
+    tick, written into a partition idle since the traffic stopped, read as a backlog of everything
+    since (the overflow drain, paced by this, fell to its floor every few seconds after a spike).
     """
     worst = 0.0
     for info in backlog.values():
@@ -86,5 +89,7 @@ def sink_backlog_age(backlog: dict[str, dict[str, Any]], hold_seconds: float, no
             worst = age
         watermark = info.get("watermark")
         if info.get("read_lag", 0) > 0 and watermark is not None:
-            worst = max(worst, now - float(watermark) - 1.0)
+            behind = now - float(watermark) - 1.0
+            unread = info.get("unread_seconds")
+            worst = max(worst, behind if unread is None else min(behind, float(unread)))
     return max(0.0, worst)

@@ -39,6 +39,7 @@ class BacklogReader:
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self._cache: dict[int, tuple[float, PartitionWindows, dict[str, Any]]] = {}
+        self._unread_since: dict[int, float] = {}  # partition -> first look that found it with unread records
 
     def windows_backlog(self, partition: int, windows: PartitionWindows) -> dict[str, Any]:
         """``windows.backlog()`` (a pass over its open buffers: 50,000 with invented project ids)
@@ -63,13 +64,21 @@ class BacklogReader:
             info = self.windows_backlog(partition, windows)
             oldest = info.get("oldest_open_window")
             unflushed_age = max(0.0, now - oldest) if oldest is not None else 0.0
+            read_lag = max(0, highwater - windows.read_offset)
+            if read_lag:
+                unread_since = self._unread_since.setdefault(partition, now)
+            else:
+                unread_since = self._unread_since.pop(partition, now)
             rows[str(partition)] = {
                 **info,
                 "committed_offset": partition_status.committed_offset,
                 "read_offset": windows.read_offset,
                 "highwater": highwater,
                 "offsets_behind": max(0, highwater - partition_status.committed_offset),
-                "read_lag": max(0, highwater - windows.read_offset),
+                "read_lag": read_lag,
+                # Since when every look found records unread (0 when caught up): a backlog lasts,
+                # while the sink's own watermark tick in an idle partition is unread for a moment.
+                "unread_seconds": round(now - unread_since, 3) if read_lag else 0.0,
                 "oldest_unflushed_age_seconds": round(unflushed_age, 3),
                 "last_flush_at": partition_status.last_flush_at,
             }

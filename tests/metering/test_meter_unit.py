@@ -196,6 +196,19 @@ def test_sink_backlog_age_counts_only_the_delay_past_the_window_hold() -> None:
     assert sink_backlog_age({}, hold_seconds=4.0, now=now) == 0.0
 
 
+def test_sink_backlog_age_counts_unread_records_only_for_as_long_as_they_stayed_unread() -> None:
+    now = 1_800_000_000.0
+    # The sink's own watermark tick in a partition idle for a minute, just written, not read yet.
+    tick = {"0": {"oldest_unflushed_age_seconds": 0.0, "read_lag": 1, "watermark": now - 60, "unread_seconds": 0.0}}
+    assert sink_backlog_age(tick, hold_seconds=4.0, now=now) == 0.0
+    lasting = {
+        "1": {"oldest_unflushed_age_seconds": 0.0, "read_lag": 5000, "watermark": now - 21, "unread_seconds": 30}
+    }
+    assert sink_backlog_age(lasting, hold_seconds=4.0, now=now) == 20.0
+    growing = {"1": {"oldest_unflushed_age_seconds": 0.0, "read_lag": 5000, "watermark": now - 21, "unread_seconds": 3}}
+    assert sink_backlog_age(growing, hold_seconds=4.0, now=now) == 3.0
+
+
 # -------------------------------------------------------------- counting
 
 
