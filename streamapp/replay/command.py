@@ -21,7 +21,7 @@ import numpy as np
 
 import streamapp.replay.report as report
 from streamapp.replay.analysis import RequestTable, analyse_arm, expand_ids
-from streamapp.replay.measure import S3Watcher, ShedWatcher, settle, sink_events_read
+from streamapp.replay.measure import S3Watcher, ShedWatcher, settle
 from streamapp.replay.scenario import Scenario, quick
 from streamapp.replay.stack import ArmStack
 from streamapp.replay.traffic import run_traffic
@@ -184,33 +184,32 @@ def _spawn_traffic(config: dict[str, Any]) -> multiprocessing.process.BaseProces
 
 
 def calibrate(stack: ArmStack, scenario: Scenario, out: Path, on_progress: Any) -> float:
-    """The spike's channels as fast as they go for a few seconds (HTTP closed loop, Kafka faster than
-    the sink reads: ``Generator.calibrate``); capacity = events accepted / time until the worker's
-    sink had read every one of them, at least the sending time.
-
-    Read, not visible in S3: an event is visible only once its window closes (window + lateness
-    later), so a sink behind by less than that looked as fast as the writers. Timed by objects, a 4 s
-    calibration with a 7 s window close measured 48,250 events/s here, 2-3x what the sink sustains,
-    and sized a spike that saturated the whole machine (writers, broker and S3 server included)."""
+    """Closed-loop writes at the spike's mix for a few seconds; capacity = events accepted / time until
+    all of them were visible in S3 (less the window close), at least the sending time."""
     key = stack.create_project(CALIBRATION_PROJECT, 1e9)
     path = out / "requests-calibration.npz"
     config = _traffic_config(stack, scenario, {CALIBRATION_PROJECT: key}, {CALIBRATION_PROJECT: "batch"}, path)
     config.update(mode="calibrate", duration=scenario.calibration_seconds)
-    before = sink_events_read(stack.web) or 0
     started = time.time()
     process = _spawn_traffic(config)
     while process.is_alive():
         on_progress(min(scenario.calibration_seconds, time.time() - started))
         time.sleep(0.2)
-    accepted = int(RequestTable.load(str(path)).ok.sum())
-    read = 0
+    table = RequestTable.load(str(path))
+    accepted = int(table.ok.sum())
+    watcher = S3Watcher(stack.s3_client(), stack.bucket, f"{stack.prefix}/{CALIBRATION_PROJECT}")
     deadline = time.time() + 120
-    while read < accepted and time.time() < deadline:
-        time.sleep(0.1)
-        now = sink_events_read(stack.web)
-        read = now - before if now is not None else read
-    elapsed = max(scenario.calibration_seconds, time.time() - started)
-    return min(read, accepted) / elapsed
+    while time.time() < deadline:
+        watcher.list_once()
+        watcher.read_new()
+        if len(watcher.events().ids) >= accepted:
+            break
+        time.sleep(1.0)
+    found = len(watcher.events().ids)
+    last_visible = max(watcher.first_seen.values(), default=time.time())
+    window_close = scenario.window_seconds + scenario.allowed_lateness_seconds
+    elapsed = max(scenario.calibration_seconds, last_visible - started - window_close)
+    return min(found, accepted) / elapsed
 
 
 def _traffic_config(

@@ -24,8 +24,6 @@ NO_ANSWER = 0
 KAFKA_ACKED = 200
 #: Channels, as stored in the request log.
 CHANNELS = ("batch", "single", "kafka")
-#: Kafka batch records the calibration keeps in flight (x ``kafka_batch_size`` events).
-CALIBRATION_KAFKA_IN_FLIGHT = 64
 ID_SHIFT = 32
 
 _EVENT = b'{"x":%d,"t":%d,"page":"/p/%d","user":%d,"keen":{"timestamp":"%s"}}'
@@ -221,29 +219,29 @@ class Generator:
             tick_no += 1
 
     async def calibrate(self) -> None:
-        """The spike's two channels, each as fast as it goes: HTTP batches in a closed loop (as fast
-        as the worker answers) and Kafka batch records as fast as this process produces them. The
-        Kafka side outruns the worker's sink, so the calibration times the worker, not the writers
-        (closed loop on both, the API's answers paced the whole calibration and the spike sized
-        from it did not overload the sink)."""
+        """Closed loop at the spike's mix: HTTP batches as fast as the worker answers, plus the Kafka
+        share of what the API accepted in the previous tick."""
         duration = float(self.config["duration"])
+        kafka_share = float(self.config["spike_kafka_share"])
         writer = self.writers[0]
         started = time.time()
+        accepted_http = [0]
 
         async def http_loop() -> None:
             while time.time() - started < duration:
                 now = time.time()
                 first = self.take(writer, self.batch_size)
-                await self.http_batch(writer, first, self.batch_size, now, int(now * 1000))
+                ok = await self.http_batch(writer, first, self.batch_size, now, int(now * 1000))
+                accepted_http[0] += ok
 
         async def kafka_loop() -> None:
+            last = 0
             while time.time() - started < duration:
-                if len(self.pending) >= CALIBRATION_KAFKA_IN_FLIGHT:
-                    await asyncio.sleep(0.005)
-                    continue
+                await asyncio.sleep(self.tick)
                 now = time.time()
-                self.send_chunks(writer, self.kafka_batch_size, now, int(now * 1000), kafka=True)
-                await asyncio.sleep(0)
+                grown, last = accepted_http[0] - last, accepted_http[0]
+                n = int(grown * kafka_share / max(1e-9, 1 - kafka_share))
+                self.send_chunks(writer, n, now, int(now * 1000), kafka=True)
 
         loops = int(self.config["spike_connections"])
         await asyncio.gather(kafka_loop(), *(http_loop() for _ in range(loops)))
