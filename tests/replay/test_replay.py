@@ -4,18 +4,20 @@ command itself) checked for its outputs, exactly-once accounting and issue #12's
 capacity) on hand-made inputs.
 
 Invariants (B = window + lateness + idle flush + 5 s = 13 s here), on the other projects during the
-spike. The spike is sized from the machine (2.5x the measured capacity, half of it straight to
-Kafka, pageviews asking for three add-ons, climbing over 5 s: see the README's "The incident,
-replayed"), so the baseline must degrade: its p99 >= 2B is asserted (27-68 s in reduced replays;
-a 15 s spike came within 1 s of 2B, hence 20 s). The protected arm's API success >= 99.9 % is
-asserted, and its p99 at most ``PROTECTED_SHARE`` of the baseline's (measured: 0.29-0.46 alone,
-0.55 with a CPU burner beside the test suite: both arms then run slower, the baseline less so as
-it has no drain). Its p99 <= B, issue #12's bound, is not asserted: with this session's changes
-(no decode of a shed record, the drain's pacing) it held in two reduced replays with a 15 s spike
-(9.0 s, 12.5 s) and not in one with this 20 s spike (17.1 s, the calibration having measured
-23,500 events/s), nor in every ``--quick`` run (11.5 s and 14.8 s): the spike exported before the
-shed marker is in the log costs the others on its partitions about the few seconds B leaves.
-Issue #12 stays open for it; an assertion that fails on some runs would make CI a coin toss.
+spike. The spike is sized from the machine (2.5x the measured capacity, three quarters of it
+straight to Kafka, pageviews asking for three add-ons, climbing over 5 s: see the README's "The
+incident, replayed"), so the baseline must degrade: its p99 >= 2B is asserted. How far it falls
+behind depends on how much of the spike gets in, and the calibration varies from run to run
+(17,000-48,000 events/s on 2026-12-02): with half of a 20 s spike to Kafka, four of five reduced
+replays that day stayed at 20-23 s; three quarters of a 25 s spike gave 24.6-54.2 s (with a
+calibration then timed on the sink's read counter, since reverted: it varied as much), of a 30 s
+spike 80.3 s. The protected arm's API success >= 99.9 % is asserted, and its p99 at most
+``PROTECTED_SHARE`` of the baseline's (measured: 0.19-0.46). Its p99 <= B, issue #12's bound, is
+not asserted: it held in most reduced replays (8.7-11.4 s) and not in those whose calibration
+measured ~48,000 events/s (15.8 s, 19.6 s): a spike of 120,000 events/s saturates the machine the
+load generator, broker and S3 server share with the worker. Issue #12 stays open for it, and for
+the replay's duration (5 min 25 s here, asked: under 2): the protected arm waits ~2 minutes for
+the drain to deliver the spike's diverted excess (2.3 million events in the 30 s run).
 """
 
 from __future__ import annotations
@@ -46,13 +48,12 @@ ROOT = Path(__file__).resolve().parents[2]
 #: The protected arm's p99 for the others at most this share of the baseline's (see the module doc).
 PROTECTED_SHARE = 0.75
 
-#: Small windows and a short spike: the whole replay (two arms) in about 3 minutes on this machine
-#: (issue #12 asks for under two; the settle phase waits ~60 s for the protected arm's diverted
-#: excess: the drain delivers one chunk at a time).
+#: Small windows and a 30 s spike: the whole replay (two arms) in ~5.5 minutes on this machine
+#: (issue #12 asks for under two; see the module doc).
 REDUCED = [
     "--projects", "10",
     "--warmup-seconds", "5",
-    "--spike-seconds", "20",
+    "--spike-seconds", "30",
     "--after-seconds", "2",
     "--window-seconds", "5",
     "--lateness-seconds", "2",
