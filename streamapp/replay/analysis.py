@@ -50,6 +50,34 @@ def expand_ids(project: np.ndarray, first: np.ndarray, n: np.ndarray) -> np.ndar
     return starts + offsets
 
 
+#: The calibration's rate is the slope between the first samples that have read these shares of
+#: the backlog: the first records are read with cold caches (the add-ons' parsers meet every user
+#: agent for the first time), the last ones as the backlog runs out; neither is the sustained rate.
+BACKLOG_READ_SPAN = (0.2, 0.9)
+#: Below this share of the backlog left to read when the producer stopped, the producer was the
+#: bottleneck (the sink kept up with it) and the rate is only a lower bound.
+MIN_BACKLOG_LEFT = 0.5
+
+
+def backlog_rate(samples: list[tuple[float, int]], accepted: int) -> float:
+    """Events/s at which the worker's sink read the calibration's backlog of ``accepted`` events.
+
+    ``samples``: (seconds since the producer started, events read), the first taken as it stopped.
+    The slope between the first samples that have read each share of ``BACKLOG_READ_SPAN`` (from
+    the first sample if the sink had read more than the lower share by then); if less than
+    ``MIN_BACKLOG_LEFT`` of the backlog was left when the producer stopped, the events read per
+    second from the start (what the producer let the sink show)."""
+    if accepted <= 0 or not samples or samples[-1][1] <= 0:
+        raise RuntimeError(f"calibration: the worker's sink read none of the {accepted} events accepted")
+    low, high = (share * accepted for share in BACKLOG_READ_SPAN)
+    start_t, start_read = next((s for s in samples if s[1] >= low), samples[0])
+    end_t, end_read = next((s for s in samples if s[1] >= high), samples[-1])
+    if accepted - samples[0][1] >= MIN_BACKLOG_LEFT * accepted and end_t > start_t and end_read > start_read:
+        return (end_read - start_read) / (end_t - start_t)
+    last_t, last_read = samples[-1]
+    return min(last_read, accepted) / max(last_t, 1e-3)
+
+
 def percentiles(values: np.ndarray) -> dict[str, float | int | None]:
     if len(values) == 0:
         return {"p50": None, "p99": None, "max": None, "count": 0}

@@ -4,7 +4,8 @@ Delivery latency comes from the objects themselves: a watcher lists the bucket e
 ``poll`` seconds and records when each object key was first seen (its *visible* time); after the
 traffic every object is read and each event's ``"x"`` (id) and ``"t"`` (event time) are taken
 from its line. Nothing here asks the worker how far it got. The shed watcher polls ``GET /shed/``
-only to shade the plots and time the detection.
+only to shade the plots and time the detection; the calibration reads the sink's ``events_in`` counter
+(``GET /sink/``) to time how fast the worker works through a backlog (:func:`sink_events_read`).
 """
 
 from __future__ import annotations
@@ -206,6 +207,16 @@ class ShedWatcher:
         if start is not None:
             out.append((start, last))
         return out
+
+
+def sink_events_read(web: str) -> int | None:
+    """Events the worker's S3 sink has read so far (``GET /sink/``), or None if it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{web}/sink/", timeout=5) as resp:
+            value = json.loads(resp.read()).get("events_in")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def settle(

@@ -25,6 +25,8 @@ KAFKA_ACKED = 200
 #: Channels, as stored in the request log.
 CHANNELS = ("batch", "single", "kafka")
 ID_SHIFT = 32
+#: Unacknowledged Kafka records of the calibration's backlog (enough to keep the producer's batches full).
+MAX_IN_FLIGHT = 64
 
 _EVENT = b'{"x":%d,"t":%d,"page":"/p/%d","user":%d,"keen":{"timestamp":"%s"}}'
 #: A web pageview asking for Keen's user-agent, URL and referrer parsers (``--spike-addons``).
@@ -219,32 +221,19 @@ class Generator:
             tick_no += 1
 
     async def calibrate(self) -> None:
-        """Closed loop at the spike's mix: HTTP batches as fast as the worker answers, plus the Kafka
-        share of what the API accepted in the previous tick."""
+        """A backlog for the worker to work through alone: the spike's Kafka records, as many as the
+        producer takes in ``duration`` seconds (at most ``MAX_IN_FLIGHT`` unacknowledged), and no
+        other writes. The caller times the worker's sink once this returns (``command.calibrate``)."""
         duration = float(self.config["duration"])
-        kafka_share = float(self.config["spike_kafka_share"])
         writer = self.writers[0]
         started = time.time()
-        accepted_http = [0]
-
-        async def http_loop() -> None:
-            while time.time() - started < duration:
-                now = time.time()
-                first = self.take(writer, self.batch_size)
-                ok = await self.http_batch(writer, first, self.batch_size, now, int(now * 1000))
-                accepted_http[0] += ok
-
-        async def kafka_loop() -> None:
-            last = 0
-            while time.time() - started < duration:
-                await asyncio.sleep(self.tick)
-                now = time.time()
-                grown, last = accepted_http[0] - last, accepted_http[0]
-                n = int(grown * kafka_share / max(1e-9, 1 - kafka_share))
-                self.send_chunks(writer, n, now, int(now * 1000), kafka=True)
-
-        loops = int(self.config["spike_connections"])
-        await asyncio.gather(kafka_loop(), *(http_loop() for _ in range(loops)))
+        while time.time() - started < duration:
+            if len(self.pending) >= MAX_IN_FLIGHT:
+                await asyncio.wait(list(self.pending), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            now = time.time()
+            self.send_chunks(writer, self.kafka_batch_size, now, int(now * 1000), kafka=True)
+            await asyncio.sleep(0)
 
     # ---------------------------------------------------------------- sends
     def take(self, writer: Writer, n: int) -> int:

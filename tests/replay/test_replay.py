@@ -1,23 +1,17 @@
 """``streamapp replay``: a reduced replay (both arms, real broker, moto S3 and workers started by the
 command itself) checked for its outputs, exactly-once accounting and issue #12's invariants on
-``summary.json``; plus the pure parts (id ranges, object parsing, the spike sized from the
-capacity) on hand-made inputs.
+``summary.json``; plus the pure parts (id ranges, object parsing, the calibration's rate, the spike
+sized from the capacity) on hand-made inputs.
 
 Invariants (B = window + lateness + idle flush + 5 s = 13 s here), on the other projects during the
-spike. The spike is sized from the machine (2.5x the measured capacity, three quarters of it
-straight to Kafka, pageviews asking for three add-ons, climbing over 5 s: see the README's "The
-incident, replayed"), so the baseline must degrade: its p99 >= 2B is asserted. How far it falls
-behind depends on how much of the spike gets in, and the calibration varies from run to run
-(17,000-48,000 events/s on 2026-12-02): with half of a 20 s spike to Kafka, four of five reduced
-replays that day stayed at 20-23 s; three quarters of a 25 s spike gave 24.6-54.2 s (with a
-calibration then timed on the sink's read counter, since reverted: it varied as much), of a 30 s
-spike 80.3 s. The protected arm's API success >= 99.9 % is asserted, and its p99 at most
-``PROTECTED_SHARE`` of the baseline's (measured: 0.19-0.46). Its p99 <= B, issue #12's bound, is
-not asserted: it held in most reduced replays (8.7-11.4 s) and not in those whose calibration
-measured ~48,000 events/s (15.8 s, 19.6 s): a spike of 120,000 events/s saturates the machine the
-load generator, broker and S3 server share with the worker. Issue #12 stays open for it, and for
-the replay's duration (5 min 25 s here, asked: under 2): the protected arm waits ~2 minutes for
-the drain to deliver the spike's diverted excess (2.3 million events in the 30 s run).
+spike: protected p99 <= B, baseline p99 >= 2B, protected API success >= 99.9 %, and every accepted
+event in S3 exactly once in both arms. The spike is sized from the machine: 2x the rate at which the
+worker's sink reads a backlog of the spike's records (the best of two timed backlogs), three
+quarters of it straight to Kafka, pageviews asking for three add-ons, climbing over 3 s (README,
+"The incident, replayed"). Reduced replays of 2026-12-03 on this 2-core machine (capacity
+34,000-57,000 events/s): baseline 22.6-33.3 s (the 22.6 one with a single 2 s backlog timed at
+34,000, before the best of two), protected 9.6-11.0 s, in 2 min 20 s - 2 min 50 s for the whole
+replay (issue #12 asks for under two).
 """
 
 from __future__ import annotations
@@ -45,21 +39,18 @@ from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The protected arm's p99 for the others at most this share of the baseline's (see the module doc).
-PROTECTED_SHARE = 0.75
-
-#: Small windows and a 30 s spike: the whole replay (two arms) in ~5.5 minutes on this machine
-#: (issue #12 asks for under two; see the module doc).
+#: Small windows and a 15 s spike: the whole replay (two arms) in ~2.5 minutes on this machine.
 REDUCED = [
     "--projects", "10",
-    "--warmup-seconds", "5",
-    "--spike-seconds", "30",
+    "--warmup-seconds", "4",
+    "--spike-seconds", "15",
+    "--spike-ramp-seconds", "3",
     "--after-seconds", "2",
     "--window-seconds", "5",
     "--lateness-seconds", "2",
     "--idle-flush-seconds", "1",
     "--settle-seconds", "150",
-    "--calibration-seconds", "4",
+    "--calibration-seconds", "1.5",
 ]  # fmt: skip
 
 
@@ -104,15 +95,11 @@ def _others(replay_run: tuple[int, Path, str], arm: str) -> tuple[dict, float]:
 
 
 @pytest.mark.integration
-def test_protected_arm_keeps_the_others_writing_and_far_ahead_of_the_baseline(
-    replay_run: tuple[int, Path, str],
-) -> None:
+def test_protected_arm_keeps_the_others_writing_and_within_the_bound(replay_run: tuple[int, Path, str]) -> None:
     others, bound = _others(replay_run, "protected")
-    baseline, _ = _others(replay_run, "baseline")
     assert others["api"]["success_rate"] >= 0.999, others["api"]
-    p99, baseline_p99 = others["delivery_seconds"]["p99"], baseline["delivery_seconds"]["p99"]
-    assert p99 is not None and baseline_p99 is not None
-    assert p99 <= PROTECTED_SHARE * baseline_p99, (others["delivery_seconds"], baseline["delivery_seconds"], bound)
+    assert others["delivery_seconds"]["p99"] is not None
+    assert others["delivery_seconds"]["p99"] <= bound, others["delivery_seconds"]
 
 
 @pytest.mark.integration
@@ -205,3 +192,15 @@ def test_the_spike_climbs_to_its_rate_over_the_ramp() -> None:
     assert rates == [100.0, 100.0, 5_100.0, 10_100.0, 10_100.0, 100.0]
     assert generator.rate(other, 12.5) == 100.0
     assert Generator({**config, "spike_ramp_seconds": 0.0}).rate(spiker, 10.0) == 10_100.0
+
+
+def test_backlog_rate_is_the_sinks_read_rate_once_the_producer_stopped() -> None:
+    from streamapp.replay.analysis import backlog_rate
+
+    # 100,000 accepted; 10,000 read as the producer stopped at 1 s; a slow start, then 40,000 events/s.
+    samples = [(1.0, 10_000), (1.5, 12_000)] + [(2.0 + 0.5 * i, min(100_000, 20_000 + 20_000 * i)) for i in range(6)]
+    assert backlog_rate(samples, 100_000) == 40_000.0  # from the 20 % mark (2.0 s) to the 90 % one (4.5 s)
+    # The sink kept up with the producer: only what the producer let it show, a lower bound.
+    assert backlog_rate([(2.0, 90_000), (2.5, 100_000)], 100_000) == 40_000.0
+    with pytest.raises(RuntimeError, match="read none"):
+        backlog_rate([(1.0, 0), (61.0, 0)], 100_000)
