@@ -94,10 +94,6 @@ class OverflowLane:
             max_request_size=max(int(config.get("max_request_size") or 0), settings.max_record_bytes + 65536),
         )
         config.pop("partitioner", None)  # diversions name their partition
-        # A shed spike crosses the broker twice (in, then diverted); uncompressed, the second time
-        # it moved ~5-20x the bytes producers sent compressed, on a broker every project shares.
-        # lz4 costs this worker ~0.2 ms per 500-event record. Faust's own setting, if any, wins.
-        config["compression_type"] = config.get("compression_type") or "lz4"
         return config
 
     async def start(self) -> None:
