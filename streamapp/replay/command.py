@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = Scenario()
     parser.add_argument("--out", default="replay-out", help="output directory (summary.json, report.html, PNGs)")
     parser.add_argument(
-        "--quick", action="store_true", help="short version (about 4 minutes): small windows and phases"
+        "--quick", action="store_true", help="short version (about 3 minutes): small windows and phases"
     )
     parser.add_argument("--external", action="store_true", help="use the configured STREAMAPP_KAFKA_*/S3 settings")
     parser.add_argument("--projects", type=int, default=None, help=f"projects (default {d.projects})")
