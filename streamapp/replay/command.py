@@ -1,8 +1,8 @@
 """``streamapp replay``: the 2019 incident, replayed twice on this machine — baseline (shadow mode:
 every event flows through the real-time path) and protected (the defaults) — with the same traffic.
 
-Per arm: fresh stack, worker, (baseline only) a calibration that measures what one worker sustains
-end to end and sizes the spike from it, projects created through the admin API, the traffic
+Per arm: fresh stack, worker, (baseline only) a calibration that times the worker on a backlog of
+the spike's records and sizes the spike from it, projects created through the admin API, the traffic
 (in its own process), then reading S3 until every accepted event is there, and the analysis.
 """
 

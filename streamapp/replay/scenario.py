@@ -1,8 +1,9 @@
 """The replayed incident as data: every knob of a replay and the rates derived from the measured capacity.
 
 A replay is only meaningful if the spike overloads the unprotected pipeline *on the machine it runs
-on*, so the spike is not a fixed number: it is ``overload`` times the end-to-end capacity that a
-calibration phase measured (or that the user gave with ``--capacity-eps``). The spiking project's
+on*, so the spike is not a fixed number: it is ``overload`` times the capacity that a calibration
+phase measured (how fast one worker's sink reads a backlog of the spike's records), or that the
+user gave with ``--capacity-eps``. The spiking project's
 quota is then ``spike / spike_factor`` (the 2019 bug multiplied one customer's volume by that
 factor), and the other projects' steady traffic is a small share of the capacity, well under their
 quota, so that they are the bystanders the incident hurt.
@@ -77,7 +78,7 @@ class Scenario:
     settle_seconds: float = 600.0
     #: How long the calibration's producer writes the backlog that the worker then reads alone.
     calibration_seconds: float = 3.0
-    #: Skip the calibration and take this as the capacity (events/s end to end).
+    #: Skip the calibration and take this as the capacity (events/s, as the calibration measures it).
     capacity_eps: float | None = None
     tick_seconds: float = 0.2
     http_timeout_seconds: float = 10.0
