@@ -176,16 +176,13 @@ class ShedWatcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                with urllib.request.urlopen(f"{self.web}/shed/", timeout=5) as resp:
-                    body = json.loads(resp.read())
+            body = worker_view(self.web, "/shed/")
+            if isinstance(body, dict):
                 shed = [s["project_id"] for s in body.get("shed", []) if isinstance(s.get("project_id"), str)]
                 for state in body.get("shed", []):
                     if isinstance(state.get("since"), int | float):
                         self.since.setdefault(str(state.get("project_id")), set()).add(float(state["since"]))
                 self.samples.append((time.time(), shed))
-            except (OSError, ValueError):
-                pass
             self._stop.wait(self.poll)
 
     def decisions(self, project: str) -> list[float]:
@@ -209,13 +206,19 @@ class ShedWatcher:
         return out
 
 
-def sink_events_read(web: str) -> int | None:
-    """Events the worker's S3 sink has read so far (``GET /sink/``), or None if it does not answer."""
+def worker_view(web: str, path: str) -> Any:
+    """The JSON of one of the worker's views (``GET web + path``), or None if it does not answer."""
     try:
-        with urllib.request.urlopen(f"{web}/sink/", timeout=5) as resp:
-            value = json.loads(resp.read()).get("events_in")
+        with urllib.request.urlopen(f"{web}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
     except (OSError, ValueError):
         return None
+
+
+def sink_events_read(web: str) -> int | None:
+    """Events the worker's S3 sink has read so far (``GET /sink/``), or None if it does not answer."""
+    body = worker_view(web, "/sink/")
+    value = body.get("events_in") if isinstance(body, dict) else None
     return value if isinstance(value, int) else None
 
 
