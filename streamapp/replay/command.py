@@ -209,7 +209,7 @@ def calibrate(stack: ArmStack, scenario: Scenario, out: Path, on_progress: Any) 
     rates = []
     for round_no in range(CALIBRATION_ROUNDS):
         path = out / f"requests-calibration-{round_no + 1}.npz"
-        config = _traffic_config(stack, scenario, {CALIBRATION_PROJECT: key}, {CALIBRATION_PROJECT: "batch"}, path)
+        config = _traffic_config(stack, scenario, {CALIBRATION_PROJECT: key}, {CALIBRATION_PROJECT: "kafka"}, path)
         config["writers"][0]["seq"] = round_no << 28  # ids unique across rounds
         config.update(mode="calibrate", duration=scenario.calibration_seconds)
         offset = round_no * scenario.calibration_seconds
