@@ -17,6 +17,7 @@ from streamapp.infra.transport import (
     RecordBatch,
     StreamappConsumer,
     bulk_records,
+    first_gap,
     resume_verdict,
 )
 
@@ -120,6 +121,39 @@ def test_a_bulk_batch_starting_past_the_next_offset_is_read_again() -> None:
     fetched = {EVENTS_0: batch(100)}
     c._check_continuity(fetched, {"events"})
     assert list(c._resumable(fetched)) == [EVENTS_0] and c._resume == {}
+
+
+def test_first_gap_finds_the_first_missing_offset() -> None:
+    assert first_gap([]) is None
+    assert first_gap(batch(7, 1)) is None
+    assert first_gap(batch(100, 500)) is None
+    assert first_gap([*batch(103, 4), *batch(10_100, 3)]) == 4
+    assert first_gap([Record(1), Record(3), Record(4), Record(5)]) == 1  # span matches, offsets do not
+
+
+def test_a_bulk_batch_with_missing_offsets_is_delivered_up_to_them_and_read_again() -> None:
+    """Point 7 inside a batch: one fetch of partition 0 held offsets 103-106, then 10,100-10,102
+    (a restart under load in the test suite; the records between never reached S3). Delivered:
+    103-106; partition 0 sought to 107 and checked as after any seek; other partitions and
+    non-bulk topics untouched."""
+    c = consumer()
+    c._next_offset = {EVENTS_0: 103, EVENTS_1: 40}
+    other = TP("other", 0)
+    fetched = {EVENTS_0: [*batch(103, 4), *batch(10_100)], EVENTS_1: batch(40), other: [Record(1), Record(9)]}
+    records = c._cut_at_gaps(fetched, {"events"})
+    assert [r.offset for r in records[EVENTS_0]] == [103, 104, 105, 106]
+    assert records[EVENTS_1] == fetched[EVENTS_1] and records[other] == fetched[other]
+    assert c._thread.seeks == [(EVENTS_0, 107)] and c._resume == {EVENTS_0: [107, 0]}
+    assert c.stale_records_dropped == 3
+    # The refetch starts past 107 again: dropped and sought back (the usual rule) ...
+    refetch = {EVENTS_0: batch(10_100)}
+    c._check_resume(refetch)
+    assert refetch == {} and c._thread.seeks[-1] == (EVENTS_0, 107)
+    # ... until it starts at 107: delivered.
+    refetch = {EVENTS_0: batch(107)}
+    c._check_resume(refetch)
+    assert list(refetch) == [EVENTS_0] and c._resume == {}
+    assert c._cut_at_gaps(refetch, {"events"}) is refetch, "a contiguous batch is passed through as is"
 
 
 def test_seek_without_a_target_is_not_checked() -> None:
