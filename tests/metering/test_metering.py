@@ -683,6 +683,44 @@ def test_pacer_is_slow_to_speed_up_and_quick_to_yield() -> None:
     assert p.recent_age(6.3, 0.0) == 60.0  # ... what the drain waited on is
 
 
+def test_pacer_counts_the_time_spent_reading_a_delivery_toward_its_share() -> None:
+    """Reading and cutting 2,000 events took the drain 2 s at 1,000 ev/s allowed: the deliveries
+    go at once, as long as each share starts after the previous one's (no idle credit)."""
+    p = Pacer(1000.0)
+    assert p.wait_seconds(2.0, 0.0, 120.0) == 0.0
+    p.started(1000, 2.0, working_since=0.0)  # the first share counts from the reading's start ...
+    assert p.wait_seconds(2.0, 0.0, 120.0) == 0.0  # ... so it ended at 1.0: the next goes now
+    p.started(1000, 2.0, working_since=0.0)  # and counts from 1.0, when the previous share ended
+    assert p.wait_seconds(2.0, 0.0, 120.0) == 0.0
+    p.started(1000, 2.0, working_since=0.0)  # from 2.0: a third delivery of that reading waits
+    assert p.wait_seconds(2.0, 0.0, 120.0) == pytest.approx(1.0)
+    # the reading began long after the last share ended: the time before it earns nothing
+    assert p.wait_seconds(50.0, 0.0, 120.0) == 0.0
+    p.started(1000, 50.5, working_since=50.0)
+    assert p.wait_seconds(50.5, 0.0, 120.0) == pytest.approx(0.5)
+    # never from after now (a clock read before the reading's start), nor without a judged share
+    p.started(1000, 51.0, working_since=60.0)
+    assert p.wait_seconds(51.0, 0.0, 120.0) == pytest.approx(1.0)
+    p.started(1000, 52.0, working_since=0.0)  # not asked since the last delivery: from now
+    assert p.wait_seconds(52.0, 0.0, 120.0) == pytest.approx(1.0)
+
+
+def test_pacer_sustained_rate_matches_allowance_however_long_the_reading() -> None:
+    """Whatever the reading costs, a drain paced with its working time never beats the allowance."""
+    for read_seconds in (0.0, 0.03, 0.05, 0.2):
+        p = Pacer(2000.0)
+        now = 0.0  # the first reading begins
+        for _ in range(100):
+            reading = now
+            now += read_seconds  # reading and cutting 100 events
+            now += p.wait_seconds(now, 0.0, 120.0)
+            p.started(100, now, working_since=reading)
+        # the 100th delivery starts no sooner than 99 shares after the work began ...
+        assert now >= 99 * 100 / 2000.0 - 1e-9, read_seconds
+        # ... and no later than the slower of reading and share allows (the reading is credited)
+        assert now <= read_seconds + 99 * max(read_seconds, 100 / 2000.0) + 1e-9, read_seconds
+
+
 def test_pacer_sustained_rate_matches_allowance() -> None:
     p = Pacer(2000.0)
     now = 0.0
