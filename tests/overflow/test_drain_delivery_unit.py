@@ -1,0 +1,90 @@
+"""How the overflow drain hands ready chunks to ``deliver`` (``OverflowDrain._deliver_ready``): in
+groups of ``CHUNKS_PER_DELIVERY``, in order, one delivery of a partition at a time, each in the
+background while the drain reads on (the next group waits for it), and a failure raised at the
+next delivery of its partition. ``deliver`` itself (objects, checkpoint, commit) is replaced by a
+recorder; exactly once across crashes is tests/overflow/test_drain.py's and the worker tests'."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from streamapp.overflow.drain import CHUNKS_PER_DELIVERY, OverflowDrain
+
+
+class Chunks:
+    """What ``_deliver_ready`` uses of ``OverflowChunks``: its ready chunks and dead letters."""
+
+    def __init__(self, ready: list[int]) -> None:
+        self.ready: list[Any] = list(ready)
+        self.dead_letters: list[Any] = []
+
+
+def _drain(chunks: Chunks, log: list[tuple[str, list[int]]], fail: set[int] | None = None) -> OverflowDrain:
+    drain = object.__new__(OverflowDrain)  # no app, S3 or consumer: deliver is the recorder below
+    drain.partitions = {0: chunks}  # type: ignore[dict-item]
+    drain._delivering = {}
+    drain.dead_lettered = 0
+    drain.app = type("App", (), {"producer": None})()  # no dead letters here: never used
+
+    async def deliver(batch: list[int], working_since: float | None = None) -> None:
+        log.append(("start", batch))
+        await asyncio.sleep(0.01)  # an S3 round trip
+        if fail and batch[0] in fail:
+            raise RuntimeError(f"delivery of {batch} failed")
+        log.append(("end", batch))
+
+    drain.deliver = deliver  # type: ignore[method-assign]
+    return drain
+
+
+def test_ready_chunks_go_in_whole_groups_in_order_one_delivery_at_a_time() -> None:
+    log: list[tuple[str, list[int]]] = []
+    chunks = Chunks(list(range(2 * CHUNKS_PER_DELIVERY + 1)))
+    drain = _drain(chunks, log)
+
+    async def run() -> None:
+        await drain._deliver_ready(0, chunks, 0.0, whole=True)  # type: ignore[arg-type]
+        assert chunks.ready == [2 * CHUNKS_PER_DELIVERY]  # the odd chunk waits for more
+        assert 0 in drain._delivering  # the last group is still on its way: the drain reads on
+        chunks.ready.append(2 * CHUNKS_PER_DELIVERY + 1)
+        await drain._deliver_ready(0, chunks, 0.0)  # type: ignore[arg-type]
+        await drain.delivered(0)
+
+    asyncio.run(run())
+    first, second = list(range(CHUNKS_PER_DELIVERY)), list(range(CHUNKS_PER_DELIVERY, 2 * CHUNKS_PER_DELIVERY))
+    rest = [2 * CHUNKS_PER_DELIVERY, 2 * CHUNKS_PER_DELIVERY + 1]
+    # each delivery ends before the next of its partition starts, in chunk order
+    assert log == [("start", first), ("end", first), ("start", second), ("end", second), ("start", rest), ("end", rest)]
+    assert chunks.ready == []
+
+
+def test_a_failed_delivery_is_raised_at_the_next_one_and_nothing_after_it_goes() -> None:
+    log: list[tuple[str, list[int]]] = []
+    chunks = Chunks(list(range(2 * CHUNKS_PER_DELIVERY)))
+    drain = _drain(chunks, log, fail={0})
+
+    async def run() -> None:
+        with pytest.raises(RuntimeError, match="failed"):
+            await drain._deliver_ready(0, chunks, 0.0)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert log == [("start", list(range(CHUNKS_PER_DELIVERY)))]  # the second group never started
+
+
+def test_a_partition_revoked_meanwhile_gets_no_more_deliveries() -> None:
+    log: list[tuple[str, list[int]]] = []
+    chunks = Chunks(list(range(2 * CHUNKS_PER_DELIVERY)))
+    drain = _drain(chunks, log)
+
+    async def run() -> None:
+        first = asyncio.ensure_future(drain._deliver_ready(0, chunks, 0.0))  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the first group is on its way
+        drain.partitions.pop(0)  # revoked: the new owner replays from the committed offset
+        await first
+        await drain.delivered(0)
+
+    asyncio.run(run())
+    assert log == [("start", list(range(CHUNKS_PER_DELIVERY))), ("end", list(range(CHUNKS_PER_DELIVERY)))]
