@@ -377,6 +377,11 @@ class PartitionWindows:
         self.routes = routes  # copy on write: snapshots keep the old mapping
 
     @property
+    def next_close(self) -> float:
+        """The watermark at which the oldest open window closes (inf: none open)."""
+        return self._next_close
+
+    @property
     def read_offset(self) -> int:
         """The next offset of the partition to read."""
         return position_offset(self.next_pos)

@@ -31,7 +31,7 @@ import faust
 import orjson
 from faust.types import TP, StreamT
 
-from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value, position
+from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value, position, position_offset
 from streamapp.control import (
     SHED_MODES,
     ShedMarker,
@@ -279,6 +279,15 @@ class S3Sink:
 
         Anything else is read past, counted and dead-lettered. Never raises, whatever the bytes.
         """
+        before = windows.next_pos
+        self._obey_control(windows, offset, key, value, headers)
+        status = self.status.get(windows.partition)
+        if status is not None and windows.next_pos != before:  # not a redelivery
+            status.control_read += 1  # not an event: the partition may still be idle (ticks)
+
+    def _obey_control(
+        self, windows: PartitionWindows, offset: int, key: bytes, value: bytes | None, headers: Any
+    ) -> None:
         try:
             rejected = verify_control(self._control_secrets, self.topic, windows.partition, key, value, headers)
             meaning = parse_control(key, value) if rejected is None else None
@@ -461,8 +470,11 @@ class S3Sink:
             status = self.status.get(partition)
             if status is None:
                 continue
-            if windows.next_pos != status.seen_pos:  # records arrived since the last look
-                status.seen_pos, status.last_message_at = windows.next_pos, now
+            if windows.next_pos != status.seen_pos:  # records arrived since the last look ...
+                read = position_offset(windows.next_pos) - position_offset(status.seen_pos)
+                if read > status.control_read - status.seen_control:  # ... events, not only control records
+                    status.last_message_at = now
+                status.seen_pos, status.seen_control = windows.next_pos, status.control_read
             if now - status.last_message_at < self.settings.idle_flush_seconds:
                 continue
             # A partition that never saw an event is ticked too: every window's manifest waits
@@ -471,7 +483,16 @@ class S3Sink:
             highwater = consumer.highwater(tp)
             if highwater is not None and highwater > windows.read_offset:
                 continue  # not caught up: real events will move the watermark
-            status.last_message_at = now
+            # Idle: a tick every ``idle_flush_seconds``, and one as soon as the wall clock passes
+            # the oldest open window's close (the last window of a burst is written a timer
+            # interval after it may be, not up to twice the idle flush later).
+            next_close, wall = windows.next_close, time.time()
+            closable = next_close <= wall and next_close != status.ticked_close
+            if now - status.last_tick_at < self.settings.idle_flush_seconds and not closable:
+                continue
+            status.last_tick_at = now
+            if next_close <= wall:
+                status.ticked_close = next_close  # this tick closes it: not sent again for it
             await self._send_tick(partition)
 
     async def _send_tick(self, partition: int) -> None:

@@ -27,7 +27,11 @@ class PartitionStatus:
 
     committed_offset: int = 0
     seen_pos: int = 0
-    last_message_at: float = field(default_factory=time.monotonic)
+    control_read: int = 0  # control records read (ticks, shed markers): events are the activity
+    seen_control: int = 0
+    last_message_at: float = field(default_factory=time.monotonic)  # last look that found events
+    last_tick_at: float = 0.0
+    ticked_close: float = 0.0  # the window close the last tick was sent for
     oldest_unflushed_event_at: float | None = None
     last_flush_at: float = 0.0
 
