@@ -12,6 +12,7 @@ import argparse
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = Scenario()
     parser.add_argument("--out", default="replay-out", help="output directory (summary.json, report.html, PNGs)")
     parser.add_argument(
-        "--quick", action="store_true", help="short version (about 3 minutes): small windows and phases"
+        "--quick", action="store_true", help="short version (about 2.5 minutes): small windows and phases"
     )
     parser.add_argument("--external", action="store_true", help="use the configured STREAMAPP_KAFKA_*/S3 settings")
     parser.add_argument("--projects", type=int, default=None, help=f"projects (default {d.projects})")
@@ -74,6 +75,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"seconds the spike takes to reach its full rate, 0 = a step (default {d.spike_ramp_seconds:g})",
     )
+    parser.add_argument(
+        "--burst-horizon-seconds",
+        type=int,
+        default=None,
+        help=f"the meter's burst rate horizon in both arms (default {d.burst_horizon_seconds})",
+    )
+    parser.add_argument(
+        "--s3-poll-seconds", type=float, default=None, help=f"S3 listing interval (default {d.s3_poll_seconds:g})"
+    )
     parser.add_argument("--arms", default="baseline,protected", help="comma-separated arms to run")
 
 
@@ -96,6 +106,8 @@ _FLAG_FIELDS = {
     "spike_addons": "spike_addons",
     "drain_share": "drain_share",
     "spike_ramp_seconds": "spike_ramp_seconds",
+    "burst_horizon_seconds": "burst_horizon_seconds",
+    "s3_poll_seconds": "s3_poll_seconds",
 }
 
 
@@ -149,10 +161,20 @@ def run_arm(
     if scenario.derived:
         worker_settings["overflow_max_eps"] = scenario.derived["overflow_max_eps"]
     stack = ArmStack(arm, out / "logs" / arm, worker_settings, external=external)
+    phases: dict[str, float] = {}  # wall seconds of each phase of this arm (summary: phase_seconds)
+    clock = time.monotonic()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        phases[phase] = round(now - clock, 2)
+        clock = now
+
     with report.progress(console) as bar:
         task = bar.add_task(f"{arm}: starting broker, S3, worker", total=None)
         stack.start()
         bar.update(task, total=1, completed=1)
+        lap("start")
         try:
             if scenario.capacity_eps is None:
                 task = bar.add_task(
@@ -165,6 +187,7 @@ def run_arm(
                     f"(rounds: {' / '.join(f'{r:,.0f}' for r in rounds)})"
                 )
                 scenario = replace(scenario, capacity_eps=capacity)
+                lap("calibration")
             if not scenario.derived:
                 scenario = scenario.sized(float(scenario.capacity_eps or 0))
             d = scenario.derived
@@ -179,11 +202,15 @@ def run_arm(
                 for project, future in futures.items():
                     keys[project] = future.result()
                     bar.update(task, completed=len(keys))
-            summary, series = replay(stack, scenario, keys, mode, out / f"requests-{arm}.npz", bar)
+            lap("create_projects")
+            summary, series = replay(stack, scenario, keys, mode, out / f"requests-{arm}.npz", bar, lap)
         finally:
             task = bar.add_task(f"{arm}: stopping", total=None)
             stack.stop()
             bar.update(task, total=1, completed=1)
+    lap("stop")
+    summary["phase_seconds"] = phases
+    console.print(f"  {arm}: " + ", ".join(f"{phase} {seconds:g} s" for phase, seconds in phases.items()))
     return summary, series, scenario
 
 
@@ -269,9 +296,16 @@ def _traffic_config(
 
 
 def replay(
-    stack: ArmStack, scenario: Scenario, keys: dict[str, str], mode: str, path: Path, bar: Any
+    stack: ArmStack,
+    scenario: Scenario,
+    keys: dict[str, str],
+    mode: str,
+    path: Path,
+    bar: Any,
+    lap: Callable[[str], None] = lambda phase: None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the traffic with the watchers on, wait for S3 to have every accepted event, analyse."""
+    """Run the traffic with the watchers on, wait for S3 to have every accepted event, analyse;
+    ``lap(phase)`` is called as each phase ends (traffic, settle, analysis)."""
     d = scenario.derived
     t0 = time.time() + 1.0
     config = _traffic_config(stack, scenario, keys, scenario.channels(), path)
@@ -313,6 +347,7 @@ def replay(
     process.join()
     if process.exitcode != 0:
         raise RuntimeError(f"the traffic generator failed (exit code {process.exitcode})")
+    lap("traffic")
     table = RequestTable.load(str(path))
     acked = table.ok > 0
     accepted = expand_ids(table.project[acked], table.first[acked], table.ok[acked])
@@ -323,6 +358,7 @@ def replay(
         time.time() + scenario.settle_seconds,
         lambda found, total: bar.update(task, completed=found, total=total),
     )
+    lap("settle")
     watcher.stop()
     shed.stop()
     watcher.list_once()
@@ -344,4 +380,5 @@ def replay(
         "last_modified_subsecond": watcher.last_modified_resolution() > 0,
         "visible_time": "min(first listed, LastModified + 1 s)" if watcher.local_clock else "first listed",
     }
+    lap("analysis")
     return summary, series
