@@ -20,11 +20,13 @@ class BackgroundTasks:
         self._running: set[asyncio.Future[Any]] = set()
         self.failures = 0
 
-    def spawn(self, awaitable: Awaitable[Any]) -> None:
-        """Run in the background, keeping a reference and logging failures."""
+    def spawn(self, awaitable: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run in the background, keeping a reference and logging failures; the future, for a
+        caller that also waits for it (the overflow drain's deliveries)."""
         future = asyncio.ensure_future(awaitable)
         self._running.add(future)
         future.add_done_callback(self._finished)
+        return future
 
     def _finished(self, future: asyncio.Future[Any]) -> None:
         self._running.discard(future)

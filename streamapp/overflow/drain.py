@@ -58,12 +58,6 @@ YIELD_EVERY_BYTES = 256 * 1024
 PACE_RECHECK_SECONDS = 0.25
 
 
-def _log_failure(task: asyncio.Future[None]) -> None:
-    """A delivery in the background failed: say so now (the next one of its partition raises it)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("drain: a delivery failed: %r", task.exception())
-
-
 class OverflowDrain:
     """Delivers the overflow partitions this worker holds, a few chunks at a time; its ``status()`` is the
     drain's read model (views, metrics)."""
@@ -82,7 +76,7 @@ class OverflowDrain:
         export_target: Callable[[str], Target | None],
         sink_backlog: Callable[[], dict[str, dict[str, Any]]],
         metrics: Metrics,
-        spawn: Callable[[Awaitable[Any]], None],
+        spawn: Callable[[Awaitable[Any]], asyncio.Future[Any]],
     ) -> None:
         self.app = app  # its consumer (offsets, highwaters, commits) and producer (notices, ticks)
         self.settings = settings
@@ -108,7 +102,7 @@ class OverflowDrain:
         self.chunks = 0
         self.paced_seconds = 0.0
         self._rate_window: list[tuple[float, int]] = []  # (time, events) of recent chunks
-        self._delivering: dict[int, asyncio.Future[None]] = {}  # partition -> its delivery in flight
+        self._delivering: dict[int, asyncio.Future[Any]] = {}  # partition -> its delivery in flight
 
     async def partition(self, tp: TP) -> OverflowChunks:
         chunks = self.partitions.get(tp.partition)
@@ -199,8 +193,8 @@ class OverflowDrain:
             if self.partitions.get(partition) is not chunks:
                 return  # revoked meanwhile: the new owner replays from the committed offset
             group = batch[start : start + CHUNKS_PER_DELIVERY]
-            task = self._delivering[partition] = asyncio.ensure_future(self.deliver(group, working_since))
-            task.add_done_callback(_log_failure)
+            # Logged by the worker's background tasks as it fails; raised at the next delivery.
+            self._delivering[partition] = self.spawn(self.deliver(group, working_since))
 
     async def delivered(self, partition: int) -> None:
         """Wait for ``partition``'s delivery in flight, if any; its failure is raised here."""

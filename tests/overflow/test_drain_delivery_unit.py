@@ -28,6 +28,7 @@ def _drain(chunks: Chunks, log: list[tuple[str, list[int]]], fail: set[int] | No
     drain._delivering = {}
     drain.dead_lettered = 0
     drain.app = type("App", (), {"producer": None})()  # no dead letters here: never used
+    drain.spawn = asyncio.ensure_future  # the worker's BackgroundTasks.spawn keeps and logs it
 
     async def deliver(batch: list[int], working_since: float | None = None) -> None:
         log.append(("start", batch))
