@@ -9,17 +9,17 @@ crash or rebalance the partition is restored from the checkpoint at the committe
 The events of a diverted record that the real-time path would have dead-lettered are
 dead-lettered from here (``events-invalid``, naming the events-topic record).
 
-Pacing (``metering.Pacer``): after a delivery the drain waits ``events / allowance`` seconds, counted
-from when it began reading those events, at the allowance in force while it waits (re-read every
-``PACE_RECHECK_SECONDS``); ready chunks are delivered as they come, each delivery in the background
-while the drain reads on, the next one waiting for it (``_deliver_ready``); the allowance is
-``overflow_max_eps`` while the real-time sink has had no backlog for a few seconds and falls
-linearly to 5 % of it as the sink's backlog age reaches ``health_backlog_seconds``. The
-drain waits inside its agent's loop, so its Faust buffer fills and Faust stops fetching the
-overflow partitions (per-partition flow control) while the events partitions flow on. The
-overflow topic is read in bulk (one buffer item per fetched batch, see streamapp.topics), so
-what was fetched before the stop always fits in the buffer: a full buffer would block Faust's
-delivery to every agent. Nothing is skipped, only delayed.
+Pacing (``metering.Pacer``): after a delivery (of any partition: they take turns) the drain waits
+``events / allowance`` seconds, counted from when it began reading those events, at the allowance
+in force while it waits (re-read every ``PACE_RECHECK_SECONDS``); ready chunks are delivered as
+they come, each delivery in the background while the drain reads on, the next one waiting for it
+(``_deliver_ready``); the allowance is ``overflow_max_eps`` while the real-time sink has had no
+backlog for a few seconds and falls linearly to 5 % of it as the sink's backlog age reaches
+``health_backlog_seconds``. The drain waits inside its agent's loop, so its Faust buffer fills
+and Faust stops fetching the overflow partitions (per-partition flow control) while the events
+partitions flow on. The overflow topic is read in bulk (one buffer item per fetched batch, see
+streamapp.topics), so what was fetched before the stop always fits in the buffer: a full buffer
+would block Faust's delivery to every agent. Nothing is skipped, only delayed.
 """
 
 from __future__ import annotations
@@ -264,12 +264,7 @@ class OverflowDrain:
         """
         events = sum(chunk.events for chunk in batch)
         if events:
-            threshold = self.settings.health_backlog_seconds
-            while (wait := self.pacer.wait_seconds(time.monotonic(), self.backlog_age(), threshold)) > 0:
-                step = min(wait, PACE_RECHECK_SECONDS)
-                self.paced_seconds += step
-                await asyncio.sleep(step)
-            self.pacer.started(events, time.monotonic(), working_since)
+            await self.pace(events, working_since)
         last = batch[-1]
         objects = [obj for chunk in batch for obj in chunk.objects]
         parking = self.parking
@@ -293,6 +288,19 @@ class OverflowDrain:
         now = time.monotonic()
         self._rate_window.append((now, events))
         self._rate_window = [(t, n) for t, n in self._rate_window if now - t <= 10.0]
+
+    async def pace(self, events: int, working_since: float | None = None) -> None:
+        """Wait for the share of the drain's previous delivery, then start this one's (``Pacer``).
+
+        Deliveries of several partitions wait at once (each in the background): the first to find
+        its wait over starts its share with no await in between, so the others then wait for that
+        share too, and the drain as a whole keeps to its allowance."""
+        threshold = self.settings.health_backlog_seconds
+        while (wait := self.pacer.wait_seconds(time.monotonic(), self.backlog_age(), threshold)) > 0:
+            step = min(wait, PACE_RECHECK_SECONDS)
+            self.paced_seconds += step
+            await asyncio.sleep(step)
+        self.pacer.started(events, time.monotonic(), working_since)
 
     # ---------------------------------------------------------------- ticks
     async def tick_idle_partitions(self) -> None:

@@ -2,15 +2,19 @@
 groups of ``CHUNKS_PER_DELIVERY``, in order, one delivery of a partition at a time, each in the
 background while the drain reads on (the next group waits for it), and a failure raised at the
 next delivery of its partition. ``deliver`` itself (objects, checkpoint, commit) is replaced by a
-recorder; exactly once across crashes is tests/overflow/test_drain.py's and the worker tests'."""
+recorder; exactly once across crashes is tests/overflow/test_drain.py's and the worker tests'.
+Deliveries of different partitions take the pacer in turn (``OverflowDrain.pace``)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from typing import Any
 
 import pytest
 
+from streamapp.metering import Pacer
 from streamapp.overflow.drain import CHUNKS_PER_DELIVERY, OverflowDrain
 
 
@@ -89,3 +93,29 @@ def test_a_partition_revoked_meanwhile_gets_no_more_deliveries() -> None:
 
     asyncio.run(run())
     assert log == [("start", list(range(CHUNKS_PER_DELIVERY))), ("end", list(range(CHUNKS_PER_DELIVERY)))]
+
+
+def test_deliveries_of_several_partitions_take_the_pacer_in_turn() -> None:
+    """Three partitions' deliveries waiting at once go one share apart, not all together when the
+    first share ends: the drain as a whole keeps to its allowance."""
+    drain = object.__new__(OverflowDrain)
+    drain.pacer = Pacer(max_rate=1000.0)  # 100 events: a share of 0.1 s
+    drain.paced_seconds = 0.0
+    drain.settings = type("Settings", (), {"health_backlog_seconds": 1.0})()
+    drain.backlog_age = lambda: 0.0  # type: ignore[method-assign]  # no real-time backlog: full allowance
+    started: list[float] = []
+
+    async def delivery(origin: float) -> None:
+        await drain.pace(100)
+        started.append(time.monotonic() - origin)
+
+    async def run() -> None:
+        origin = time.monotonic()
+        await delivery(origin)  # the first goes at once
+        await asyncio.gather(*(delivery(origin) for _ in range(3)))
+
+    asyncio.run(run())
+    assert started[0] < 0.05, started
+    for before, after in itertools.pairwise(started):
+        assert after - before >= 0.09, started  # a share (0.1 s) apart, less the clock's grain
+    assert started[-1] >= 0.29, started
