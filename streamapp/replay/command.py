@@ -181,18 +181,22 @@ def run_arm(
                     f"{arm}: calibrating capacity (timing the worker on a backlog)",
                     total=CALIBRATION_ROUNDS * scenario.calibration_seconds,
                 )
-                capacity, rounds = calibrate(stack, scenario, out, lambda done: bar.update(task, completed=done))
+                capacity, rounds, producer_eps = calibrate(
+                    stack, scenario, out, lambda done: bar.update(task, completed=done)
+                )
                 console.print(
                     f"  measured capacity of one worker: {capacity:,.0f} events/s "
-                    f"(rounds: {' / '.join(f'{r:,.0f}' for r in rounds)})"
+                    f"(rounds: {' / '.join(f'{r:,.0f}' for r in rounds)}); "
+                    f"its producer wrote {producer_eps:,.0f} events/s"
                 )
-                scenario = replace(scenario, capacity_eps=capacity)
+                scenario = replace(scenario, capacity_eps=capacity).sized(capacity, producer_eps)
                 lap("calibration")
             if not scenario.derived:
                 scenario = scenario.sized(float(scenario.capacity_eps or 0))
             d = scenario.derived
             console.print(
-                f"  {arm}: spike {d['spike_eps']:,.0f} ev/s = {scenario.spike_factor:g} x quota {d['quota_eps']:,.0f}; "
+                f"  {arm}: spike {d['spike_eps']:,.0f} ev/s = {scenario.spike_factor:g} x quota {d['quota_eps']:,.0f}"
+                f"{' (the ceiling: a share of what the producer wrote)' if d.get('spike_capped') else ''}; "
                 f"{scenario.projects - 1} others at {d['base_eps_per_project']:,.1f} ev/s each"
             )
             task = bar.add_task(f"{arm}: creating {scenario.projects} projects", total=scenario.projects)
@@ -220,31 +224,37 @@ def _spawn_traffic(config: dict[str, Any]) -> multiprocessing.process.BaseProces
     return process
 
 
-def calibrate(stack: ArmStack, scenario: Scenario, out: Path, on_progress: Any) -> tuple[float, list[float]]:
+def calibrate(stack: ArmStack, scenario: Scenario, out: Path, on_progress: Any) -> tuple[float, list[float], float]:
     """Capacity = how fast the worker's sink reads a backlog of the spike's Kafka records that it
     has to itself (:func:`backlog_rate`): the producer writes for ``calibration_seconds``, then
     stops, and the sink's ``events_in`` counter is sampled until it has read them all. The best of
     ``CALIBRATION_ROUNDS`` rounds (the figure and each round's, for the console): what slows a round
-    (the add-ons' caches still cold, a stall of the machine) only ever lowers it.
+    (the add-ons' caches still cold, a stall of the machine) only ever lowers it. Third: the best
+    rate at which the rounds' producer wrote (events/s), which bounds the spike
+    (``Scenario.producer_share``).
 
     Two earlier designs measured 17,000-64,000 events/s on this machine from run to run: timed by
     S3 objects less the window close, a sink behind by less than window + lateness looked as fast
     as the writers; timed by the counter while the writers still wrote, the worker's share of two
     cores depended on how much of them the writers took. A spike sized from a high figure saturated
-    the whole machine (writers, broker and S3 server included), protection or not."""
+    the whole machine (writers, broker and S3 server included), protection or not.
+    """
     key = stack.create_project(CALIBRATION_PROJECT, 1e9)
-    rates = []
+    rates, written = [], []
     for round_no in range(CALIBRATION_ROUNDS):
         path = out / f"requests-calibration-{round_no + 1}.npz"
         config = _traffic_config(stack, scenario, {CALIBRATION_PROJECT: key}, {CALIBRATION_PROJECT: "kafka"}, path)
         config["writers"][0]["seq"] = round_no << 28  # ids unique across rounds
         config.update(mode="calibrate", duration=scenario.calibration_seconds)
         offset = round_no * scenario.calibration_seconds
-        rates.append(_backlog_round(stack, config, path, lambda done, offset=offset: on_progress(offset + done)))
-    return max(rates), rates
+        rate, accepted = _backlog_round(stack, config, path, lambda done, offset=offset: on_progress(offset + done))
+        rates.append(rate)
+        written.append(accepted / scenario.calibration_seconds)
+    return max(rates), rates, max(written)
 
 
-def _backlog_round(stack: ArmStack, config: dict[str, Any], path: Path, on_progress: Any) -> float:
+def _backlog_round(stack: ArmStack, config: dict[str, Any], path: Path, on_progress: Any) -> tuple[float, int]:
+    """(the sink's rate on the round's backlog, the events the producer wrote)."""
     before = sink_events_read(stack.web) or 0
     started = time.time()
     process = _spawn_traffic(config)
@@ -261,7 +271,7 @@ def _backlog_round(stack: ArmStack, config: dict[str, Any], path: Path, on_progr
             if read - before >= accepted:
                 break
         time.sleep(0.05)
-    return backlog_rate(samples, accepted)
+    return backlog_rate(samples, accepted), accepted
 
 
 def _traffic_config(

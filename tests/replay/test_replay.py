@@ -4,19 +4,17 @@ issue #12's invariants on ``summary.json``; plus the pure parts (id ranges, obje
 calibration's rate, the spike sized from the capacity) on hand-made inputs.
 
 Invariants, on the other projects during the spike (B = window + lateness + idle flush + 5 s = 8 s
-here): baseline p99 >= 2B, protected API success >= 99.9 %, every accepted event in S3 exactly once
-in both arms, and the protected p99 at most ``PROTECTED_SHARE`` of the baseline's. The spike is
-sized from the machine: 2x the rate at which the worker's sink reads a backlog of the spike's
-records (the best of two timed backlogs), three quarters of it straight to Kafka, pageviews asking
-for three add-ons, climbing over 5 s for 17 s (README, "The incident, replayed").
+here): protected p99 <= B, baseline p99 >= 2B, protected API success >= 99.9 %, and every accepted
+event in S3 exactly once in both arms. The spike is sized from the machine: 1.6x the rate at which
+the worker's sink reads a backlog of the spike's records (the best of two timed backlogs), at most
+0.3x the rate at which the calibration's producer wrote, three quarters of it straight to Kafka,
+pageviews asking for three add-ons, climbing over 5 s for 21 s (README, "The incident, replayed").
 
-Issue #12's own bound, protected p99 <= B, is not asserted: in the reduced replays of 2026-12-03
-with these settings it held in every run, but by as little as 0.2 s in the runs whose calibration
-read 32,000 events/s or more (4.3-6.5 s below 30,000): a margin that thin would fail some runs;
-issue #12 stays open for it. Baseline: 21.7-34.1 s against 2B = 16 s in twelve runs with 1 s
-windows (with 2 s windows one run had 14.7 s against 18 s). The whole replay: 2 min 23 s - 2 min
-38 s (issue #12 asks for under two; ``phase_seconds`` in ``summary.json`` says where it goes).
-README, "The incident, replayed", has the runs.
+In the reduced replays of 2026-12-03 with these settings (fifteenth session) the protected p99 was
+4.5-5.2 s and the baseline's 23.2-34.5 s; a CI run of the settings before (2x for 17 s, no
+ceiling), whose calibration read 46,866 events/s, had the protected arm at 15.7 s: its 94,000
+events/s spike saturated the machine as a whole. The whole replay takes ~2.5-2.7 minutes (issue #12
+asks for under two; ``phase_seconds`` in ``summary.json`` says where it goes).
 """
 
 from __future__ import annotations
@@ -44,9 +42,7 @@ from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The protected arm's p99 for the others at most this share of the baseline's (measured: 0.16-0.28).
-PROTECTED_SHARE = 0.5
-#: ``--quick`` (1 s windows, a 17 s spike) with 10 projects: the whole replay in ~2.5 minutes here.
+#: ``--quick`` (1 s windows, a 21 s spike) with 10 projects: the whole replay in ~2.5-2.7 minutes here.
 REDUCED = ["--quick", "--projects", "10"]
 
 
@@ -95,15 +91,12 @@ def _others(replay_run: tuple[int, Path, str], arm: str) -> tuple[dict, float]:
 
 
 @pytest.mark.integration
-def test_protected_arm_keeps_the_others_writing_and_far_ahead_of_the_baseline(
-    replay_run: tuple[int, Path, str],
-) -> None:
+def test_protected_arm_keeps_the_others_writing_and_within_the_bound(replay_run: tuple[int, Path, str]) -> None:
     others, bound = _others(replay_run, "protected")
-    baseline, _ = _others(replay_run, "baseline")
     assert others["api"]["success_rate"] >= 0.999, others["api"]
-    p99, baseline_p99 = others["delivery_seconds"]["p99"], baseline["delivery_seconds"]["p99"]
-    assert p99 is not None and baseline_p99 is not None
-    assert p99 <= PROTECTED_SHARE * baseline_p99, (others["delivery_seconds"], baseline["delivery_seconds"], bound)
+    p99 = others["delivery_seconds"]["p99"]
+    assert p99 is not None
+    assert p99 <= bound, (others["delivery_seconds"], bound)
 
 
 @pytest.mark.integration
@@ -179,6 +172,21 @@ def test_spike_and_quota_follow_the_measured_capacity() -> None:
     assert sized.derived["quota_eps"] == 1_000.0
     assert sized.derived["base_eps_per_project"] == 20.0
     assert Scenario(window_seconds=5, allowed_lateness_seconds=2, idle_flush_seconds=1.0).bound_seconds == 13.0
+
+
+def test_the_spike_is_at_most_a_share_of_what_the_calibrations_producer_wrote() -> None:
+    scenario = Scenario(overload=1.6, spike_factor=20.0, base_load=0.1, projects=10, producer_share=0.3)
+    capped = scenario.sized(46_866.0, producer_eps=174_500.0)  # the CI run whose spike saturated the machine
+    assert capped.derived["spike_eps"] == 52_350.0 < 1.6 * 46_866.0
+    assert capped.derived["quota_eps"] == 2_617.5  # still F x the quota
+    assert capped.derived["base_eps_per_project"] == round(0.1 * 46_866.0 / 10, 2)  # the others: from capacity
+    assert capped.derived["producer_eps"] == 174_500.0
+    assert capped.derived["spike_capped"] is True
+    typical = scenario.sized(30_000.0, producer_eps=180_000.0)  # most runs: under the ceiling
+    assert typical.derived["spike_eps"] == 48_000.0
+    assert typical.derived["spike_ceiling_eps"] == 54_000.0
+    assert typical.derived["spike_capped"] is False
+    assert "producer_eps" not in scenario.sized(30_000.0).derived  # --capacity-eps: no calibration, no ceiling
 
 
 def test_the_spike_climbs_to_its_rate_over_the_ramp() -> None:
