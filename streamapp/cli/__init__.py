@@ -8,9 +8,10 @@
 
 One module per command group (worker, dev, produce, replay, status, project, quota, sink); the
 explicit list of commands and the dispatch are in :mod:`streamapp.cli.commands`. Shared pieces:
-:mod:`~streamapp.cli.command` (what a command is), :mod:`~streamapp.cli.http_client` (HTTP/JSON calls
-to a running worker), :mod:`~streamapp.cli.control_topic` (``--bootstrap``/``--topic`` of the
-commands that publish to the control topic), :mod:`~streamapp.cli.text_table` (operator tables).
+:mod:`~streamapp.cli.command` (what a command is), :mod:`~streamapp.cli.control_topic`
+(``--bootstrap``/``--topic`` of the commands that publish to the control topic),
+:mod:`~streamapp.cli.text_table` (operator tables); HTTP/JSON calls to a running worker are
+:mod:`streamapp.web.client`'s (the replay's too).
 """
 
 __all__ = ["main"]

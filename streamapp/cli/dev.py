@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 from streamapp.cli.command import Command
-from streamapp.cli.http_client import get_json
 from streamapp.dev import BrokerProcess, DevStackError, S3Process, WorkerProcess
 from streamapp.settings import Settings
+from streamapp.web.client import get_json
 
 
 def _dev_args(parser: argparse.ArgumentParser) -> None:

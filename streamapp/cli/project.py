@@ -17,7 +17,6 @@ from typing import Any
 
 from streamapp.cli.command import Command
 from streamapp.cli.control_topic import add_control_topic_args, control_topic_target
-from streamapp.cli.http_client import AdminApiError, admin_request, admin_target
 from streamapp.cli.text_table import render_table
 from streamapp.contract import is_valid_name, name_rule
 from streamapp.control import (
@@ -30,6 +29,7 @@ from streamapp.control import (
     publish_records,
     read_view,
 )
+from streamapp.web.client import AdminApiError, admin_request, admin_target
 
 
 def _project_args(parser: argparse.ArgumentParser) -> None:

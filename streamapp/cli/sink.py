@@ -11,8 +11,8 @@ import time
 from typing import Any
 
 from streamapp.cli.command import Command
-from streamapp.cli.http_client import AdminApiError, admin_request, admin_target
 from streamapp.cli.text_table import render_table
+from streamapp.web.client import AdminApiError, admin_request, admin_target
 
 
 def _sink_args(parser: argparse.ArgumentParser) -> None:

@@ -10,9 +10,9 @@ import time
 from typing import Any
 
 from streamapp.cli.command import Command
-from streamapp.cli.http_client import get_json
 from streamapp.metrics import overflow_backlog_by_partition, overflow_drain_rate
 from streamapp.settings import Settings
+from streamapp.web.client import get_json
 
 _SPARK = "▁▂▃▄▅▆▇█"
 

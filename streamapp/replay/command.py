@@ -189,7 +189,7 @@ def run_arm(
                     f"(rounds: {' / '.join(f'{r:,.0f}' for r in rounds)}); "
                     f"its producer wrote {producer_eps:,.0f} events/s"
                 )
-                scenario = replace(scenario, capacity_eps=capacity).sized(capacity, producer_eps)
+                scenario = scenario.sized(capacity, producer_eps)
                 lap("calibration")
             if not scenario.derived:
                 scenario = scenario.sized(float(scenario.capacity_eps or 0))

@@ -11,16 +11,16 @@ only to shade the plots and time the detection; the calibration reads the sink's
 from __future__ import annotations
 
 import gzip
-import json
 import re
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from streamapp.web.client import get_json
 
 KIND_ON_TIME, KIND_LATE, KIND_DELAYED = 0, 1, 2
 KIND_NAMES = ("on_time", "late", "delayed")
@@ -209,8 +209,7 @@ class ShedWatcher:
 def worker_view(web: str, path: str) -> Any:
     """The JSON of one of the worker's views (``GET web + path``), or None if it does not answer."""
     try:
-        with urllib.request.urlopen(f"{web}{path}", timeout=5) as resp:
-            return json.loads(resp.read())
+        return get_json(f"{web}{path}", timeout=5)
     except (OSError, ValueError):
         return None
 

@@ -4,18 +4,16 @@ Either way the replay starts its own worker, since the arm decides the shed mode
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess, s3_client
 from streamapp.settings import Settings
+from streamapp.web.client import AdminApiError, admin_request
 
 
 @dataclass
@@ -118,16 +116,10 @@ class ArmStack:
         body = {"project_id": project_id, "s3_streaming": True, "quota_eps": quota_eps, "quota_bps": quota_eps * 4000}
         deadline = time.monotonic() + 120
         while True:
-            request = urllib.request.Request(
-                f"{self.web}/admin/projects",
-                data=json.dumps(body).encode(),
-                method="POST",
-                headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
-            )
             try:
-                with urllib.request.urlopen(request, timeout=30) as resp:
-                    return str(json.loads(resp.read())["write_key"])
-            except urllib.error.HTTPError as exc:
-                if exc.code != 503 or time.monotonic() > deadline:
-                    raise RuntimeError(f"creating {project_id}: HTTP {exc.code} {exc.read()[:300]!r}") from None
+                answer = admin_request(self.web, self.admin_token, "POST", "/admin/projects", body, timeout=30)
+                return str(answer["write_key"])
+            except AdminApiError as exc:
+                if exc.status != 503 or time.monotonic() > deadline:
+                    raise RuntimeError(f"creating {project_id}: {exc}") from None
             time.sleep(1.0)

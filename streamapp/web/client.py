@@ -1,5 +1,6 @@
-"""HTTP calls from the CLI to a running worker: its read views (:func:`get_json`) and its admin API
-(:func:`admin_request`, with :func:`admin_target` for the default URL and token)."""
+"""HTTP calls to a running worker from outside it (the CLI's commands, ``streamapp replay``): its
+read views (:func:`get_json`) and its admin API (:func:`admin_request`, with :func:`admin_target`
+for the default URL and token). Standard library only: the commands load no web framework."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Any
 from streamapp.settings import Settings
 
 
-def get_json(url: str, token: str = "") -> dict[str, Any]:
-    """GET a JSON view (with the bearer ``token`` when given; 2 s timeout); OSError when nothing answers."""
+def get_json(url: str, token: str = "", timeout: float = 2.0) -> dict[str, Any]:
+    """GET a JSON view (with the bearer ``token`` when given); OSError when nothing answers."""
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    with urllib.request.urlopen(request, timeout=2) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
