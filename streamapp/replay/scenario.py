@@ -48,10 +48,10 @@ class Scenario:
     #: 46,866 events/s (26,000-37,000 in most runs of the day) while its producer wrote 174,500
     #: events/s, as in the others (158,000-210,000), and the spike it sized (94,000 events/s)
     #: saturated the machine; the protected arm's others fell 15.7 s behind. Here, protected-only
-    #: arms had them at 4.9-7.8 s at 64,000-75,000 events/s and at 15.5-22 s at 91,000-94,000, and
-    #: a run whose VM was fast for all (calibration 57,186, producer 242,000) had them at 7.05 s
-    #: with a third of it (80,667). At 0.3 the ceiling is 47,000-63,000 events/s in most runs,
-    #: about the spike that 1.6x their calibration sizes.
+    #: arms had them at 4.9-7.8 s at 64,000-75,000 events/s and at 7.6-22 s (four of five over 12 s)
+    #: at 91,000-94,000, and a run whose VM was fast for all (calibration 57,186, producer 242,000)
+    #: had them at 7.05 s with a third of it (80,667). At 0.3 the ceiling is 47,000-63,000 events/s
+    #: in most runs, about the spike that 1.6x their calibration sizes.
     producer_share: float = 0.3
     #: The other projects' total steady rate as a share of that capacity.
     base_load: float = 0.1
@@ -198,7 +198,7 @@ def quick(scenario: Scenario) -> Scenario:
 
     It is 1.6x the capacity for 21 s, not 2x for 17 s (about as many events): the calibration times
     the worker alone on one core, and this machine's two cores run the worker, the writers, the
-    broker and the S3 server at once. A CI run whose calibration read 46,866 events/s (26,000-36,000
+    broker and the S3 server at once. A CI run whose calibration read 46,866 events/s (26,000-37,000
     on most) offered a 94,000 events/s spike that saturated the machine as a whole: the protected
     worker diverted it with no time left to catch up and the others were 15.7 s behind. At 1.6x
     that calibration's spike left the protected arm at 6.4 s, and at 1.6x a low calibration (26,000)
