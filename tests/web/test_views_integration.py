@@ -290,8 +290,10 @@ def test_views_against_produced_traffic(broker, worker_env, start_worker) -> Non
     hot_line = next(line for line in text.splitlines() if " hot " in line and "SHED" in line)
     assert "divert" in hot_line
     lag_line = re.search(r"lag 0 unread, (\d+) uncommitted offsets", text)
-    # Idle partitions get a watermark tick every idle_flush_seconds: one per partition may be uncommitted.
-    assert lag_line and int(lag_line.group(1)) <= 4, text
+    # Idle partitions get a watermark tick every idle_flush_seconds and one as a window may close
+    # (sink.service.tick_idle_partitions): two per partition may be uncommitted (one partition had
+    # two in a CI run with a CPU burner beside it), nothing else.
+    assert lag_line and int(lag_line.group(1)) <= 8, text
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli_main(["status", "--web", web, "--token", "nope"]) == 1
