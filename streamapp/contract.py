@@ -129,6 +129,8 @@ def parse_record(value: bytes | None, max_record_bytes: int) -> ParsedRecord:
     if not is_valid_name(collection):
         raise InvalidRecord(f"bad collection {preview(collection)}: {name_rule(collection)}")
     if "events" in doc:
+        if "event" in doc:  # which one the producer meant is unknowable: neither is dropped silently
+            raise InvalidRecord("record has both 'event' and 'events': one or the other")
         events = doc["events"]
         if not isinstance(events, list):
             raise InvalidRecord("'events' must be a list of objects")
@@ -162,8 +164,8 @@ def scan_batch(value: bytes) -> BatchEnvelope | None:
     counts a batch this way and the sink diverts a shed project's records this way: the two
     decodes of every spike record were ~40 % of an overloaded protected worker's main thread.
 
-    ``None`` when the record is not a well-formed batch (no ``events`` list, bad names, over
-    ``MAX_BATCH_EVENTS``) or when simdjson could read it differently from orjson (duplicate
+    ``None`` when the record is not a well-formed batch (no ``events`` list, an ``event`` beside it,
+    bad names, over ``MAX_BATCH_EVENTS``) or when simdjson could read it differently from orjson (duplicate
     top-level keys: simdjson finds the first, orjson keeps the last; a byte order mark or leading
     space; anything simdjson refuses, such as integers over 64 bits): the caller then takes
     :func:`parse_record`'s path. Should simdjson accept a document that orjson refuses (none is
@@ -178,7 +180,7 @@ def scan_batch(value: bytes) -> BatchEnvelope | None:
         if type(doc) is not simdjson.Object:
             return None
         keys = list(doc.keys())
-        if "events" not in keys or len(set(keys)) != len(keys):
+        if "events" not in keys or "event" in keys or len(set(keys)) != len(keys):
             return None
         project_id = doc["project_id"]
         collection = doc["collection"]

@@ -235,6 +235,7 @@ def test_a_signed_record_with_a_bad_head_is_read_past(value: bytes) -> None:
         (b"victim", b'{"project_id":"p","collection":"c","event":{}}', "is not the value's project_id"),
         (None, b'{"project_id":"p","collection":"c","event":{}}', "is not the value's project_id"),
         (b"p", b'{"project_id":"p","collection":"c"}', "neither 'event' nor 'events'"),
+        (b"p", b'{"project_id":"p","collection":"c","event":"p","events":[]}', "both 'event' and 'events'"),
     ],
 )
 def test_a_diverted_record_the_contract_refuses_is_dead_lettered(key: bytes | None, record: bytes, reason: str) -> None:

@@ -725,6 +725,7 @@ def test_scan_batch_answers_for_every_well_formed_batch(project: str, events: li
         b'{"project_id":"p","collection":"_c","events":[{}]}',
         b'{"project_id":"p","events":[{}]}',
         b'{"project_id":"p","collection":"c","event":{}}',  # one event: parse_record's path
+        b'{"project_id":"p","collection":"c","events":[{}],"event":{}}',  # both: parse_record refuses it
         b'["project_id","p"]',
         b"",
     ],
