@@ -19,7 +19,7 @@ Its tables and their row codecs are ``streamapp.tables.meter``.
 from __future__ import annotations
 
 from .bucket import Pacer, TokenBucket
-from .health import HEALTH_FLOOR, health_factor, sink_backlog_age, tighten_heaviest
+from .health import HEALTH_FLOOR, health_factor, sink_backlog_age, sink_is_idle, tighten_heaviest
 from .project_series import DEFAULT_TOP_N, OTHER, PROJECT_OUTCOMES, BoundedProjectCounters, project_families
 from .second_counts import DEFAULT_SIZE, SecondCounts, merge_counts, tally
 from .shed import (
@@ -77,6 +77,7 @@ __all__ = [
     "retry_after_seconds",
     "set_manual",
     "sink_backlog_age",
+    "sink_is_idle",
     "step",
     "tally",
     "tighten_heaviest",

@@ -189,6 +189,10 @@ class Pacer:
         self._last = (start, max(0, n_events))
         self._due = None  # judged again by the next ``wait_seconds``
 
+    def forget_ages(self) -> None:
+        """Forget the backlog ages seen: the sink has nothing left that the drain could delay."""
+        self._ages = []
+
     def reset(self) -> None:
         """Forget the last delivery and the ages seen (e.g. after a rebalance)."""
         self._last = None

@@ -93,3 +93,13 @@ def sink_backlog_age(backlog: dict[str, dict[str, Any]], hold_seconds: float, no
             unread = info.get("unread_seconds")
             worst = max(worst, behind if unread is None else min(behind, float(unread)))
     return max(0.0, worst)
+
+
+def sink_is_idle(backlog: dict[str, dict[str, Any]]) -> bool:
+    """No partition of the real-time sink has an open window or an unread record (``S3Sink.backlog()``):
+    nothing there that the overflow drain could delay.
+
+    The drain's pacer remembers the worst backlog age of the last few seconds (an overloaded sink's
+    age dips to 0 each time it writes its windows); once the sink has nothing left, that memory only
+    held the drain at its floor: ~8 s after the replay's traffic stopped, a fifth of its catch-up."""
+    return all(info.get("oldest_open_window") is None and not info.get("read_lag") for info in backlog.values())

@@ -15,7 +15,8 @@ in force while it waits (re-read every ``PACE_RECHECK_SECONDS``); ready chunks a
 they come, each delivery in the background while the drain reads on, the next one waiting for it
 (``_deliver_ready``); the allowance is ``overflow_max_eps`` while the real-time sink has had no
 backlog for a few seconds and falls linearly to 5 % of it as the sink's backlog age reaches
-``health_backlog_seconds``. The drain waits inside its agent's loop, so its Faust buffer fills
+``health_backlog_seconds`` (the worst age of the last few seconds, forgotten once the sink is
+idle: no open window, nothing unread). The drain waits inside its agent's loop, so its Faust buffer fills
 and Faust stops fetching the overflow partitions (per-partition flow control) while the events
 partitions flow on. The overflow topic is read in bulk (one buffer item per fetched batch, see
 streamapp.topics), so what was fetched before the stop always fits in the buffer: a full buffer
@@ -36,7 +37,7 @@ from faust.types import TP, EventT
 
 from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value
 from streamapp.control import control_headers, control_secrets, verify_control
-from streamapp.metering import Pacer, sink_backlog_age
+from streamapp.metering import Pacer, sink_backlog_age, sink_is_idle
 from streamapp.overflow.chunks import Chunk, OverflowChunks
 from streamapp.settings import Settings
 from streamapp.sink import CheckpointStore, Parking, Target
@@ -245,14 +246,17 @@ class OverflowDrain:
         chunks.dead_letters.clear()
 
     def backlog_age(self) -> float:
+        return self.sink_pressure()[0]
+
+    def sink_pressure(self) -> tuple[float, bool]:
+        """(the real-time sink's backlog age, whether it is idle: ``metering.sink_is_idle``)."""
         s = self.settings
         try:
             backlog = self.sink_backlog()
         except Exception:  # noqa: BLE001 - no signal yet
-            return 0.0
-        return sink_backlog_age(
-            backlog, s.window_seconds + s.allowed_lateness_seconds + s.idle_flush_seconds, time.time()
-        )
+            return 0.0, False
+        hold = s.window_seconds + s.allowed_lateness_seconds + s.idle_flush_seconds
+        return sink_backlog_age(backlog, hold, time.time()), sink_is_idle(backlog)
 
     async def deliver(self, batch: list[Chunk], working_since: float | None = None) -> None:
         """Pace, write the objects of consecutive chunks of one partition at once, then the last
@@ -296,7 +300,13 @@ class OverflowDrain:
         its wait over starts its share with no await in between, so the others then wait for that
         share too, and the drain as a whole keeps to its allowance."""
         threshold = self.settings.health_backlog_seconds
-        while (wait := self.pacer.wait_seconds(time.monotonic(), self.backlog_age(), threshold)) > 0:
+        while True:
+            age, idle = self.sink_pressure()
+            if idle:  # the ages remembered would only hold the drain back from an idle sink
+                self.pacer.forget_ages()
+            wait = self.pacer.wait_seconds(time.monotonic(), age, threshold)
+            if wait <= 0:
+                break
             step = min(wait, PACE_RECHECK_SECONDS)
             self.paced_seconds += step
             await asyncio.sleep(step)

@@ -20,7 +20,7 @@ from faust.streams import current_event
 
 from streamapp.contract import SHED_KEY, TICK_KEY
 from streamapp.control import ControlView, override_record, quota_record
-from streamapp.metering import sink_backlog_age
+from streamapp.metering import sink_backlog_age, sink_is_idle
 from streamapp.metering.counting import batch_event_count
 from streamapp.metering.publishing import UNKNOWN_MARKER
 from streamapp.metering.service import Meter
@@ -194,6 +194,14 @@ def test_sink_backlog_age_counts_only_the_delay_past_the_window_hold() -> None:
     behind = {"1": {"oldest_unflushed_age_seconds": 0.0, "read_lag": 5000, "watermark": now - 21}}
     assert sink_backlog_age(behind, hold_seconds=4.0, now=now) == 20.0
     assert sink_backlog_age({}, hold_seconds=4.0, now=now) == 0.0
+
+
+def test_the_sink_is_idle_only_with_no_open_window_and_nothing_unread_in_any_partition() -> None:
+    flushed = {"oldest_open_window": None, "read_lag": 0}
+    assert sink_is_idle({"0": flushed, "1": flushed})
+    assert sink_is_idle({})  # no partition: nothing the drain could delay
+    assert not sink_is_idle({"0": flushed, "1": {"oldest_open_window": 1_700_000_000.0, "read_lag": 0}})
+    assert not sink_is_idle({"0": flushed, "1": {"oldest_open_window": None, "read_lag": 3}})
 
 
 def test_sink_backlog_age_counts_unread_records_only_for_as_long_as_they_stayed_unread() -> None:

@@ -102,7 +102,7 @@ def test_deliveries_of_several_partitions_take_the_pacer_in_turn() -> None:
     drain.pacer = Pacer(max_rate=1000.0)  # 100 events: a share of 0.1 s
     drain.paced_seconds = 0.0
     drain.settings = type("Settings", (), {"health_backlog_seconds": 1.0})()
-    drain.backlog_age = lambda: 0.0  # type: ignore[method-assign]  # no real-time backlog: full allowance
+    drain.sink_pressure = lambda: (0.0, False)  # type: ignore[method-assign]  # no real-time backlog: full allowance
     started: list[float] = []
 
     async def delivery(origin: float) -> None:
@@ -119,3 +119,29 @@ def test_deliveries_of_several_partitions_take_the_pacer_in_turn() -> None:
     for before, after in itertools.pairwise(started):
         assert after - before >= 0.09, started  # a share (0.1 s) apart, less the clock's grain
     assert started[-1] >= 0.29, started
+
+
+@pytest.mark.parametrize("idle", [True, False])
+def test_a_drain_whose_sink_is_idle_forgets_the_backlog_it_saw(idle: bool) -> None:
+    """The pacer remembers the worst backlog age of the last 5 s (an overloaded sink's age dips to 0
+    as it writes its windows); once the sink has no open window and nothing unread, that memory
+    only held the drain at its floor (~8 s after the replay's traffic stopped)."""
+    drain = object.__new__(OverflowDrain)
+    drain.pacer = Pacer(max_rate=1000.0)  # 100 events: 0.1 s at the full rate, 2 s at the 5 % floor
+    drain.paced_seconds = 0.0
+    drain.settings = type("Settings", (), {"health_backlog_seconds": 1.0})()
+    pressure = [(3.0, False)]  # the sink 3 s behind: past the threshold
+    drain.sink_pressure = lambda: pressure[0]  # type: ignore[method-assign]
+
+    async def run() -> float:
+        await drain.pace(100)  # the first delivery goes at once; the pacer has seen the backlog
+        pressure[0] = (0.0, idle)  # the backlog is gone; the sink idle, or writing its windows
+        started = time.monotonic()
+        await drain.pace(100)
+        return time.monotonic() - started
+
+    waited = asyncio.run(run())
+    if idle:
+        assert waited < 0.5, waited  # its share at the full rate (0.1 s)
+    else:
+        assert waited >= 1.0, waited  # the remembered backlog: the floor rate
