@@ -81,6 +81,9 @@ class Settings:
         default=300.0,
     )
     overflow_max_eps: float = _doc("Ceiling of the overflow drain rate, events/s", default=20_000.0)
+    overflow_floor_fraction: float = _doc(
+        "Share of the drain's ceiling it keeps while the real-time export is behind (it never stops)", default=0.05
+    )
     health_backlog_seconds: float = _doc(
         "Sink backlog age that tightens quotas of the heaviest projects", default=120.0
     )
@@ -176,6 +179,7 @@ class Settings:
         need(self.idle_project_seconds > 0, "idle_project_seconds", "must be > 0")
         need(self.default_bps_limit > 0, "default_bps_limit", "must be > 0")
         need(0 < self.shed_exit_ratio <= 1, "shed_exit_ratio", "must be in (0, 1]")
+        need(0 < self.overflow_floor_fraction <= 1, "overflow_floor_fraction", "must be in (0, 1]")
         need(self.shed_mode in SHED_MODES, "shed_mode", "must be divert, drop or shadow")
         need(
             self.unknown_projects in ("shared", "export", "dead-letter"),

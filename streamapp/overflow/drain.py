@@ -14,13 +14,14 @@ Pacing (``metering.Pacer``): after a delivery (of any partition: they take turns
 in force while it waits (re-read every ``PACE_RECHECK_SECONDS``); ready chunks are delivered as
 they come, each delivery in the background while the drain reads on, the next one waiting for it
 (``_deliver_ready``); the allowance is ``overflow_max_eps`` while the real-time sink has had no
-backlog for a few seconds and falls linearly to 5 % of it as the sink's backlog age reaches
-``health_backlog_seconds`` (the worst age of the last few seconds, forgotten once the sink is
-idle: no open window, nothing unread). The drain waits inside its agent's loop, so its Faust buffer fills
-and Faust stops fetching the overflow partitions (per-partition flow control) while the events
-partitions flow on. The overflow topic is read in bulk (one buffer item per fetched batch, see
-streamapp.topics), so what was fetched before the stop always fits in the buffer: a full buffer
-would block Faust's delivery to every agent. Nothing is skipped, only delayed.
+backlog for a few seconds and falls linearly to ``overflow_floor_fraction`` (5 %) of it as the
+sink's backlog age reaches ``health_backlog_seconds`` (the worst age of the last few seconds,
+forgotten once the sink is idle: no open window, nothing unread). The drain waits inside its
+agent's loop, so its Faust buffer fills and Faust stops fetching the overflow partitions
+(per-partition flow control) while the events partitions flow on. The overflow topic is read in
+bulk (one buffer item per fetched batch, see streamapp.topics), so what was fetched before the
+stop always fits in the buffer: a full buffer would block Faust's delivery to every agent.
+Nothing is skipped, only delayed.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class OverflowDrain:
         self.committed: dict[int, int] = {}
         self.last_record_at: dict[int, float] = {}
         self.tick_sent_for: dict[int, int] = {}  # partition -> next_offset when the last tick was sent
-        self.pacer = Pacer(self.settings.overflow_max_eps)
+        self.pacer = Pacer(self.settings.overflow_max_eps, self.settings.overflow_floor_fraction)
         self._control_secrets = control_secrets(self.settings.control_secret) or (b"",)
         self.delayed_objects = 0
         self.dead_lettered = 0

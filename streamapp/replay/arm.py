@@ -55,6 +55,7 @@ def arm_stack(arm: str, mode: str, scenario: Scenario, out: Path, external: bool
     }
     if scenario.derived:
         worker_settings["overflow_max_eps"] = scenario.derived["overflow_max_eps"]
+        worker_settings["overflow_floor_fraction"] = scenario.derived["overflow_floor_fraction"]
     return ArmStack(arm, out / "logs" / arm, worker_settings, external=external)
 
 

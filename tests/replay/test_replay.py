@@ -199,6 +199,13 @@ def test_the_spike_is_at_most_a_share_of_what_the_calibrations_producer_wrote() 
     assert "producer_eps" not in scenario.sized(30_000.0).derived  # --capacity-eps: no calibration, no ceiling
 
 
+def test_the_drains_floor_is_a_share_of_the_capacity_whatever_its_ceiling() -> None:
+    for drain_share in (1.0, 2.0, 4.0):
+        derived = Scenario(drain_share=drain_share, drain_floor_share=0.025).sized(40_000.0).derived
+        assert derived["overflow_max_eps"] == drain_share * 40_000.0
+        assert derived["overflow_max_eps"] * derived["overflow_floor_fraction"] == pytest.approx(1_000.0)
+
+
 def test_the_spike_climbs_to_its_rate_over_the_ramp() -> None:
     from streamapp.replay.traffic import Generator, Writer
 
