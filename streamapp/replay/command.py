@@ -59,6 +59,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"overflow drain ceiling / measured capacity, protected arm (default {d.drain_share:g})",
     )
     parser.add_argument(
+        "--drain-floor-share",
+        type=float,
+        default=None,
+        help=f"overflow drain floor / measured capacity, protected arm (default {d.drain_floor_share:g})",
+    )
+    parser.add_argument(
         "--spike-ramp-seconds",
         type=float,
         default=None,
@@ -94,6 +100,7 @@ _FLAG_FIELDS = {
     "spike_connections": "spike_connections",
     "spike_addons": "spike_addons",
     "drain_share": "drain_share",
+    "drain_floor_share": "drain_floor_share",
     "spike_ramp_seconds": "spike_ramp_seconds",
     "burst_horizon_seconds": "burst_horizon_seconds",
     "s3_poll_seconds": "s3_poll_seconds",
