@@ -217,7 +217,7 @@ def quick(scenario: Scenario) -> Scenario:
     the 21 s spike still put the baseline 21.4 s behind (2B = 16 s); but a spike of 1.53x (capped,
     see ``producer_share``) left it at 15.3 s in a run with a CPU burner beside it, hence 1.7x.
 
-    What makes it short (the whole replay in ~2.2-2.6 minutes here, from ~2.5-3): warm-up 4 s and
+    What makes it short (the whole replay in 2.2-2.7 minutes here, from 2.4-3): warm-up 4 s and
     after 2 s (1 s windows need no more to be measured); a calibration backlog of 0.5 s (~95,000
     events, ~3 s of the worker's reading: 29,000-38,900 events/s in the runs that chose it, within
     the 24,000-57,000 of 1 s backlogs); an HTTP timeout of 5 s (the
