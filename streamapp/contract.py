@@ -165,9 +165,9 @@ def scan_batch(value: bytes) -> BatchEnvelope | None:
     decodes of every spike record were ~40 % of an overloaded protected worker's main thread.
 
     ``None`` when the record is not a well-formed batch (no ``events`` list, an ``event`` beside it,
-    bad names, over ``MAX_BATCH_EVENTS``) or when simdjson could read it differently from orjson (duplicate
-    top-level keys: simdjson finds the first, orjson keeps the last; a byte order mark or leading
-    space; anything simdjson refuses, such as integers over 64 bits): the caller then takes
+    bad names, over ``MAX_BATCH_EVENTS``) or when simdjson could read it differently from orjson
+    (duplicate top-level keys: simdjson finds the first, orjson keeps the last; a byte order mark or
+    leading space; anything simdjson refuses, such as integers over 64 bits): the caller then takes
     :func:`parse_record`'s path. Should simdjson accept a document that orjson refuses (none is
     known: both refuse lone surrogates, NaN, trailing bytes and numbers out of range), the names
     and count read here are still the document's, and the record fails later, in orjson, where its

@@ -77,8 +77,9 @@ class Scenario:
     #: HTTP connections of the other customers' client.
     other_connections: int = 256
     #: Ceiling of the overflow drain as a share of the measured capacity (STREAMAPP_OVERFLOW_MAX_EPS):
-    #: the whole of it. The drain falls to 5 % of the ceiling while the real-time export has a
-    #: backlog (``health_backlog_seconds``), so the ceiling only bounds it once the spike is over.
+    #: the whole of it. The drain falls to its floor (``drain_floor_share``) while the real-time
+    #: export has a backlog (``health_backlog_seconds``), so the ceiling only bounds it once the
+    #: spike is over.
     drain_share: float = 1.0
     #: The drain's floor (STREAMAPP_OVERFLOW_FLOOR_FRACTION, as a share of the ceiling) is this share
     #: of the measured capacity, whatever ``drain_share``: the drain at its floor costs the protected
@@ -219,13 +220,13 @@ def quick(scenario: Scenario) -> Scenario:
 
     What makes it short (the whole replay in 2.2-2.7 minutes here, from 2.4-3): warm-up 4 s and
     after 2 s (1 s windows need no more to be measured); a calibration backlog of 0.5 s (~95,000
-    events, ~3 s of the worker's reading: 29,000-38,900 events/s in the runs that chose it, within
-    the 24,000-57,000 of 1 s backlogs); an HTTP timeout of 5 s (the
-    baseline's writes waited up to 10 s for an answer that did not come); and a drain ceiling of 2x
-    the capacity: the drain's path costs less per event than the whole real-time path (no meter,
-    no windows), so once the spike is over it caught up at the ceiling, 1x, with a third of the
-    worker idle (31.8 s for 650,000 events; 2x: 23.4 s, CPU-bound). During the spike the drain
-    stays at its floor either way (``health_backlog_seconds``)."""
+    events, ~3 s of the worker's reading: 29,000-49,800 events/s in the runs that chose it, within
+    the 24,000-57,000 of 1 s backlogs); an HTTP timeout of 5 s (the baseline's writes waited up to
+    10 s for an answer that did not come); and a drain ceiling of 2x the capacity: at 1x, once the
+    spike was over, the drain caught up at its ceiling with a third of the worker idle (py-spy: its
+    loop 59 % busy; 31.8 s for 650,000 events), at 2x it is CPU-bound (23.4 s). During the spike the
+    drain stays at its floor either way (``health_backlog_seconds``), 2.5 % of the capacity whatever
+    the ceiling (``drain_floor_share``)."""
     return replace(
         scenario,
         warmup_seconds=4.0,
