@@ -156,9 +156,8 @@ def run_arm(
                 task = bar.add_task(f"{arm}: creating {scenario.projects} projects", total=scenario.projects)
                 keys = create_projects(stack, scenario, lambda done: bar.update(task, completed=done))
                 lap("create_projects")
-            sized = scenario
             summary, series = replay(
-                stack, scenario, keys, mode, out / f"requests-{arm}.npz", bar, lap, lambda: on_settled(sized)
+                stack, scenario, keys, mode, out / f"requests-{arm}.npz", bar, lap, lambda: on_settled(scenario)
             )
         finally:
             task = bar.add_task(f"{arm}: stopping", total=None)
