@@ -15,12 +15,12 @@ In the reduced replays of 2026-12-03 (fifteenth session) at 1.6x the protected p
 and the baseline's 22.5-34.5 s, but a spike that the ceiling (then 0.3x) cut to 1.53x left the
 baseline at 15.3 s. A CI run of the settings before (2x for 17 s, no ceiling), whose calibration
 read 46,866 events/s, had the protected arm at 15.7 s: its 94,000 events/s spike saturated the
-machine as a whole. In the sixteenth session's, with the drain's floor at 2.5 % of the capacity,
-the protected p99 was 5.6-5.9 s and the baseline's 35.1-37.6 s (at a floor of 10 %, a run
-calibrated at 49,797 events/s had the protected arm at 24.7 s). Issue #12's own bound, protected
-p99 <= B, missed once in the fifteenth session's CI runs (8.28 s), so it is not asserted and issue
-#12 stays open for it. The whole replay takes ~2.2-2.7 minutes (issue #12 asks for under two;
-``phase_seconds`` in ``summary.json`` says where it goes).
+machine as a whole. In the sixteenth session's, with the drain's floor at 2.5 % of the capacity
+(seven runs, three of them CI runs), the protected p99 was 4.7-5.9 s and the baseline's 27.0-41.8 s
+(at a floor of 10 %, a run calibrated at 49,797 events/s had the protected arm at 24.7 s).
+Issue #12's own bound, protected p99 <= B, missed once in the fifteenth session's CI runs
+(8.28 s), so it is not asserted and issue #12 stays open for it. The whole replay takes ~2.2-2.7
+minutes (issue #12 asks for under two; ``phase_seconds`` in ``summary.json`` says where it goes).
 """
 
 from __future__ import annotations
