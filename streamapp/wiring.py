@@ -34,7 +34,7 @@ from streamapp.metering.debug_page import register_meter_page
 from streamapp.metering.service import Meter
 from streamapp.metering.views import MeteringViews, register_metering_views
 from streamapp.metrics import Metrics, ScrapeSources
-from streamapp.overflow import OverflowDrain, OverflowLane
+from streamapp.overflow import OverflowDrain, OverflowLane, export_pool
 from streamapp.settings import Settings
 from streamapp.sink import CheckpointStore, Parking, S3Sink, S3Writer
 from streamapp.sink.views import SinkViews, register_sink_views
@@ -111,6 +111,7 @@ def build_services(app: faust.App, settings: Settings, topics: Topics) -> Worker
         sink_backlog=sink.backlog,
         metrics=metrics,
         spawn=background.spawn,
+        pool=export_pool(settings),
     )
     metrics.bind(ScrapeSources(meter=meter, sink=sink, s3=s3, parking=parking, drain_status=drain.status))
     cluster = Cluster(app, settings)

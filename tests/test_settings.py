@@ -35,6 +35,7 @@ def test_reads_and_types_environment_variables() -> None:
         ("STREAMAPP_SHED_MODE", "explode", "divert, drop or shadow"),
         ("STREAMAPP_KAFKA_BOOTSTRAP", "nohost", "host:port"),
         ("STREAMAPP_S3_STREAMING_DEFAULT", "maybe", "expected bool"),
+        ("STREAMAPP_DRAIN_PROCESSES", "-1", "must be 0-64"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, message: str) -> None:

@@ -23,6 +23,15 @@ def register_drain(app: faust.App, drain: OverflowDrain, overflow: TopicT) -> No
     async def drain_ticks() -> None:
         await drain.tick_idle_partitions()
 
+    # The drain's export pool (STREAMAPP_DRAIN_PROCESSES) lives as long as the worker.
+    @app.task
+    async def start_export_pool() -> None:
+        drain.start_pool()
+
+    @app.on_before_shutdown.connect
+    async def stop_export_pool(app: faust.App, **kwargs: object) -> None:
+        drain.close()
+
     @app.on_partitions_revoked.connect
     async def drain_revoked(app: faust.App, revoked: set, **kwargs: object) -> None:
         drain.revoke(revoked)

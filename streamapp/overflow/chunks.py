@@ -42,23 +42,18 @@ from streamapp.contract import (
     CONTROL_KEY_PREFIX,
     INDEX_BITS,
     TICK_KEY,
-    InvalidRecord,
-    check_identity,
     event_time_in_range,
     is_valid_name,
     parse_iso_seconds,
-    parse_record,
     position,
-    record_stamps,
 )
+from streamapp.overflow.export import ExportLimits, RecordLines, export_record
 from streamapp.sink import (
     DIVERTED_HEAD,
     KIND_DELAYED,
-    EventRefused,
     InvalidItem,
     Target,
     describe_object,
-    export_line,
     gzip_lines,
     object_key,
     read_overflow_record,
@@ -162,9 +157,7 @@ class OverflowChunks:
         self.max_bytes = max_bytes
         self.target = target
         # The real-time path's limits (Settings), applied to the events of diverted records.
-        self.max_record_bytes = max_record_bytes
-        self.max_event_bytes = max_event_bytes
-        self.max_future_seconds = max_future_seconds
+        self.limits = ExportLimits(window_seconds, max_record_bytes, max_event_bytes, max_future_seconds)
         self.next_offset = 0
         self.seen: dict[int, SeenOffsets] = {}  # source partition -> offsets delivered
         self.first_offset: int | None = None  # first offset that added events to the open chunk
@@ -196,8 +189,9 @@ class OverflowChunks:
         self.next_offset = offset + 1
         self.forged += 1
 
-    def process(self, offset: int, key: bytes | None, value: bytes | None) -> None:
-        """One overflow record, in log order (its signature already checked by the drain)."""
+    def process(self, offset: int, key: bytes | None, value: bytes | None, lines: RecordLines | None = None) -> None:
+        """One overflow record, in log order (its signature already checked by the drain); ``lines``:
+        its events' lines if the drain's process pool exported it (else they are exported here)."""
         if offset < self.next_offset:
             return  # before the restore point: already delivered
         self.next_offset = offset + 1
@@ -206,7 +200,7 @@ class OverflowChunks:
                 self._cut(offset + 1, force=True)
             return
         if value is not None and value.startswith(DIVERTED_HEAD):
-            added = self._diverted_record(key, value)
+            added = self._diverted_record(key, value, lines)
         else:
             added = self._enriched_events(value)
         if added:
@@ -222,18 +216,19 @@ class OverflowChunks:
             seen = self.seen[source] = SeenOffsets()
         return seen
 
-    def _add(self, project: str, collection: str, start: int, target: Target, line: bytes) -> None:
+    def _add(self, project: str, collection: str, start: int, target: Target, lines: bytes, events: int = 1) -> None:
         gkey = (project, collection, start)
         group = self.groups.get(gkey)
         if group is None:
             group = self.groups[gkey] = _Group()
             self.group_targets[gkey] = target
-        group.data += line
-        group.events += 1
-        self.chunk_bytes += len(line)
+        group.data += lines
+        group.events += events
+        self.chunk_bytes += len(lines)
 
-    def _diverted_record(self, key: bytes | None, value: bytes) -> int:
-        """A record the sink diverted whole: its events as the real-time path would write them."""
+    def _diverted_record(self, key: bytes | None, value: bytes, lines: RecordLines | None) -> int:
+        """A record the sink diverted whole: its events as the real-time path would write them
+        (``lines``: ``export.export_diverted`` of it, computed by the drain's process pool)."""
         try:
             source, source_offset, timestamp_ms, raw = read_overflow_record(value)
         except ValueError:
@@ -244,32 +239,22 @@ class OverflowChunks:
             self.duplicates += 1  # diverted again after the sink's restart: delivered already
             return 0
         seen.add(source_offset)
-        try:
-            record = parse_record(raw, self.max_record_bytes)
-            check_identity(key, record.project_id)
-        except InvalidRecord as exc:  # the sink checked both (contract.scan_batch): events orjson refuses
-            self.dead_letters.append((source, InvalidItem(source_offset, key, raw, exc.reason)))
+        if lines is None or (lines.source, lines.source_offset) != (source, source_offset):
+            lines = export_record(key, source, source_offset, timestamp_ms, raw, self.limits)
+        if lines.refused is not None:
+            self.dead_letters.append((source, InvalidItem(source_offset, key, raw, lines.refused)))
             return 0
-        project, collection = record.project_id, record.collection
+        project, collection = lines.project, lines.collection
         target = self.target(project)
         if target is None:
-            self.untargeted += len(record.events)  # the project does not export (any more)
+            self.untargeted += lines.events  # the project does not export (any more)
             return 0
-        stamps = record_stamps(source, source_offset, timestamp_ms)
+        for line, reason in lines.dead:
+            self.dead_letters.append((source, InvalidItem(source_offset, key, line, reason)))
         added = 0
-        for index, event in enumerate(record.events):
-            try:
-                event_time, line = export_line(event, index, stamps, self.max_future_seconds, self.max_event_bytes)
-            except EventRefused as exc:
-                line = exc.line if exc.line is not None else raw
-                self.dead_letters.append((source, InvalidItem(source_offset, key, line, exc.reason)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - an event can only ever cost itself
-                reason = f"event {index} failed ({type(exc).__name__}: {str(exc)[:200]})"
-                self.dead_letters.append((source, InvalidItem(source_offset, key, raw, reason)))
-                continue
-            self._add(project, collection, window_start(event_time, self.size), target, line)
-            added += 1
+        for start, data, events in lines.windows:
+            self._add(project, collection, start, target, data, events)
+            added += events
         return added
 
     def _enriched_events(self, value: bytes | None) -> int:

@@ -40,6 +40,8 @@ from streamapp.contract import TICK_KEY, dead_letter_key, invalid_record_value
 from streamapp.control import control_headers, control_secrets, verify_control
 from streamapp.metering import Pacer, sink_backlog_age, sink_is_idle
 from streamapp.overflow.chunks import Chunk, OverflowChunks
+from streamapp.overflow.export import RecordLines
+from streamapp.overflow.pool import ExportPool
 from streamapp.settings import Settings
 from streamapp.sink import CheckpointStore, Parking, Target
 
@@ -79,6 +81,7 @@ class OverflowDrain:
         sink_backlog: Callable[[], dict[str, dict[str, Any]]],
         metrics: Metrics,
         spawn: Callable[[Awaitable[Any]], asyncio.Future[Any]],
+        pool: ExportPool | None = None,
     ) -> None:
         self.app = app  # its consumer (offsets, highwaters, commits) and producer (notices, ticks)
         self.settings = settings
@@ -92,6 +95,7 @@ class OverflowDrain:
         self.sink_backlog = sink_backlog  # the real-time sink's backlog: it paces the drain
         self.metrics = metrics
         self.spawn = spawn
+        self.pool = pool  # exports diverted records in other processes (STREAMAPP_DRAIN_PROCESSES)
         self.partitions: dict[int, OverflowChunks] = {}
         self.committed: dict[int, int] = {}
         self.last_record_at: dict[int, float] = {}
@@ -130,6 +134,16 @@ class OverflowDrain:
         log.info("drain: partition %s opened at offset %s", tp.partition, committed)
         return chunks
 
+    def start_pool(self) -> None:
+        """At the worker's start: the export pool's processes start (in the background)."""
+        if self.pool is not None and not self.pool.started:
+            self.pool.start()
+
+    def close(self) -> None:
+        """At the worker's shutdown: the export pool's processes exit."""
+        if self.pool is not None:
+            self.pool.close()
+
     def revoke(self, tps: Iterable[TP]) -> None:
         for tp in tps:
             if tp.topic == self.topic:
@@ -159,8 +173,16 @@ class OverflowDrain:
             if chunks is None:
                 chunks = touched[partition] = await self.partition(message.tp)
             working_since.setdefault(partition, time.monotonic())
-            for record in event.value:
-                self._record(chunks, message.tp, record)
+            # Only a signed diversion (or tick) of this partition is obeyed: anything else could
+            # claim source positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
+            checked = [(record, self._forged(message.tp, record)) for record in event.value]
+            signed = [record for record, forged in checked if forged is None]
+            exported = await self.pool.diverted_lines(signed, chunks.next_offset) if self.pool is not None else {}
+            if self.partitions.get(partition) is not chunks:
+                revoked.add(partition)
+                continue
+            for record, forged in checked:
+                self._record(chunks, message.tp, record, forged, exported.get(record.offset))
                 unyielded += len(record.value or b"")
                 if unyielded >= YIELD_EVERY_BYTES:
                     unyielded = 0
@@ -204,21 +226,25 @@ class OverflowDrain:
         if task is not None:
             await task
 
-    def _record(self, chunks: OverflowChunks, tp: TP, record: Any) -> None:
-        """One raw overflow record: only a signed diversion (or tick) of this partition is obeyed."""
-        key = record.key
-        forged = verify_control(
-            self._control_secrets, self.topic, tp.partition, key or b"", record.value, record.headers
+    def _forged(self, tp: TP, record: Any) -> str | None:
+        """Why ``record`` is not a worker's signed record of this partition, or None if it is."""
+        return verify_control(
+            self._control_secrets, self.topic, tp.partition, record.key or b"", record.value, record.headers
         )
+
+    def _record(
+        self, chunks: OverflowChunks, tp: TP, record: Any, forged: str | None, lines: RecordLines | None
+    ) -> None:
+        """One overflow record: read past if ``forged`` (``_forged``), else obeyed (``lines``: its
+        export by the pool, if it was exported there)."""
         if forged is not None:
-            # Only the sink writes here (diversions, ticks): anything else could claim source
-            # positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
             chunks.reject(record.offset)
             if chunks.forged <= 10:
                 log.warning("drain: %s at %s offset %s; skipped", forged, tp, record.offset)
             return
+        key = record.key
         try:
-            chunks.process(record.offset, key, record.value)
+            chunks.process(record.offset, key, record.value, lines)
         except Exception as exc:  # noqa: BLE001 - a record can only ever cost itself: never stop the drain
             chunks.invalid += 1
             log.warning(
@@ -245,9 +271,6 @@ class OverflowDrain:
             self.spawn(producer.send(self.invalid_topic, dead_letter_key(item.key), value, None, None, None))
         self.dead_lettered += len(chunks.dead_letters)
         chunks.dead_letters.clear()
-
-    def backlog_age(self) -> float:
-        return self.sink_pressure()[0]
 
     def sink_pressure(self) -> tuple[float, bool]:
         """(the real-time sink's backlog age, whether it is idle: ``metering.sink_is_idle``)."""
@@ -358,7 +381,7 @@ class OverflowDrain:
             "rate_eps": round(rate, 1),
             "allowance_eps": round(
                 self.pacer.allowance(
-                    now, self.pacer.recent_age(now, self.backlog_age()), self.settings.health_backlog_seconds
+                    now, self.pacer.recent_age(now, self.sink_pressure()[0]), self.settings.health_backlog_seconds
                 ),
                 1,
             ),
@@ -367,4 +390,5 @@ class OverflowDrain:
             "events_delivered": self.events_delivered,
             "chunks": self.chunks,
             "paced_seconds": round(self.paced_seconds, 3),
+            "export_pool": self.pool.status() if self.pool is not None else None,
         }

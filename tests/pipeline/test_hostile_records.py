@@ -20,7 +20,8 @@ overflow topic. After the run:
 
 ``mallory`` (the name most hostile records claim) is shed from the start with a tiny quota, so its
 valid-envelope records are diverted whole and their events checked, enriched and exported (as
-"delayed" objects) or dead-lettered by the overflow drain: the same property holds on that path.
+"delayed" objects) or dead-lettered by the overflow drain: the same property holds on that path,
+whose events the drain exports in its process pool (``STREAMAPP_DRAIN_PROCESSES=1``).
 Some of its records are batches, well-formed or bent (a BOM, a duplicate project id, cut short,
 junk spliced in): the sink decides to divert those before decoding them, and must decide as
 decoding would.
@@ -304,6 +305,7 @@ def hostile(broker: BrokerProcess, s3: S3Process, tmp_path_factory: pytest.TempP
         window_seconds=WINDOW,
         allowed_lateness_seconds=LATENESS,
         idle_flush_seconds=IDLE_FLUSH,
+        drain_processes=1,  # the drain exports diverted records in its process pool (once it is up)
     ) as app:
         kafka = Kafka(broker.bootstrap)
         try:
@@ -488,6 +490,9 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
     # for above), some of their events dead-lettered by the drain (naming the events-topic record).
     shed_valid = {(p, o) for p, o, k, v in valid if k == SHED.encode()}
     assert shed_valid & dead.keys(), "no event of a diverted record was dead-lettered by the drain"
+    with urllib.request.urlopen(f"{worker.web_url}/sink/?local=1", timeout=10) as answer:
+        pool = orjson.loads(answer.read())["overflow"]["export_pool"]
+    assert pool["exported_records"] > 0, f"the drain's process pool exported none of the diverted records: {pool}"
 
     # Every honest event exactly once, in an on-time object.
     seen: Counter[tuple[str, int]] = Counter()
