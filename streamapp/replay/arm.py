@@ -8,6 +8,7 @@ until every accepted event is there, and the analysis. The next arm's stack can 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +53,7 @@ def arm_stack(arm: str, mode: str, scenario: Scenario, out: Path, external: bool
         "health_backlog_seconds": scenario.health_backlog_seconds,
         "burst_horizon_seconds": scenario.burst_horizon_seconds,
         "session_timeout_seconds": SESSION_TIMEOUT_SECONDS,
+        "drain_processes": scenario.drain_processes,
     }
     if scenario.derived:
         worker_settings["overflow_max_eps"] = scenario.derived["overflow_max_eps"]
@@ -113,6 +115,9 @@ def run_arm(
         phases[phase] = round(now - clock, 2)
         clock = now
 
+    # Once the arm's objects are read from S3 its stack is stopped in the background, during the analysis.
+    stopping = threading.Thread(target=lambda: stack.stop(), name=f"stop-{arm}")
+
     with report.progress(console) as bar:
         if prepared is not None:
             task = bar.add_task(f"{arm}: its stack and projects (started during the previous analysis)", total=None)
@@ -157,11 +162,22 @@ def run_arm(
                 keys = create_projects(stack, scenario, lambda done: bar.update(task, completed=done))
                 lap("create_projects")
             summary, series = replay(
-                stack, scenario, keys, mode, out / f"requests-{arm}.npz", bar, lap, lambda: on_settled(scenario)
+                stack,
+                scenario,
+                keys,
+                mode,
+                out / f"requests-{arm}.npz",
+                bar,
+                lap,
+                lambda: on_settled(scenario),
+                stopping.start,
             )
         finally:
             task = bar.add_task(f"{arm}: stopping", total=None)
-            stack.stop()
+            if stopping.ident is not None:  # started by ``replay`` once it had read S3
+                stopping.join()
+            else:
+                stack.stop()
             bar.update(task, total=1, completed=1)
     lap("stop")
     summary["phase_seconds"] = phases
@@ -265,10 +281,11 @@ def replay(
     bar: Any,
     lap: Callable[[str], None] = lambda phase: None,
     on_settled: Callable[[], None] = lambda: None,
+    on_read: Callable[[], None] = lambda: None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the traffic with the watchers on, wait for S3 to have every accepted event, analyse;
     ``lap(phase)`` is called as each phase ends (traffic, settle, analysis), ``on_settled()`` before
-    the analysis."""
+    the analysis, ``on_read()`` once the arm's S3 objects are read (the stack is no longer needed)."""
     d = scenario.derived
     t0 = time.time() + 1.0
     config = _traffic_config(stack, scenario, keys, scenario.channels(), path)
@@ -327,6 +344,7 @@ def replay(
     on_settled()
     watcher.list_once()
     watcher.read_new()
+    on_read()
     summary, series = analyse_arm(
         scenario,
         table,

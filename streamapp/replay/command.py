@@ -65,6 +65,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"overflow drain floor / measured capacity, protected arm (default {d.drain_floor_share:g})",
     )
     parser.add_argument(
+        "--drain-processes",
+        type=int,
+        default=None,
+        help=f"processes the drain exports diverted events in, 0 = the worker's loop (default {d.drain_processes})",
+    )
+    parser.add_argument(
         "--spike-ramp-seconds",
         type=float,
         default=None,
@@ -101,6 +107,7 @@ _FLAG_FIELDS = {
     "spike_addons": "spike_addons",
     "drain_share": "drain_share",
     "drain_floor_share": "drain_floor_share",
+    "drain_processes": "drain_processes",
     "spike_ramp_seconds": "spike_ramp_seconds",
     "burst_horizon_seconds": "burst_horizon_seconds",
     "s3_poll_seconds": "s3_poll_seconds",

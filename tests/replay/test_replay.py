@@ -4,23 +4,17 @@ issue #12's invariants on ``summary.json``; plus the pure parts (id ranges, obje
 calibration's rate, the spike sized from the capacity) on hand-made inputs.
 
 Invariants, on the other projects during the spike (B = window + lateness + idle flush + 5 s = 8 s
-here): baseline p99 >= 2B, protected API success >= 99.9 %, every accepted event in S3 exactly once
-in both arms, and the protected p99 at most ``PROTECTED_SHARE`` of the baseline's. The spike is
-sized from the machine: 1.7x the rate at which the worker's sink reads a backlog of the spike's
-records (the best of two timed backlogs), at most 1/3 of the rate at which the calibration's
-producer wrote, three quarters of it straight to Kafka, pageviews asking for three add-ons,
-climbing over 5 s for 21 s (README, "The incident, replayed").
+here): baseline p99 >= 2B, protected p99 <= B, protected API success >= 99.9 %, and every accepted
+event in S3 exactly once in both arms. The spike is sized from the machine: 2.5x the rate at which
+the worker's sink reads a backlog of the spike's records (the best of two timed backlogs), at most
+1/3 of the rate at which the calibration's producer wrote, nine tenths of it straight to Kafka,
+pageviews asking for three add-ons, climbing over 5 s for 15 s (README, "The incident, replayed").
 
-In the reduced replays of 2026-12-03 (fifteenth session) at 1.6x the protected p99 was 4.5-5.5 s
-and the baseline's 22.5-34.5 s, but a spike that the ceiling (then 0.3x) cut to 1.53x left the
-baseline at 15.3 s. A CI run of the settings before (2x for 17 s, no ceiling), whose calibration
-read 46,866 events/s, had the protected arm at 15.7 s: its 94,000 events/s spike saturated the
-machine as a whole. In the sixteenth session's, with the drain's floor at 2.5 % of the capacity
-(seven runs, three of them CI runs), the protected p99 was 4.7-5.9 s and the baseline's 27.0-41.8 s
-(at a floor of 10 %, a run calibrated at 49,797 events/s had the protected arm at 24.7 s).
-Issue #12's own bound, protected p99 <= B, missed once in the fifteenth session's CI runs
-(8.28 s), so it is not asserted and issue #12 stays open for it. The whole replay takes ~2.2-2.7
-minutes (issue #12 asks for under two; ``phase_seconds`` in ``summary.json`` says where it goes).
+In the seventeenth session's reduced replays (2026-12-03, the drain's process pool on) the
+protected p99 was 3.8-6.1 s in all nine; the baseline's fell to 12.6 s at the settings before
+(1.7x for 21 s, a quarter over HTTP) and to 16.4-16.6 s at 2.5x for 15 s with a quarter over
+HTTP, and was 23.3 and 27.8 s with nine tenths to Kafka. The whole replay takes ~1.7-2.3 minutes
+here (``phase_seconds`` in ``summary.json`` says where it goes).
 """
 
 from __future__ import annotations
@@ -48,9 +42,7 @@ from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The protected arm's p99 for the others at most this share of the baseline's (measured: 0.13-0.44).
-PROTECTED_SHARE = 0.5
-#: ``--quick`` (1 s windows, a 21 s spike) with 10 projects: the whole replay in ~2.2-2.7 minutes here.
+#: ``--quick`` (1 s windows, a 15 s spike) with 10 projects: the whole replay in ~1.7-2.3 minutes here.
 REDUCED = ["--quick", "--projects", "10"]
 
 
@@ -101,15 +93,11 @@ def _others(replay_run: tuple[int, Path, str], arm: str) -> tuple[dict, float]:
 
 
 @pytest.mark.integration
-def test_protected_arm_keeps_the_others_writing_and_far_ahead_of_the_baseline(
-    replay_run: tuple[int, Path, str],
-) -> None:
+def test_protected_arm_keeps_the_others_writing_and_within_the_bound(replay_run: tuple[int, Path, str]) -> None:
     others, bound = _others(replay_run, "protected")
-    baseline, _ = _others(replay_run, "baseline")
     assert others["api"]["success_rate"] >= 0.999, others["api"]
-    p99, baseline_p99 = others["delivery_seconds"]["p99"], baseline["delivery_seconds"]["p99"]
-    assert p99 is not None and baseline_p99 is not None
-    assert p99 <= PROTECTED_SHARE * baseline_p99, (others["delivery_seconds"], baseline["delivery_seconds"], bound)
+    assert others["delivery_seconds"]["p99"] is not None
+    assert others["delivery_seconds"]["p99"] <= bound, others["delivery_seconds"]
 
 
 @pytest.mark.integration
