@@ -22,6 +22,9 @@ agent's loop, so its Faust buffer fills and Faust stops fetching the overflow pa
 bulk (one buffer item per fetched batch, see streamapp.topics), so what was fetched before the
 stop always fits in the buffer: a full buffer would block Faust's delivery to every agent.
 Nothing is skipped, only delayed.
+
+Size: ~410 lines, because the reading (signatures, the export pool one batch ahead), the pacing and
+the deliveries share one state: the partitions held, their committed offsets, deliveries in flight.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ if TYPE_CHECKING:
     from streamapp.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+#: A fetched batch's records with why each is forged (None: signed), and its diverted records' lines.
+Exported = tuple[list[tuple[Any, str | None]], "asyncio.Future[dict[int, RecordLines]] | None"]
 
 CHUNK_MAX_EVENTS = 5000
 CHUNK_MAX_BYTES = 8 * 1024 * 1024
@@ -164,7 +170,8 @@ class OverflowDrain:
         working_since: dict[int, float] = {}  # partition -> when the reading of its ready chunks began
         now = time.monotonic()
         unyielded = 0
-        for event in events:
+        ahead: tuple[EventT, Exported] | None = None  # the next batch, its export started early
+        for index, event in enumerate(events):
             message = event.message
             partition = message.partition
             if partition in revoked:
@@ -173,11 +180,14 @@ class OverflowDrain:
             if chunks is None:
                 chunks = touched[partition] = await self.partition(message.tp)
             working_since.setdefault(partition, time.monotonic())
-            # Only a signed diversion (or tick) of this partition is obeyed: anything else could
-            # claim source positions or cut chunks. Read past it; it never reaches S3 nor the seen-bitmap.
-            checked = [(record, self._forged(message.tp, record)) for record in event.value]
-            signed = [record for record, forged in checked if forged is None]
-            exported = await self.pool.diverted_lines(signed, chunks.next_offset) if self.pool is not None else {}
+            checked, lines = ahead[1] if ahead is not None and ahead[0] is event else self._export(event, chunks)
+            # The pool exports the next batch while this one is applied (one batch ahead at most).
+            following = events[index + 1] if index + 1 < len(events) and lines is not None else None
+            following_chunks = self.partitions.get(following.message.partition) if following is not None else None
+            ahead = None
+            if following is not None and following_chunks is not None:
+                ahead = (following, self._export(following, following_chunks))
+            exported = await lines if lines is not None else {}
             if self.partitions.get(partition) is not chunks:
                 revoked.add(partition)
                 continue
@@ -226,16 +236,24 @@ class OverflowDrain:
         if task is not None:
             await task
 
-    def _forged(self, tp: TP, record: Any) -> str | None:
-        """Why ``record`` is not a worker's signed record of this partition, or None if it is."""
-        return verify_control(
-            self._control_secrets, self.topic, tp.partition, record.key or b"", record.value, record.headers
-        )
+    def _export(self, event: EventT, chunks: OverflowChunks) -> Exported:
+        """A fetched batch's records, each with why it is not a worker's signed record of this
+        partition (None: it is; only those are obeyed, anything else could claim source positions or
+        cut chunks), and the pool's export of its signed diverted records, started now (None: no pool)."""
+        tp = event.message.tp
+        secrets = self._control_secrets
+        checked = [
+            (r, verify_control(secrets, self.topic, tp.partition, r.key or b"", r.value, r.headers))
+            for r in event.value
+        ]
+        if self.pool is None:
+            return checked, None
+        return checked, self.pool.lines_for([r for r, forged in checked if forged is None], chunks.next_offset)
 
     def _record(
         self, chunks: OverflowChunks, tp: TP, record: Any, forged: str | None, lines: RecordLines | None
     ) -> None:
-        """One overflow record: read past if ``forged`` (``_forged``), else obeyed (``lines``: its
+        """One overflow record: read past if ``forged`` (``_export``), else obeyed (``lines``: its
         export by the pool, if it was exported there)."""
         if forged is not None:
             chunks.reject(record.offset)

@@ -92,8 +92,18 @@ class ExportPool:
         self.started = True
         # spawn, not fork: the worker's loop, threads and sockets must not be copied into a child.
         context = multiprocessing.get_context("spawn")
-        self.executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_exit_with_parent)
-        self._warming = [self.executor.submit(_warm_up, self.limits) for _ in range(self.processes)]
+        try:
+            executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_exit_with_parent)
+            self._warming = [executor.submit(_warm_up, self.limits) for _ in range(self.processes)]
+        except Exception as exc:  # noqa: BLE001 - no process to be had (limits, memory): the loop exports
+            log.error(
+                "drain: the export pool did not start (%s: %.200s); the drain exports in its loop",
+                type(exc).__name__,
+                exc,
+            )
+            self._warming = []
+            return
+        self.executor = executor
 
     def usable(self) -> bool:
         """Every process up and warmed, and not broken since (a failed warm-up replaces it). The
@@ -109,9 +119,21 @@ class ExportPool:
             return False
         return True
 
+    def lines_for(self, records: list[Any], from_offset: int) -> asyncio.Future[dict[int, RecordLines]]:
+        """``diverted_lines``, started now: the drain starts the next batch's before it applies one."""
+        return asyncio.ensure_future(self.diverted_lines(records, from_offset))
+
     async def diverted_lines(self, records: list[Any], from_offset: int) -> dict[int, RecordLines]:
         """The lines of the diverted records among ``records`` (signed overflow records, Kafka
-        ``ConsumerRecord``s) at ``from_offset`` or after, by offset; empty while the pool starts."""
+        ``ConsumerRecord``s) at ``from_offset`` or after, by offset; empty while the pool starts.
+        Never raises: whatever the pool does, the drain can export in its loop."""
+        try:
+            return await self._diverted_lines(records, from_offset)
+        except Exception as exc:  # noqa: BLE001 - the pool only ever saves the loop work
+            log.warning("drain: export pool: %s: %.200s; the drain exports in its loop", type(exc).__name__, exc)
+            return {}
+
+    async def _diverted_lines(self, records: list[Any], from_offset: int) -> dict[int, RecordLines]:
         if not self.usable():
             return {}
         diverted = [
