@@ -296,7 +296,10 @@ def test_project_bucket_prefix_and_s3_streaming_false(app: App) -> None:
     entries = {o["key"]: o for o in manifest["objects"]}
     assert set(entries) == {k for k in custom_keys + default_keys if f"/{window}/" in k and "_manifests" not in k}
     assert {entries[k]["bucket"] for k in custom_keys} == {app.custom_bucket}
-    assert sum(o["events"] for o in manifest["objects"]) == 60
+    # The fixture's warm-up events (one per partition, "warm-*") may fall in the same window.
+    others = {o["project_id"] for o in manifest["objects"]} - {"plain", "custom"}
+    assert all(project.startswith("warm-") for project in others), others
+    assert sum(o["events"] for o in manifest["objects"] if o["project_id"] in ("plain", "custom")) == 60
 
 
 def test_an_object_over_the_multipart_threshold_is_uploaded_in_parts_and_reads_back_whole(app: App) -> None:
