@@ -322,6 +322,11 @@ def assert_worker_healthy(worker: WorkerProcess) -> None:
     assert not bad, "crash or agent restart in the worker log:\n" + "\n".join(bad[:20])
 
 
+def export_pool_status(worker: WorkerProcess) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{worker.web_url}/sink/?local=1", timeout=10) as answer:
+        return orjson.loads(answer.read())["overflow"]["export_pool"]
+
+
 def sink_partitions(worker: WorkerProcess) -> dict[int, dict[str, Any]]:
     with urllib.request.urlopen(f"{worker.web_url}/sink/?local=1", timeout=10) as answer:
         body = orjson.loads(answer.read())
@@ -403,6 +408,9 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
     honest = HonestStream(kafka, topic, fillers)
     started_at = time.time()
     shed_from_the_start(hostile, broker)
+    # The drain's process pool is up (a spawned interpreter's imports take seconds on a loaded
+    # machine): the shed project's diversions below then go through it.
+    wait_until(lambda: export_pool_status(worker)["ready"], 120, what="the drain's export pool")
     time.sleep(2 * WINDOW)  # the honest projects' windows are flowing before the first hostile record
 
     @settings(
@@ -490,8 +498,7 @@ def test_hostile_records_cost_only_their_sender(hostile: Hostile, s3_client: Any
     # for above), some of their events dead-lettered by the drain (naming the events-topic record).
     shed_valid = {(p, o) for p, o, k, v in valid if k == SHED.encode()}
     assert shed_valid & dead.keys(), "no event of a diverted record was dead-lettered by the drain"
-    with urllib.request.urlopen(f"{worker.web_url}/sink/?local=1", timeout=10) as answer:
-        pool = orjson.loads(answer.read())["overflow"]["export_pool"]
+    pool = export_pool_status(worker)
     assert pool["exported_records"] > 0, f"the drain's process pool exported none of the diverted records: {pool}"
 
     # Every honest event exactly once, in an on-time object.
