@@ -182,7 +182,7 @@ def analyse_arm(
     drain: dict[str, Any] = {"events": int(delayed.sum())}
     if delayed.sum() > 1:
         span = float(visible[delayed].max() - visible[delayed].min())
-        rate = float(delayed.sum()) / max(span, scenario.s3_poll_seconds)
+        rate = float(delayed.sum()) / max(span, 1.0)  # visible times: to the second
         drain.update(
             first_visible_seconds=round(float(visible[delayed].min() - spike_start), 2),
             last_visible_seconds=round(float(visible[delayed].max() - spike_start), 2),

@@ -20,7 +20,7 @@ import numpy as np
 
 import streamapp.replay.report as report
 from streamapp.replay.analysis import RequestTable, analyse_arm, backlog_rate, expand_ids
-from streamapp.replay.measure import S3Watcher, ShedWatcher, settle, sink_events_read
+from streamapp.replay.measure import ObjectNotices, S3Watcher, ShedWatcher, settle, sink_events_read
 from streamapp.replay.scenario import Scenario
 from streamapp.replay.stack import ArmStack
 from streamapp.replay.traffic import run_traffic
@@ -309,7 +309,9 @@ def replay(
         local_clock=not stack.external,
     )
     shed = ShedWatcher(stack.web)
+    notices = ObjectNotices(stack.bootstrap, stack.objects_topic, watcher.noticed)
     watcher.start()
+    notices.start()
     shed.start()
     process = _spawn_traffic(config)
     arm = stack.arm
@@ -340,6 +342,7 @@ def replay(
     )
     lap("settle")
     watcher.stop()
+    notices.stop()
     shed.stop()
     on_settled()
     watcher.list_once()
@@ -358,9 +361,15 @@ def replay(
     summary["s3_listing"] = {
         "objects": len(watcher.first_seen),
         "poll_seconds": scenario.s3_poll_seconds,
-        "failed_listings": watcher.errors,
+        "found_by_notice": watcher.found_by_notice,
+        "failed_requests": watcher.errors,
+        "notice_errors": notices.errors,
         "last_modified_subsecond": watcher.last_modified_resolution() > 0,
-        "visible_time": "min(first listed, LastModified + 1 s)" if watcher.local_clock else "first listed",
+        "visible_time": (
+            "min(found (HEAD after its notice, or listed), LastModified + 1 s)"
+            if watcher.local_clock
+            else "found (HEAD after its notice, or listed)"
+        ),
     }
     lap("analysis")
     return summary, series

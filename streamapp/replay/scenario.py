@@ -106,7 +106,9 @@ class Scenario:
     capacity_eps: float | None = None
     tick_seconds: float = 0.2
     http_timeout_seconds: float = 10.0
-    s3_poll_seconds: float = 1.0
+    #: The S3 watcher's listing interval: the worker's notice of each object finds it at once
+    #: (``measure.S3Watcher``); the listing finds any object whose notice never came.
+    s3_poll_seconds: float = 5.0
     seed: int = 2019
     #: Filled in once the capacity is known.
     derived: dict[str, float] = field(default_factory=dict)

@@ -94,6 +94,11 @@ class ArmStack:
         return str(self.settings.get("events_topic", "events"))
 
     @property
+    def objects_topic(self) -> str:
+        """Where the worker notes each object it writes (``Settings.topic_name("s3-objects")``)."""
+        return f"{self.topic}-s3-objects"
+
+    @property
     def bucket(self) -> str:
         return str(self.settings["s3_bucket"])
 

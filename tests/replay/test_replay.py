@@ -27,6 +27,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from streamapp.replay.measure import (
     is_event_object,
     object_kind,
     parse_object,
+    settle,
 )
 from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
@@ -165,6 +167,29 @@ def test_visible_time_is_the_tighter_of_the_listing_and_last_modified_bounds() -
     assert [local.visible_at(k) for k in ("slow-listing", "fast-listing", "no-date")] == [104.0, 100.3, 100.0]
     # Another server's clock is not this machine's: only the listing bounds it.
     assert [remote.visible_at(k) for k in ("slow-listing", "fast-listing", "no-date")] == [105.4, 100.3, 100.0]
+
+
+class _ObjectsArriving:
+    """Stands in for an S3Watcher's reads: each round's new objects' ids, then nothing new."""
+
+    def __init__(self, rounds: list[list[int]]) -> None:
+        self.rounds = [np.array(ids, np.int64) for ids in rounds]
+
+    def read_new(self) -> np.ndarray:
+        return self.rounds.pop(0) if self.rounds else np.zeros(0, np.int64)
+
+
+def test_settle_counts_each_accepted_id_once_from_the_objects_read_in_each_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("streamapp.replay.measure.time.sleep", lambda seconds: None)
+    progress: list[tuple[int, int]] = []
+    # Duplicates, ids that were never accepted (below, between and above the accepted ones), then the rest.
+    arriving = _ObjectsArriving([[5, 5, 1, 99], [3, 7, 0], [9, 7]])
+    done = settle(arriving, np.array([9, 7, 5, 3, 7]), time.time() + 60, lambda *p: progress.append(p))
+    assert done is True
+    assert progress == [(1, 4), (3, 4), (4, 4)]
+    assert settle(_ObjectsArriving([[3]]), np.array([3, 4]), time.time() - 1) is False  # deadline passed
 
 
 def test_first_delivery_keeps_the_earliest_copy_of_a_duplicate() -> None:
