@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_divert.py [--records 400] [--events 500] [--repeat 3] [--plain]
 
 In-process and pure (no broker, no S3; a few seconds). The same backlog of a spiking project's
-batch records (the replay's spike: ``--events`` pageviews per record asking for three add-ons;
-``--plain``: the replay's plain events) is fed to the sink's state machine
+batch records (the replay's spike: ``--events`` pageviews per record asking for the five add-ons
+of Keen's auto-collector; ``--plain``: the replay's plain events) is fed to the sink's state machine
 (``PartitionWindows.process`` plus building what it hands on) three ways:
 
 * **export**: no shed marker; every event enriched, encoded and buffered for S3 (the baseline);
@@ -105,7 +105,7 @@ def main() -> None:
         diverted_events = len(overflow) * args.events
         for name, seconds in (("export", export_s), ("divert", divert_s), ("drain", drain_s)):
             best[name] = min(best.get(name, float("inf")), seconds)
-    kind = "plain events" if args.plain else "pageviews with 3 add-ons"
+    kind = "plain events" if args.plain else "pageviews with 5 add-ons"
     print(f"{args.records} records of {args.events} {kind} ({total:,} events), best of {args.repeat}, CPU time:")
     print(f"  sink, exported on time (baseline)    {total / best['export']:>12,.0f} events/s")
     share = diverted_events / total

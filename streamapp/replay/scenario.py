@@ -62,9 +62,10 @@ class Scenario:
     #: Three quarters: the unprotected worker's own API refuses much of an HTTP spike (503s,
     #: timeouts), so at a half how far the baseline fell behind depended on how much got through.
     spike_kafka_share: float = 0.75
-    #: The spiking project's events are web pageviews asking for three of Keen's add-ons (user
-    #: agent, URL and referrer parsers): exporting one costs the sink ~3x a plain event, diverting
-    #: it no more (the drain runs the add-ons later, on spare capacity).
+    #: The spiking project's events are web pageviews asking for the add-ons that Keen's
+    #: auto-collector asks for (user agent, URL, referrer, IP-to-geo and date-time parsers):
+    #: exporting one costs the sink ~4x a plain event, diverting it no more (the drain runs the
+    #: add-ons later, on spare capacity).
     spike_addons: bool = True
     #: Events per HTTP batch request and per Kafka batch record of the spike.
     batch_size: int = 500
@@ -215,31 +216,29 @@ def quick(scenario: Scenario) -> Scenario:
     that was enough to put the protected arm's others 7.6 s behind (B = 8 s) in one of three
     replays.
 
-    The spike is 2.5x the capacity for 17 s (at most 1/3 of the calibration's producer rate), nine
+    The spike is 2.5x the capacity for 12 s (at most 1/3 of the calibration's producer rate), nine
     tenths of it straight to Kafka. How far it puts the baseline behind depends on the worker's
     real rate during the replay, which the calibration (the worker alone) predicts poorly: 16,500-
-    27,000 events/s in the replays of 2026-12-03 whatever the calibration read (28,000-57,000). At
-    1.7x for 21 s (a quarter over HTTP) one replay at a calibration of 27,900 had the baseline at
-    12.6 s (2B = 16 s); at 2.5x for 15 s two of four had it at 16.4 and 16.6 s: the unprotected
-    worker's API answers much of the spike's HTTP share with 503s and timeouts, so that share
-    hardly loads the baseline. With nine tenths to Kafka, 15 s put it 23.3 and 27.8 s behind, but
-    17.5 s in a CI run with a CPU burner beside it (the spike capped at 64,000 events/s by a
-    producer the burner slowed); 17 s: 23.6-36.1 s. The protected arm is what the ceiling is for:
-    above ~85,000 events/s this machine's two cores saturate as a whole (load generator, broker,
-    S3 server and worker).
+    27,000 events/s in the replays of 2026-12-03 whatever the calibration read (28,000-57,000). With
+    three add-ons per pageview 2.5x the calibration was capped by the producer's ceiling in every
+    run of 2026-12-04 (59,000-77,000 events/s), 17 s put the baseline 23.6-43.8 s behind and the
+    protected worker was overloaded at ~70,000 events/s (others' p99 8.9 and 14.4 s in two of four
+    runs). With the auto-collector's five add-ons the spike is under the ceiling (36,000-58,000
+    events/s) and 12 s puts the baseline 26.5-31.3 s behind (2B = 16 s); the protected arm's p99
+    was 4.8-7.8 s but 10.0 s in one run of five (README, "What it took").
 
-    What makes it short (the whole replay in ~2-2.5 minutes here, from 2.2-2.7): warm-up 4 s and
-    after 2 s (1 s windows need no more to be measured); a calibration backlog of 0.5 s (~95,000
-    events, ~3 s of the worker's reading); an HTTP timeout of 5 s (the baseline's writes waited up
-    to 10 s for an answer that did not come); the drain's process pool (``drain_processes``): the
-    protected arm's ~700,000-1,100,000 diverted events are exported on both cores, ~33,000-41,000
-    events/s against ~23,000 in the worker's loop; and a drain ceiling of 3x the capacity, which the
-    pool then does not reach. During the spike the drain stays at its floor
+    What makes it short (the whole replay in ~1 min 45 s - 2 min 5 s here): warm-up 4 s and after
+    2 s (1 s windows need no more to be measured); a calibration backlog of 0.3 s (~50,000 events,
+    ~3 s of the worker's reading); an HTTP timeout of 5 s (the baseline's writes waited up to 10 s
+    for an answer that did not come); the drain's process pool (``drain_processes``): the
+    protected arm's diverted events are exported on both cores, against ~23,000 events/s in the
+    worker's loop; and a drain ceiling of 3x the capacity, which the pool then does not reach.
+    During the spike the drain stays at its floor
     (``health_backlog_seconds``), 2.5 % of the capacity whatever the ceiling (``drain_floor_share``)."""
     return replace(
         scenario,
         warmup_seconds=4.0,
-        spike_seconds=17.0,
+        spike_seconds=12.0,
         overload=2.5,
         spike_ramp_seconds=5.0,
         after_seconds=2.0,
@@ -247,7 +246,7 @@ def quick(scenario: Scenario) -> Scenario:
         allowed_lateness_seconds=1,
         idle_flush_seconds=1.0,
         settle_seconds=150.0,
-        calibration_seconds=0.5,
+        calibration_seconds=0.3,
         http_timeout_seconds=5.0,
         spike_kafka_share=0.9,
         drain_share=3.0,

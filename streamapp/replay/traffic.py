@@ -29,16 +29,25 @@ ID_SHIFT = 32
 MAX_IN_FLIGHT = 64
 
 _EVENT = b'{"x":%d,"t":%d,"page":"/p/%d","user":%d,"keen":{"timestamp":"%s"}}'
-#: A web pageview asking for Keen's user-agent, URL and referrer parsers (``--spike-addons``).
+#: A web pageview asking for the add-ons that Keen's auto-collector (keen-tracking.js) asks for: user
+#: agent, URL, referrer, IP-to-geo and date-time parsers (``--spike-addons``).
 _PAGEVIEW = (
     b'{"x":%d,"t":%d,"page_url":"https://shop.example.com/p/%d?utm_source=news&item=%d#top","user":%d,'
-    b'"user_agent":"%s","referrer":"https://www.google.com/search?q=shoes+%d",'
+    b'"user_agent":"%s","referrer":"https://www.google.com/search?q=shoes+%d","ip_address":"%s",'
     b'"keen":{"timestamp":"%s","addons":['
     b'{"name":"keen:ua_parser","input":{"ua_string":"user_agent"},"output":"parsed_user_agent"},'
     b'{"name":"keen:url_parser","input":{"url":"page_url"},"output":"parsed_page_url"},'
     b'{"name":"keen:referrer_parser","input":{"referrer_url":"referrer","page_url":"page_url"},'
-    b'"output":"referrer_info"}]}}'
+    b'"output":"referrer_info"},'
+    b'{"name":"keen:ip_to_geo","input":{"ip":"ip_address"},"output":"ip_geo_info"},'
+    b'{"name":"keen:date_time_parser","input":{"date_time":"keen.timestamp"},"output":"timestamp_info"}]}}'
 )
+#: Visitors' addresses: 250 public ones, in ranges that GeoIP databases place in five countries.
+_ADDRESSES = [
+    f"{prefix}.{host}".encode()
+    for prefix in ("81.2.69", "89.160.20", "216.160.83", "175.16.199", "2.125.160")
+    for host in range(10, 60)
+]
 _USER_AGENTS = [
     agent.replace("{v}", str(version)).encode()
     for version in range(60)
@@ -66,14 +75,25 @@ def iso_ms(epoch_ms: int) -> bytes:
 
 def encode_events(project_index: int, first_seq: int, count: int, epoch_ms: int, addons: bool = False) -> bytes:
     """``count`` events joined by commas (the inside of a JSON array); ``addons``: pageviews that
-    ask for three of Keen's add-ons (a few hundred distinct agents and URLs, as on a real site)."""
+    ask for five of Keen's add-ons (a few hundred distinct agents, URLs and addresses, as on a real site)."""
     stamp = iso_ms(epoch_ms)
     base = project_index << ID_SHIFT
     if addons:
         agents = _USER_AGENTS
         return b",".join(
             [
-                _PAGEVIEW % (base | seq, epoch_ms, seq % 300, seq % 40, seq % 9973, agents[seq % 240], seq % 50, stamp)
+                _PAGEVIEW
+                % (
+                    base | seq,
+                    epoch_ms,
+                    seq % 300,
+                    seq % 40,
+                    seq % 9973,
+                    agents[seq % 240],
+                    seq % 50,
+                    _ADDRESSES[seq % 250],
+                    stamp,
+                )
                 for seq in range(first_seq, first_seq + count)
             ]
         )
