@@ -283,7 +283,8 @@ def test_spike_sheds_writes_marker_then_row_and_publishes() -> None:
     run(meter.flush())
     ((topic, key, body, partition),) = runtime.app.producer.sent
     assert (topic, key, partition, body["mode"]) == (TOPIC, SHED_KEY, 3, "divert")
-    assert body["fraction"] == pytest.approx(40 / 800, rel=0.05)
+    # 800 events counted 0.9 s into the current second: the freshest rate reads 889/s.
+    assert body["fraction"] == pytest.approx(40 / (800 / 0.9), rel=0.05)
     row = decode_state(meter.tables.states[b"a"])
     assert row.state == pm.state and row.marker == ("divert", body["fraction"]) and row.partition == 3
     (record,) = meter._queue()._queue  # type: ignore[attr-defined]
@@ -314,6 +315,30 @@ def test_admit_fraction_is_announced_again_only_when_it_moves_over_15_percent() 
     run(meter.flush())
     assert len(runtime.app.producer.sent) == 2
     assert runtime.app.producer.sent[-1][2]["fraction"] > 1.15 * runtime.app.producer.sent[0][2]["fraction"]
+
+
+def test_a_climbing_spike_is_shaped_on_the_current_second_not_only_on_whole_seconds() -> None:
+    """A spike climbing 400 ev/s each second: the 3 s rates trail it (1,200/s at the decision)
+    while the current second already holds 1,000 events at 0.5 s (2,000/s). The admitted share
+    follows the current second, so the climb is not exported on time at 2x the quota."""
+    meter, runtime = new_meter()
+    feed = Feed()
+    t0 = int(time.time()) - 10
+    for s in range(t0, t0 + 5):
+        meter.observe(feed.second("a", 1, s, 20))
+    for i, s in enumerate(range(t0 + 5, t0 + 8)):
+        meter.observe(feed.second("a", 1, s, 400 * (i + 1)))
+    meter.observe(feed.second("a", 1, t0 + 8, 1000)[:1000])
+    pm = meter.projects["a"]
+    meter.decide([pm], t0 + 8.5)
+    assert pm.state.is_shed
+    assert pm.eps_shaping == pytest.approx(2000, rel=0.01)
+    assert pm.fraction == pytest.approx(40 / 2000, rel=0.01)
+    # Early in a second (10 events counted at 0.05 s) the extrapolation counts at least a quarter
+    # of a second (40/s), and the last second is mostly the one before (10 + 0.95 x 1,000).
+    meter.observe(feed.second("a", 1, t0 + 9, 10))
+    meter.decide([pm], t0 + 9.05)
+    assert pm.eps_shaping == pytest.approx(max(pm.counts.rate(t0 + 9, 3, 0.05)[0], 10 + 0.95 * 1000), rel=0.01)
 
 
 def test_a_partition_behind_is_metered_on_its_records_clock() -> None:
