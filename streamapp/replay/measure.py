@@ -11,6 +11,7 @@ only to shade the plots and time the detection; the calibration reads the sink's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import re
 import threading
@@ -238,7 +239,8 @@ class ObjectNotices:
         except Exception:  # noqa: BLE001 - without notices the watcher's listing still finds every object
             self.errors += 1
         finally:
-            await consumer.stop()
+            with contextlib.suppress(Exception):  # also when it never started
+                await consumer.stop()
 
 
 @dataclass

@@ -25,7 +25,9 @@ import json
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,6 +85,8 @@ def test_reduced_replay_writes_its_outputs_and_is_exactly_once(replay_run: tuple
     assert "calibration" in summary["runs"]["baseline"]["phase_seconds"]
     # The protected arm's stack was started while the baseline was analysed.
     assert "waited_for_stack" in summary["runs"]["protected"]["phase_seconds"]
+    for arm in ("baseline", "protected"):  # the worker's notices found objects (the listing is the fallback)
+        assert summary["runs"][arm]["s3_listing"]["found_by_notice"] > 0, summary["runs"][arm]["s3_listing"]
     assert code == 0, log[-3000:]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
@@ -188,6 +192,36 @@ def test_settle_counts_each_accepted_id_once_from_the_objects_read_in_each_round
     assert done is True
     assert progress == [(1, 4), (3, 4), (4, 4)]
     assert settle(_ObjectsArriving([[3]]), np.array([3, 4]), time.time() - 1) is False  # deadline passed
+
+
+class _HeadOnly:
+    """Stands in for an S3 client: HEAD answers for the keys it holds, 404 for the others."""
+
+    def __init__(self, held: dict[str, float]) -> None:
+        self.held = held
+        self.heads: list[str] = []
+
+    def head_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        self.heads.append(Key)
+        if Key not in self.held:
+            raise KeyError(Key)
+        return {"LastModified": datetime.fromtimestamp(self.held[Key], UTC)}
+
+
+def test_a_noticed_object_is_first_seen_when_s3_answers_for_it() -> None:
+    client = _HeadOnly({"events/p001/w/c/a.json.gz": 1_700_000_000.0})
+    watcher = S3Watcher(client=client, bucket="b", prefix="events", exclude=("calib",), local_clock=True)
+    before = time.time()
+    watcher.noticed("events/p001/w/c/a.json.gz")
+    assert before <= watcher.first_seen["events/p001/w/c/a.json.gz"] <= time.time()
+    assert watcher.last_modified["events/p001/w/c/a.json.gz"] == 1_700_000_000.0
+    assert watcher.visible_at("events/p001/w/c/a.json.gz") == 1_700_000_001.0
+    watcher.noticed("events/p001/w/c/a.json.gz")  # a notice again (at least once): nothing changes
+    watcher.noticed("events/p001/w/c/gone.json.gz")  # not in S3 (parked elsewhere): left to the listing
+    watcher.noticed("events/calib/w/c/x.json.gz")  # an excluded project's
+    watcher.noticed("events/_manifests/w.json")  # not an event object
+    assert client.heads == ["events/p001/w/c/a.json.gz", "events/p001/w/c/gone.json.gz"]
+    assert (watcher.found_by_notice, watcher.errors, list(watcher.first_seen)) == (1, 1, ["events/p001/w/c/a.json.gz"])
 
 
 def test_first_delivery_keeps_the_earliest_copy_of_a_duplicate() -> None:
