@@ -167,7 +167,7 @@ class MeterDecisions:
                 current_events, current_bytes = counts.counts(at_sec)
                 previous_events, previous_bytes = counts.counts(at_sec - 1)
                 part = max(elapsed, CURRENT_SECOND_MIN_ELAPSED)
-                rest = 1.0 - min(max(elapsed, 0.0), 1.0)
+                rest = 1.0 - elapsed  # of the second before: not counted yet in the last second
                 pm.eps_shaping = max(pm.eps_shaping, current_events / part, current_events + previous_events * rest)
                 bps_shaping = max(bps_shaping, current_bytes / part, current_bytes + previous_bytes * rest)
             quota = self.effective_quota(pm.project_id)

@@ -95,8 +95,8 @@ class ArmStack:
 
     @property
     def objects_topic(self) -> str:
-        """Where the worker notes each object it writes (``Settings.topic_name("s3-objects")``)."""
-        return f"{self.topic}-s3-objects"
+        """Where the worker notes each object it writes (named as the worker names it)."""
+        return Settings(events_topic=self.topic).topic_name("s3-objects")
 
     @property
     def bucket(self) -> str:
