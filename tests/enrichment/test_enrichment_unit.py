@@ -309,6 +309,54 @@ def test_near_valid_addons_keep_the_keen_object_or_raise_addon_error(addons: Any
         orjson.dumps(event)
 
 
+def outcome(check: Any, addons: Any) -> Any:
+    """What a check answers: the (name, input, output) triples, or the AddonError's reason."""
+    try:
+        return check(addons)
+    except AddonError as exc:
+        return exc.reason
+
+
+GEO_REMOVING = [{"name": "keen:ip_to_geo", "input": {"ip": "ip", "remove_ip_property": True}, "output": "geo"}]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=STRUCTURED_ADDONS | st.just(GEO_REMOVING), second=STRUCTURED_ADDONS, numeric=st.sampled_from([1, 1.0]))
+def test_the_remembered_check_answers_as_a_fresh_one(first: Any, second: Any, numeric: Any) -> None:
+    """``checked_addons`` remembers the last configuration: whatever came before, the next one gets
+    the answer a fresh check gives, including one equal to the last under Python's ``==`` only
+    (``1 == True``: the one number a configuration holds is the boolean ``remove_ip_property``)."""
+    lookalike = [
+        {**a, "input": {**a["input"], "remove_ip_property": numeric}}
+        if type(a) is dict and type(a.get("input")) is dict and a["input"].get("remove_ip_property") is True
+        else a
+        for a in first
+    ]
+    for before, after in ((first, second), (first, first), (first, lookalike), (second, first)):
+        outcome(enrichment.checked_addons, before)
+        assert outcome(enrichment.checked_addons, after) == outcome(check_addons, after)
+
+
+def test_a_lookalike_of_the_last_configuration_is_still_refused() -> None:
+    assert enrichment.checked_addons(GEO_REMOVING) == check_addons(GEO_REMOVING)
+    lookalike = [{**GEO_REMOVING[0], "input": {"ip": "ip", "remove_ip_property": 1}}]
+    assert lookalike == GEO_REMOVING
+    with pytest.raises(AddonError, match="true or false"):
+        enrichment.checked_addons(lookalike)
+    event = {"ip": GOOGLE_DNS_V4, "keen": {"addons": lookalike}}
+    with pytest.raises(AddonError, match="true or false"):
+        run_addons(event)
+
+
+def test_the_remembered_configuration_is_a_copy_no_event_shares() -> None:
+    spec = [addon("keen:url_parser", "parsed", url="u")]
+    first = {"u": "http://a.example/x", "keen": {"addons": spec}}
+    run_addons(first)
+    spec[0]["input"]["url"] = "a..b"  # the event's own list, made invalid after the check
+    with pytest.raises(AddonError, match="empty property name"):
+        run_addons({"u": "http://b.example/y", "keen": {"addons": [addon("keen:url_parser", "parsed", url="a..b")]}})
+
+
 NAMES = st.sampled_from(sorted(enrichment.ADDON_INPUTS))
 VALUES = st.text(max_size=60) | st.sampled_from(
     [CHROME_UA, IPHONE_UA, GOOGLE_DNS_V6, "http://x/?a=1#b", "2026-01-01T00:00:00Z", "::", "999.1.1.1"]
