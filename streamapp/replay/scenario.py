@@ -64,8 +64,8 @@ class Scenario:
     spike_kafka_share: float = 0.75
     #: The spiking project's events are web pageviews asking for the add-ons that Keen's
     #: auto-collector asks for (user agent, URL, referrer, IP-to-geo and date-time parsers):
-    #: exporting one costs the sink ~4x a plain event, diverting it no more (the drain runs the
-    #: add-ons later, on spare capacity).
+    #: exporting one costs the sink ~10x a plain event (``benchmarks/bench_divert.py``), diverting it
+    #: no more (the drain runs the add-ons later, on spare capacity).
     spike_addons: bool = True
     #: Events per HTTP batch request and per Kafka batch record of the spike.
     batch_size: int = 500
