@@ -15,6 +15,7 @@ from typing import Any
 import faust
 
 import streamapp.infra.transport  # noqa: F401 - registers the streamapp:// broker scheme
+import streamapp.infra.web_server  # noqa: F401 - registers the streamapp:// web driver
 from streamapp.infra.local_state import StreamappTableManager
 from streamapp.infra.process_memory import freeze_startup_heap, limit_malloc_arenas
 from streamapp.settings import ENV_PREFIX, Settings, SettingsError
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
         # WEB_PORT or BROKER from silently changing the app.
         env_prefix="STREAMAPP_FAUST_",
         web_enabled=True,
+        web="streamapp://",  # request bodies are inflated by the API, in steps (infra.web_server)
         web_host=settings.web_host,
         web_port=settings.web_port,
         web_bind=settings.web_host,

@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streamapp import enrichment
 from streamapp.api.admission import Shed, admit, bucket_for, can_admit_any, retry_after_for, shed_decision, shed_error
-from streamapp.api.body import BodyBudget, read_request_body, skip_lingering
+from streamapp.api.body import BodyBudget, read_request_body
 from streamapp.api.browser import CORS_ANSWER_HEADERS, PIXEL_GIF, SERVER_TIME_HEADER, decode_beacon_data
 from streamapp.api.errors import INVALID_API_KEY, INVALID_PROJECT_ID, ApiError, unavailable
 from streamapp.api.events import check_collection
@@ -381,10 +381,7 @@ class IngestApi:
                     raise shed_error(project_id, shed[0], retry_after_for(shed[1], now, shed[0]))
             await self.produce(project_id, planned.records)
         except ApiError as exc:
-            response = self.respond(endpoint, exc.status, exc.body(), started, exc.headers)
-            if request.headers.get("Content-Encoding") and not request.content.is_eof():
-                skip_lingering(request, response)
-            return response
+            return self.respond(endpoint, exc.status, exc.body(), started, exc.headers)
         finally:
             self.budget.release(reserved)
         self.m_events.inc(planned.accepted)

@@ -37,6 +37,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from streamapp.api import INVALID_JSON, NOT_FOUND, REQUEST_TIMEOUT, TOO_LARGE, ApiError, parse_object, unavailable
+from streamapp.api.body import IDENTITY_ENCODINGS, body_encoding, inflate
 from streamapp.contract import is_valid_name, name_rule, preview
 from streamapp.control.plane import ControlPlane
 from streamapp.control.projects import SECRET_KEY_FIELDS, ProjectSettings, hash_key, new_write_key
@@ -73,6 +74,7 @@ class AdminApi:
             raise ApiError(401, "InvalidAdminTokenError", "admin endpoints need 'Authorization: Bearer <admin token>'")
 
     async def body(self, request: web.Request, *, required: bool = True) -> dict[str, Any]:
+        encoding = body_encoding(request)
         if request.content_length is not None and request.content_length > MAX_ADMIN_BODY:
             raise ApiError(413, TOO_LARGE, f"admin request bodies are limited to {MAX_ADMIN_BODY} bytes")
         chunks: list[bytes] = []
@@ -89,6 +91,8 @@ class AdminApi:
         except TimeoutError:
             raise ApiError(408, REQUEST_TIMEOUT, f"body not received within {BODY_TIMEOUT_SECONDS:g}s") from None
         raw = b"".join(chunks)
+        if encoding not in IDENTITY_ENCODINGS:
+            raw, _ = await inflate(raw, encoding, MAX_ADMIN_BODY)
         if not raw.strip() and not required:
             return {}
         return parse_object(raw)
