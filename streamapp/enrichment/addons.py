@@ -102,13 +102,17 @@ def _check_path(what: str, path: Any) -> str:
     return path
 
 
-def check_addons(addons: Any) -> list[tuple[str, dict[str, Any], str]]:
+#: A checked ``keen.addons``: the (name, input, output) of each add-on, in order.
+Checked = list[tuple[str, dict[str, Any], str]]
+
+
+def check_addons(addons: Any) -> Checked:
     """Validate a ``keen.addons`` value; the (name, input, output) of each add-on. AddonError when bad."""
     if type(addons) is not list:
         raise AddonError(f"keen.addons must be a list, not a JSON {type(addons).__name__}")
     if len(addons) > MAX_ADDONS_PER_EVENT:
         raise AddonError(f"keen.addons has {len(addons)} add-ons, over the limit of {MAX_ADDONS_PER_EVENT}")
-    checked = []
+    checked: Checked = []
     for n, addon in enumerate(addons):
         if type(addon) is not dict:
             raise AddonError(f"keen.addons[{n}] must be an object")
@@ -140,7 +144,6 @@ def check_addons(addons: Any) -> list[tuple[str, dict[str, Any], str]]:
     return checked
 
 
-Checked = list[tuple[str, dict[str, Any], str]]
 #: The last configuration checked by :func:`checked_addons` (a private copy) and its result: the
 #: events of one batch nearly always ask for the same add-ons, and checking them again was ~40 %
 #: of what exporting a pageview costs. One tuple, so a reader never pairs one's spec with another's.

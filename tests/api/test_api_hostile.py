@@ -1,8 +1,9 @@
 """The HTTP API against hostile clients: one worker for the whole module (real broker and S3).
 
 * property-based: generated methods, paths, query strings, headers and bodies (JSON, bytes, gzip,
-  broken gzip) never get a 5xx other than the documented 503, and nothing of a refused request
-  reaches the events topic (every generated event carries a marker);
+  broken gzip; events with generated ``keen.addons``, from ``tests/addon_configs.py``) never get
+  a 5xx other than the documented 503, and nothing of a refused request reaches the events topic
+  (every generated event carries a marker);
 * admission: a shed project's admitted events over ~10 s stay within its limit plus one request,
   for batch sizes from 1 to the cap;
 * isolation: an honest project's write latency (p99 < 50 ms) while another client sends
@@ -36,6 +37,7 @@ from hypothesis import strategies as st
 
 from streamapp.api import Shed, admit, bucket_for, retry_after_for
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
+from tests.addon_configs import addon_configs
 from tests.api_helpers import ADMIN_TOKEN, Reply, admin, create_project, module_worker, request, topic_values, write
 
 pytestmark = pytest.mark.integration
@@ -92,6 +94,7 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
+ADDONS = addon_configs(JSON)
 HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
 
 
@@ -115,6 +118,8 @@ def hostile_request(draw: st.DrawFn, keys: dict[str, str]) -> tuple[str, str, by
             value["mk"] = marker
         elif draw(st.booleans()):
             value = {"mk": marker, "v": value}
+        if isinstance(value, dict) and draw(st.integers(0, 3)) == 0:
+            value["keen"] = {"addons": draw(ADDONS)}  # the API checks them before it writes the event
         return value
 
     # Half the requests are well-formed apart from their generated events (so some get written and

@@ -51,6 +51,7 @@ from streamapp.contract import InvalidRecord, check_identity, parse_record
 from streamapp.control import publish_records, quota_record
 from streamapp.dev import BrokerProcess, S3Process, WorkerProcess
 from streamapp.partitioning import key_partition as default_partition
+from tests.addon_configs import addon_configs
 from tests.conftest import app_worker
 from tests.helpers import list_keys, wait_until
 
@@ -99,28 +100,7 @@ STAMPS = [
 # keen.addons: Keen's auto-collector's configuration (every event of a batch asks for the same, so
 # the sink answers it from the last one checked), one-value lookalikes of it (``1`` for ``true``, a
 # path into keen, an empty property name) and anything else.
-PAGEVIEW_ADDONS = [
-    {"name": "keen:ua_parser", "input": {"ua_string": "x"}, "output": "ua"},
-    {"name": "keen:ip_to_geo", "input": {"ip": "x", "remove_ip_property": True}, "output": "geo"},
-    {"name": "keen:date_time_parser", "input": {"date_time": "keen.timestamp"}, "output": "at"},
-]
-ADDON_LOOKALIKES = [
-    [{**PAGEVIEW_ADDONS[1], "input": {"ip": "x", "remove_ip_property": 1}}],
-    [{**PAGEVIEW_ADDONS[1], "input": {"ip": "keen.id", "remove_ip_property": True}}],
-    [{**PAGEVIEW_ADDONS[0], "output": "keen.ua"}],
-    [{**PAGEVIEW_ADDONS[0], "input": {"ua_string": "x..y"}}],
-]
-ADDONS = st.one_of(
-    st.just(PAGEVIEW_ADDONS),
-    st.sampled_from(ADDON_LOOKALIKES),
-    st.lists(
-        st.fixed_dictionaries(
-            {"name": st.sampled_from([a["name"] for a in PAGEVIEW_ADDONS]) | JSON, "input": JSON, "output": JSON}
-        ),
-        max_size=3,
-    ),
-    JSON,
-)
+ADDONS = addon_configs(JSON)
 KEEN = st.one_of(
     JSON,
     st.fixed_dictionaries(
@@ -321,6 +301,12 @@ class Hostile:
         self.kafka = kafka
         self.records: list[tuple[int, int, bytes | None, bytes]] = []  # (partition, offset, key, value)
 
+    def send_batch(self, project: str, events: list[Any]) -> None:
+        """One batch record of ``project`` to the events topic, kept in ``records`` for the checks."""
+        value = orjson.dumps({"project_id": project, "collection": "c", "events": events})
+        meta = self.kafka.run(self.kafka.send(self.topic, project.encode(), value))
+        self.records.append((meta.partition, meta.offset, project.encode(), value))
+
 
 @pytest.fixture(scope="module")
 def hostile(broker: BrokerProcess, s3: S3Process, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
@@ -399,27 +385,25 @@ def contract_valid(key: bytes | None, value: bytes) -> bool:
 def shed_from_the_start(hostile: Hostile, broker: BrokerProcess) -> None:
     """Give ``SHED`` a tiny quota and write over it until the meter sheds it (divert: its records
     take the overflow lane); then some records of it whose events the drain must dead-letter."""
-    kafka, topic = hostile.kafka, hostile.topic
     asyncio.run(
-        publish_records(broker.bootstrap, f"{topic}-control", [quota_record(SHED, quota_eps=SHED_QUOTA_EPS, burst=0.0)])
+        publish_records(
+            broker.bootstrap, f"{hostile.topic}-control", [quota_record(SHED, quota_eps=SHED_QUOTA_EPS, burst=0.0)]
+        )
     )
 
-    def send(events: list[Any]) -> None:
-        value = orjson.dumps({"project_id": SHED, "collection": "c", "events": events})
-        meta = kafka.run(kafka.send(topic, SHED.encode(), value))
-        hostile.records.append((meta.partition, meta.offset, SHED.encode(), value))
-
     def shed() -> bool:
-        send([{"warm": n} for n in range(5)])
+        hostile.send_batch(SHED, [{"warm": n} for n in range(5)])
         with urllib.request.urlopen(f"{hostile.worker.web_url}/_meter/", timeout=5) as answer:
             states = orjson.loads(answer.read())["shed"]["shed"]
         return any(s["project_id"] == SHED and s["state"] == "shed" and s["mode"] == "divert" for s in states)
 
     wait_until(shed, 60, interval=0.2, what=f"{SHED} shed")
     for _ in range(20):  # diverted from here on (the admitted share is ~quota / rate)
-        send([{"ok": 1}, 5, {"keen": {"timestamp": "1969-12-31T23:59:59Z"}}, {"keen": {"addons": [{}]}}, {"ok": 2}])
+        hostile.send_batch(
+            SHED, [{"ok": 1}, 5, {"keen": {"timestamp": "1969-12-31T23:59:59Z"}}, {"keen": {"addons": [{}]}}, {"ok": 2}]
+        )
     # Diverted whole at (almost) the largest accepted record size: the overflow lane takes it too.
-    send([{"big": "x" * 999_900}])
+    hostile.send_batch(SHED, [{"big": "x" * 999_900}])
 
 
 def divert_through_the_pool(hostile: Hostile) -> None:
@@ -432,12 +416,9 @@ def divert_through_the_pool(hostile: Hostile) -> None:
     document): in 12 of 20 draws of this test's 30 examples, none was (0-8 in the others), and the
     meter admits all of ``SHED`` again after the quiet seconds before the generated run.
     """
-    kafka, topic = hostile.kafka, hostile.topic
-    value = orjson.dumps({"project_id": SHED, "collection": "c", "events": [{"pool": n} for n in range(5)]})
 
     def exported() -> bool:
-        meta = kafka.run(kafka.send(topic, SHED.encode(), value))
-        hostile.records.append((meta.partition, meta.offset, SHED.encode(), value))
+        hostile.send_batch(SHED, [{"pool": n} for n in range(5)])
         return export_pool_status(hostile.worker)["exported_records"] > 0
 
     wait_until(exported, 60, interval=0.1, what="the drain's process pool exporting a diverted record")
