@@ -18,6 +18,7 @@ import streamapp.infra.transport  # noqa: F401 - registers the streamapp:// brok
 import streamapp.infra.web_server  # noqa: F401 - registers the streamapp:// web driver
 from streamapp.infra.local_state import StreamappTableManager
 from streamapp.infra.process_memory import freeze_startup_heap, limit_malloc_arenas
+from streamapp.infra.worker import StreamappWorker
 from streamapp.settings import ENV_PREFIX, Settings, SettingsError
 from streamapp.topics import declare_topics
 from streamapp.wiring import WorkerServices, build_services, register_agents, register_routes
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> StreamappApp:
         broker=settings.broker_url,
         store=settings.store,
         datadir=data_dir(settings),
+        Worker=StreamappWorker,  # no terminal spinner: it set the root logger to DEBUG (infra.worker)
         TableManager=StreamappTableManager,  # rebuilds local state that is ahead of its changelog
         # Faust reads its own settings from the environment too; a private prefix keeps a stray
         # WEB_PORT or BROKER from silently changing the app.
