@@ -229,8 +229,8 @@ def quick(scenario: Scenario) -> Scenario:
     events (the same wall time) at a fifth less load: baseline 23.9-33.8 s (2B = 16 s), protected
     4.3-5.1 s, 11.6 s with a CPU burner beside the replay. Once the worker stopped logging every
     library's debug calls (2026-12-04, ``streamapp.infra.worker``) the baseline worker kept up
-    better too, and one of eight replays had the baseline at 15.9 s: 16 s instead of 14 puts it
-    28.7-35.5 s behind (README, "What it took").
+    better too, and one of eight replays had the baseline at 15.9 s: 16 s instead of 14 put it
+    25.3-43.8 s behind in ten (README, "What it took").
 
     What makes it short (the whole replay in ~1 min 55 s - 2 min 10 s here): warm-up 4 s and after
     2 s (1 s windows need no more to be measured); a calibration backlog of 0.3 s (~50,000 events,
