@@ -167,8 +167,7 @@ async def inflate(raw: bytes, encoding: str, limit: int, budget: BodyBudget | No
     decompressor = _decompressor(encoding, raw)
     pending = raw  # compressed bytes of the current stream not yet inflated
     out: list[bytes] = []
-    size = 0  # decompressed bytes so far
-    held = 0  # of them, held of the budget
+    size = 0  # decompressed bytes so far (all held of the budget, if there is one)
     try:
         while True:
             try:
@@ -186,16 +185,14 @@ async def inflate(raw: bytes, encoding: str, limit: int, budget: BodyBudget | No
                     f"request body expands more than {MAX_COMPRESSION_RATIO}x when decompressed; "
                     "send it uncompressed or in smaller batches",
                 )
-            if budget is not None:
-                if not budget.reserve(len(chunk)):
-                    raise unavailable("too many request bodies are being received at once; retry")
-                held += len(chunk)
+            if budget is not None and not budget.reserve(len(chunk)):
+                raise unavailable("too many request bodies are being received at once; retry")
             size += len(chunk)
             out.append(chunk)
             if decompressor.eof:
                 rest = decompressor.unused_data
                 if not rest:
-                    return await join(out), held
+                    return await join(out), size if budget is not None else 0
                 if encoding not in GZIP_ENCODINGS or rest[:2] != b"\x1f\x8b":
                     raise ApiError(400, INVALID_JSON, "request body has bytes after its compressed stream")
                 decompressor, pending = _decompressor(encoding, rest), rest
@@ -204,5 +201,5 @@ async def inflate(raw: bytes, encoding: str, limit: int, budget: BodyBudget | No
             await asyncio.sleep(0)
     except BaseException:
         if budget is not None:
-            budget.release(held)
+            budget.release(size)
         raise
