@@ -1,7 +1,8 @@
 """The HTTP API against hostile clients: one worker for the whole module (real broker and S3).
 
-* property-based: generated methods, paths, query strings, headers and bodies (JSON, bytes, gzip,
-  broken gzip; events with generated ``keen.addons``, from ``tests/addon_configs.py``) never get
+* property-based: generated methods, paths, query strings, headers and bodies (JSON, bytes; gzip,
+  x-gzip, zlib and raw deflate, concatenated, broken, truncated or trailed gzip, any
+  Content-Encoding text; events with generated ``keen.addons``, from ``tests/addon_configs.py``) never get
   a 5xx other than the documented 503, and nothing of a refused request reaches the events topic
   (every generated event carries a marker);
 * admission: a shed project's admitted events over ~10 s stay within its limit plus one request,
@@ -180,16 +181,27 @@ def hostile_request(draw: st.DrawFn, keys: dict[str, str]) -> tuple[str, str, by
         body = b""
     else:
         body = None
-    encodings = ["", "gzip", "deflate", "identity"]
-    encoding = draw(st.sampled_from(encodings if plausible else [*encodings, "broken-gzip", "br", "x"]))
+    encodings = ["", "gzip", "x-gzip", "deflate", "raw-deflate", "gzip-members", "identity"]
+    hostile_encodings = ["broken-gzip", "truncated-gzip", "gzip-then-junk", "br", "x"]
+    encoding = draw(st.sampled_from(encodings if plausible else [*encodings, *hostile_encodings]) | HEADER_TEXT)
     if encoding and body is not None:
-        if encoding == "gzip":
+        if encoding in ("gzip", "x-gzip"):
             body = gzip.compress(body)
         elif encoding == "deflate":
             body = zlib.compress(body)
+        elif encoding == "raw-deflate":  # RFC 1951 under "deflate", as some clients send it
+            squeeze = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+            body, encoding = squeeze.compress(body) + squeeze.flush(), "deflate"
+        elif encoding == "gzip-members":  # two concatenated gzip members: one body
+            cut = draw(st.integers(0, len(body)))
+            body, encoding = gzip.compress(body[:cut]) + gzip.compress(body[cut:]), "gzip"
         elif encoding == "broken-gzip":
-            body = gzip.compress(body)[:-6] + b"\x00garbage"
-            encoding = "gzip"
+            body, encoding = gzip.compress(body)[:-6] + b"\x00garbage", "gzip"
+        elif encoding == "truncated-gzip":
+            whole = gzip.compress(body)
+            body, encoding = whole[: draw(st.integers(0, len(whole) - 1))], "gzip"
+        elif encoding == "gzip-then-junk":
+            body, encoding = gzip.compress(body) + draw(st.binary(min_size=1, max_size=16)), "gzip"
         headers["Content-Encoding"] = encoding
     extra_names = st.sampled_from(["X-Forwarded-For", "Cookie", "Accept", "X-Junk", "Origin"])
     headers.update(draw(st.dictionaries(extra_names, HEADER_TEXT, max_size=2)))
