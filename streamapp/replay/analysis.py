@@ -89,6 +89,16 @@ def percentiles(values: np.ndarray) -> dict[str, float | int | None]:
     }
 
 
+def isin_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """``np.isin(values, sorted_ids)`` for ``sorted_ids`` in ascending order: one binary search per
+    value. ``np.isin`` hashes both arrays, which took 1.3 s of the 1.6 s that analysing an arm of a
+    million events took (after the traffic: on the replay's critical path)."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(values), bool)
+    at = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
+    return np.asarray(sorted_ids[at] == values)
+
+
 def first_delivery(events: ObjectEvents) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per distinct id: (id, event time, earliest visible time, kind of that copy)."""
     if len(events.ids) == 0:
@@ -144,11 +154,12 @@ def analyse_arm(
     uid, counts = np.unique(events.ids, return_counts=True) if len(events.ids) else (np.zeros(0, np.int64), [])
     counts = np.asarray(counts)
     ids, etime, visible, kind = first_delivery(events)
-    accepted_found = np.isin(accepted_ids, ids)
+    accepted_sorted = np.sort(accepted_ids)
+    accepted_found = isin_sorted(accepted_ids, ids)
     missing = int((~accepted_found).sum())
     duplicated = int((counts - 1).sum()) if len(counts) else 0
-    unacknowledged = int((~np.isin(ids, accepted_ids)).sum())
-    refused_in_s3 = int(np.isin(refused_ids, ids).sum())
+    unacknowledged = int((~isin_sorted(ids, accepted_sorted)).sum())
+    refused_in_s3 = int(isin_sorted(refused_ids, ids).sum())
     project = ids >> ID_SHIFT
     latency = visible - etime
 
@@ -276,7 +287,7 @@ def _series(
         p99.append(round(float(np.percentile(chunk, 99)), 3) if len(chunk) else None)
     # Export backlog: accepted events whose event time has passed but that are not visible yet.
     due_sorted = np.sort(accepted_due)
-    seen = np.isin(ids, accepted_ids)
+    seen = isin_sorted(ids, np.sort(accepted_ids))
     realtime_visible = np.sort(visible[seen & (kind != KIND_DELAYED)])
     delayed_visible = np.sort(visible[seen & (kind == KIND_DELAYED)])
     edges = t0 + seconds + 1

@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from streamapp.replay.analysis import expand_ids, first_delivery
+from streamapp.replay.analysis import expand_ids, first_delivery, isin_sorted
 from streamapp.replay.measure import (
     KIND_DELAYED,
     KIND_LATE,
@@ -129,6 +131,16 @@ def test_baseline_arm_puts_the_others_at_least_twice_the_bound_behind(replay_run
 def test_expand_ids_gives_every_id_of_each_range_once() -> None:
     ids = expand_ids(np.array([0, 3]), np.array([5, 0]), np.array([3, 2]))
     assert ids.tolist() == [5, 6, 7, event_id(3, 0), event_id(3, 1)]
+
+
+@given(
+    st.lists(st.integers(-(2**62), 2**62), max_size=60),
+    st.lists(st.integers(-(2**62), 2**62), max_size=60),
+)
+def test_isin_sorted_is_np_isin_for_a_sorted_array(values: list[int], ids: list[int]) -> None:
+    pool = np.array(ids + values[::3], np.int64)  # some values present, duplicates allowed
+    expected = np.isin(np.array(values, np.int64), pool)
+    assert isin_sorted(np.array(values, np.int64), np.sort(pool)).tolist() == expected.tolist()
 
 
 def test_parse_object_reads_ids_and_event_times_of_the_generated_events() -> None:
