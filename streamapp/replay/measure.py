@@ -311,6 +311,11 @@ def sink_events_read(web: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
+#: How often ``settle`` reads the objects found since its last round: a round with nothing new costs
+#: a few milliseconds, and the replay's last phase ends this much after its last object at most.
+SETTLE_POLL_SECONDS = 0.25
+
+
 def settle(
     watcher: S3Watcher,
     accepted_ids: np.ndarray,
@@ -335,4 +340,4 @@ def settle(
         on_progress(count, len(wanted))
         if count >= len(wanted) or time.time() >= deadline:
             return count >= len(wanted)
-        time.sleep(1.0)
+        time.sleep(SETTLE_POLL_SECONDS)
