@@ -28,10 +28,11 @@ from streamapp.replay.traffic import run_traffic
 CALIBRATION_PROJECT = "calib"
 #: Backlogs the calibration times, one after the other; the best counts (``calibrate``).
 CALIBRATION_ROUNDS = 2
-#: The workers' group session timeout: Tansu answers a first join after half of it (10 s, the
-#: default: 7 s to the first project; 6 s: 4.8 s). The worker heartbeats every second and its sink
-#: yields to the loop every 5,000 events (~0.2 s with add-ons), so 6 s is far from a missed session.
-SESSION_TIMEOUT_SECONDS = 6.0
+#: The workers' group session timeout: Tansu answers a first join after half of it (the first
+#: project of a fresh worker is created 5.9 s after its API answers at the default 10 s, 2.9 s at
+#: 4 s). The worker heartbeats every second from its consumer thread, and its sink yields to the
+#: loop every 5,000 events (~0.2 s with add-ons), so 4 s is still far from a missed session.
+SESSION_TIMEOUT_SECONDS = 4.0
 
 
 @dataclass
