@@ -3,19 +3,20 @@ S3 and workers started by the command itself) checked for its outputs, exactly-o
 issue #12's invariants on ``summary.json``; plus the pure parts (id ranges, object parsing, the
 calibration's rate, the spike sized from the capacity) on hand-made inputs.
 
-Invariants, on the other projects during the spike (B = window + lateness + idle flush + 5 s = 8 s
-here): baseline p99 >= 2B, protected API success >= 99.9 %, every accepted event in S3 exactly
-once in both arms, and the protected p99 at most ``PROTECTED_SHARE`` of the baseline's. The spike
-is sized from the machine: 2x the rate at which the worker's sink reads a backlog of the spike's
-records (the best of two timed backlogs), at most 1/3 of the rate at which the calibration's
-producer wrote, nine tenths of it straight to Kafka, pageviews asking for the five add-ons of
-Keen's auto-collector, climbing over 5 s for 16 s (README, "The incident, replayed").
+Invariants, issue #12's, on the other projects during the spike (B = window + lateness + idle
+flush + 5 s = 8 s here): protected p99 <= B, baseline p99 >= 2B, protected API success >= 99.9 %,
+and every accepted event in S3 exactly once in both arms. The spike is sized from the machine: 2x
+the rate at which the worker's sink reads a backlog of the spike's records (the best of two timed
+backlogs), at most 1/3 of the rate at which the calibration's producer wrote, nine tenths of it
+straight to Kafka, pageviews asking for the five add-ons of Keen's auto-collector, climbing over
+5 s for 16 s (README, "The incident, replayed").
 
-In the twentieth session's reduced replays (2026-12-04) the protected p99 was 4.0-6.8 s in most,
-but 8.0 s and 11.6 s (> B = 8 s) in two of thirteen (14 s spikes then), so issue #12's own bound,
-protected p99 <= B, is not asserted and the issue stays open for it. With a 16 s spike, in ten
-replays: baseline 25.3-43.8 s, protected 3.9-6.5 s. The whole replay takes ~1 min 55 s - 2 min
-10 s here (``phase_seconds`` in ``summary.json`` says where).
+Protected p99 <= B is asserted from the twenty-first session on (2026-12-05): in the replays with
+a 16 s spike since the worker stopped logging every library's debug calls (twenty-eight, four of
+them beside a CPU burner), the protected arm's others were at 3.4-6.6 s and the baseline's at
+25.0-45.1 s; the two misses of the session before (8.0 s and 11.6 s) were with 14 s spikes. The
+whole replay takes ~1 min 46 s - 2 min here, ~2 min 4 s - 2 min 16 s beside a CPU burner
+(``phase_seconds`` in ``summary.json`` says where).
 """
 
 from __future__ import annotations
@@ -49,11 +50,7 @@ from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The protected arm's p99 for the others at most this share of the baseline's (measured
-#: 2026-12-04: 0.12-0.21 with a 16 s spike; issue #12's own bound, p99 <= B, is not: see the
-#: module doc).
-PROTECTED_SHARE = 0.5
-#: ``--quick`` (1 s windows, a 16 s spike) with 10 projects: the whole replay in ~2 min here.
+#: ``--quick`` (1 s windows, a 16 s spike) with 10 projects: the whole replay in under 2 min here.
 REDUCED = ["--quick", "--projects", "10"]
 
 
@@ -106,15 +103,11 @@ def _others(replay_run: tuple[int, Path, str], arm: str) -> tuple[dict, float]:
 
 
 @pytest.mark.integration
-def test_protected_arm_keeps_the_others_writing_and_far_ahead_of_the_baseline(
-    replay_run: tuple[int, Path, str],
-) -> None:
+def test_protected_arm_keeps_the_others_writing_and_within_the_bound(replay_run: tuple[int, Path, str]) -> None:
     others, bound = _others(replay_run, "protected")
-    baseline, _ = _others(replay_run, "baseline")
     assert others["api"]["success_rate"] >= 0.999, others["api"]
-    p99, baseline_p99 = others["delivery_seconds"]["p99"], baseline["delivery_seconds"]["p99"]
-    assert p99 is not None and baseline_p99 is not None
-    assert p99 <= PROTECTED_SHARE * baseline_p99, (others["delivery_seconds"], baseline["delivery_seconds"], bound)
+    assert others["delivery_seconds"]["p99"] is not None
+    assert others["delivery_seconds"]["p99"] <= bound, others["delivery_seconds"]
 
 
 @pytest.mark.integration
