@@ -91,8 +91,8 @@ def percentiles(values: np.ndarray) -> dict[str, float | int | None]:
 
 def isin_sorted(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     """``np.isin(values, sorted_ids)`` for ``sorted_ids`` in ascending order: one binary search per
-    value. ``np.isin`` hashes both arrays, which took 1.3 s of the 1.6 s that analysing an arm of a
-    million events took (after the traffic: on the replay's critical path)."""
+    value. ``np.isin`` hashes both arrays: the analysis of a protected arm of a million events took
+    1.22 s with it and takes 0.14 s with this, after the traffic, on the replay's critical path."""
     if len(sorted_ids) == 0:
         return np.zeros(len(values), bool)
     at = np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)
@@ -234,7 +234,7 @@ def analyse_arm(
             "api": api_figures(spiker_in_spike),
         },
     }
-    return summary, _series(scenario, table, accepted_ids, accepted_due, ids, etime, visible, kind, t0)
+    return summary, _series(scenario, table, accepted_sorted, accepted_due, ids, etime, visible, kind, t0)
 
 
 def _kafka_ack_rate(table: RequestTable) -> float | None:
@@ -247,7 +247,7 @@ def _kafka_ack_rate(table: RequestTable) -> float | None:
 def _series(
     scenario: Scenario,
     table: RequestTable,
-    accepted_ids: np.ndarray,
+    accepted_sorted: np.ndarray,
     accepted_due: np.ndarray,
     ids: np.ndarray,
     etime: np.ndarray,
@@ -287,7 +287,7 @@ def _series(
         p99.append(round(float(np.percentile(chunk, 99)), 3) if len(chunk) else None)
     # Export backlog: accepted events whose event time has passed but that are not visible yet.
     due_sorted = np.sort(accepted_due)
-    seen = isin_sorted(ids, np.sort(accepted_ids))
+    seen = isin_sorted(ids, accepted_sorted)
     realtime_visible = np.sort(visible[seen & (kind != KIND_DELAYED)])
     delayed_visible = np.sort(visible[seen & (kind == KIND_DELAYED)])
     edges = t0 + seconds + 1

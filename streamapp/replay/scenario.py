@@ -232,7 +232,7 @@ def quick(scenario: Scenario) -> Scenario:
     better too, and one of eight replays had the baseline at 15.9 s: 16 s instead of 14 put it
     25.3-43.8 s behind in ten (README, "What it took").
 
-    What makes it short (the whole replay in ~1 min 55 s - 2 min here; README, "What it took"):
+    What makes it short (the whole replay in ~1 min 46 s - 2 min here; README, "What it took"):
     warm-up 3 s and after 2 s (1 s windows need no more to be measured; the time after the spike
     goes to the catch-up either way); a calibration backlog of 0.3 s (~50,000 events,
     ~3 s of the worker's reading); an HTTP timeout of 5 s (the baseline's writes waited up to 10 s
