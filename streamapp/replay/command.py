@@ -27,7 +27,9 @@ ARMS = (("baseline", "shadow"), ("protected", "divert"))
 def configure(parser: argparse.ArgumentParser) -> None:
     d = Scenario()
     parser.add_argument("--out", default="replay-out", help="output directory (summary.json, report.html, PNGs)")
-    parser.add_argument("--quick", action="store_true", help="short version (~2 minutes): small windows and phases")
+    parser.add_argument(
+        "--quick", action="store_true", help="short version (~2 minutes): 10 projects, small windows and phases"
+    )
     parser.add_argument("--external", action="store_true", help="use the configured STREAMAPP_KAFKA_*/S3 settings")
     parser.add_argument("--projects", type=int, default=None, help=f"projects (default {d.projects})")
     parser.add_argument("--spike-factor", type=float, default=None, help=f"spike, x quota (default {d.spike_factor:g})")

@@ -1,4 +1,4 @@
-"""``streamapp replay``: a reduced replay (``--quick`` with 10 projects: both arms, real broker, moto
+"""``streamapp replay``: a reduced replay (``--quick``, 10 projects: both arms, real broker, moto
 S3 and workers started by the command itself) checked for its outputs, exactly-once accounting and
 issue #12's invariants on ``summary.json``; plus the pure parts (id ranges, object parsing, the
 calibration's rate, the spike sized from the capacity) on hand-made inputs.
@@ -50,8 +50,8 @@ from streamapp.replay.scenario import Scenario
 from streamapp.replay.traffic import encode_events, event_id
 
 ROOT = Path(__file__).resolve().parents[2]
-#: ``--quick`` (1 s windows, a 16 s spike) with 10 projects: the whole replay in under 2 min here.
-REDUCED = ["--quick", "--projects", "10"]
+#: ``--quick`` (10 projects, 1 s windows, a 16 s spike): the whole replay in under 2 min here.
+REDUCED = ["--quick"]
 
 
 @pytest.fixture(scope="module")
