@@ -151,14 +151,12 @@ def analyse_arm(
     refused = np.isin(table.status, REFUSED_STATUSES)
     refused_ids = expand_ids(table.project[refused], table.first[refused], table.n[refused])
 
-    uid, counts = np.unique(events.ids, return_counts=True) if len(events.ids) else (np.zeros(0, np.int64), [])
-    counts = np.asarray(counts)
-    ids, etime, visible, kind = first_delivery(events)
-    accepted_sorted = np.sort(accepted_ids)
+    ids, etime, visible, kind = first_delivery(events)  # each distinct id once, sorted
     accepted_found = isin_sorted(accepted_ids, ids)
     missing = int((~accepted_found).sum())
-    duplicated = int((counts - 1).sum()) if len(counts) else 0
-    unacknowledged = int((~isin_sorted(ids, accepted_sorted)).sum())
+    duplicated = len(events.ids) - len(ids)  # copies beyond the first of every id
+    acknowledged = isin_sorted(ids, np.sort(accepted_ids))  # of the ids in S3
+    unacknowledged = int((~acknowledged).sum())
     refused_in_s3 = int(isin_sorted(refused_ids, ids).sum())
     project = ids >> ID_SHIFT
     latency = visible - etime
@@ -234,7 +232,7 @@ def analyse_arm(
             "api": api_figures(spiker_in_spike),
         },
     }
-    return summary, _series(scenario, table, accepted_sorted, accepted_due, ids, etime, visible, kind, t0)
+    return summary, _series(scenario, table, acknowledged, accepted_due, ids, etime, visible, kind, t0)
 
 
 def _kafka_ack_rate(table: RequestTable) -> float | None:
@@ -247,7 +245,7 @@ def _kafka_ack_rate(table: RequestTable) -> float | None:
 def _series(
     scenario: Scenario,
     table: RequestTable,
-    accepted_sorted: np.ndarray,
+    acknowledged: np.ndarray,
     accepted_due: np.ndarray,
     ids: np.ndarray,
     etime: np.ndarray,
@@ -255,7 +253,8 @@ def _series(
     kind: np.ndarray,
     t0: float,
 ) -> dict[str, Any]:
-    """Per-second series (x: seconds since the traffic started) for the plots."""
+    """Per-second series (x: seconds since the traffic started) for the plots; ``acknowledged``:
+    which of the ids found in S3 (``ids``) were accepted."""
     horizon = int(max(scenario.traffic_seconds, (visible.max() - t0) if len(visible) else 0)) + 2
     seconds = np.arange(horizon)
 
@@ -287,9 +286,8 @@ def _series(
         p99.append(round(float(np.percentile(chunk, 99)), 3) if len(chunk) else None)
     # Export backlog: accepted events whose event time has passed but that are not visible yet.
     due_sorted = np.sort(accepted_due)
-    seen = isin_sorted(ids, accepted_sorted)
-    realtime_visible = np.sort(visible[seen & (kind != KIND_DELAYED)])
-    delayed_visible = np.sort(visible[seen & (kind == KIND_DELAYED)])
+    realtime_visible = np.sort(visible[acknowledged & (kind != KIND_DELAYED)])
+    delayed_visible = np.sort(visible[acknowledged & (kind == KIND_DELAYED)])
     edges = t0 + seconds + 1
     backlog = (
         np.searchsorted(due_sorted, edges)
